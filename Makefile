@@ -1,0 +1,54 @@
+# mlkernels developer commands. On a fresh machine `make test` or `make demo` is the only command:
+# each creates .venv, installs the pinned dependencies and builds the extension when needed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export MLKERNELS_CUDA ?= auto
+
+DEPS := $(VENV)/.deps-installed
+BUILT := $(VENV)/.mlkernels-built
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
+
+.PHONY: install build test bench bench-quick lint format demo clean
+
+install: $(BUILT)
+
+$(DEPS): requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+# First build: the editable install users do. Later builds: ninja in build/, only what changed.
+$(BUILT): $(DEPS) $(CSRC) setup.py pyproject.toml
+	@if $(PY) -m pip show -q mlkernels >/dev/null 2>&1 && [ -f mlkernels/_build_config.py ]; then \
+	  $(PY) setup.py -q build_ext --inplace; \
+	else \
+	  $(PY) -m pip install --no-build-isolation --no-deps -e . ; \
+	fi
+	touch $@
+
+build: $(BUILT)
+
+test: $(BUILT)
+	$(PY) -m pytest -q tests
+
+bench: $(BUILT)
+	$(PY) benchmarks/run.py
+
+bench-quick: $(BUILT)
+	$(PY) benchmarks/run.py --quick
+
+lint: $(DEPS)
+	$(PY) -m ruff check mlkernels tests benchmarks models setup.py
+	$(PY) -m ruff format --check mlkernels tests benchmarks models setup.py
+
+format: $(DEPS)
+	$(PY) -m ruff format mlkernels tests benchmarks models setup.py
+
+demo: $(BUILT)
+	$(PY) -m mlkernels
+	$(PY) benchmarks/run.py --quick
+
+clean:
+	rm -rf build *.egg-info mlkernels/*.so mlkernels/_build_config.py $(BUILT)

@@ -1,0 +1,59 @@
+"""Box ops vs torchvision: BoxCoder decode/encode and ops.box_iou."""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from harness import Case
+from torchvision.models.detection._utils import BoxCoder
+
+import mlkernels
+
+
+def _boxes(n: int, generator: torch.Generator) -> torch.Tensor:
+    xy = torch.rand(n, 2, generator=generator) * 600
+    wh = torch.rand(n, 2, generator=generator) * 200 + 1
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+def _close(ours, anchor):
+    torch.testing.assert_close(ours, anchor)
+
+
+def cases(quick: bool) -> list[Case]:
+    g = torch.Generator().manual_seed(0)
+    coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+    n = 8 * 6000 if not quick else 6000
+    anchors = _boxes(n, g)
+    deltas = torch.randn(n, 4, generator=g) * 0.5
+    targets = coder.decode_single(deltas, anchors)
+    a, b = _boxes(1000, g), _boxes(1000 if not quick else 300, g)
+    return [
+        Case(
+            "boxes",
+            "decode_boxes",
+            f"{n}x4",
+            lambda: mlkernels.ops.decode_boxes(deltas, anchors),
+            lambda: coder.decode_single(deltas, anchors),
+            "BoxCoder.decode_single",
+            _close,
+        ),
+        Case(
+            "boxes",
+            "encode_boxes",
+            f"{n}x4",
+            lambda: mlkernels.ops.encode_boxes(targets, anchors),
+            lambda: coder.encode_single(targets, anchors),
+            "BoxCoder.encode_single",
+            _close,
+        ),
+        Case(
+            "boxes",
+            "box_iou",
+            f"{len(a)}x{len(b)}",
+            lambda: mlkernels.ops.box_iou(a, b),
+            lambda: torchvision.ops.box_iou(a, b),
+            "torchvision.ops.box_iou",
+            _close,
+        ),
+    ]

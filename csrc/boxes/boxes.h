@@ -1,0 +1,87 @@
+// Argument checks and preparation shared by the box ops' CPU, CUDA and emulated kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../common/checks.h"
+#include "boxes_math.h"
+
+namespace mlk {
+namespace boxes {
+
+// Two [..., 4] tensors checked, broadcast against each other and made contiguous, so a kernel
+// can walk `rows` boxes of both with a stride of 4.
+struct PairedBoxes {
+  at::Tensor first, second;
+  std::vector<int64_t> shape;  // the broadcast shape, last dimension 4
+  int64_t rows = 0;
+};
+
+inline bool broadcastable(at::IntArrayRef a, at::IntArrayRef b) {
+  const size_t n = std::min(a.size(), b.size());
+  for (size_t i = 1; i <= n; ++i) {
+    const int64_t x = a[a.size() - i], y = b[b.size() - i];
+    if (x != y && x != 1 && y != 1) return false;
+  }
+  return true;
+}
+
+inline PairedBoxes pair_boxes(const char* op, const char* first_name, const at::Tensor& first,
+                              const char* second_name, const at::Tensor& second) {
+  check_defined(op, first_name, first);
+  check_defined(op, second_name, second);
+  check_boxes(op, first_name, first, -1);
+  check_boxes(op, second_name, second, -1);
+  check_floating(op, first_name, first);
+  check_same_dtype(op, first_name, first, second_name, second);
+  check_same_device(op, first_name, first, second_name, second);
+  TORCH_CHECK(broadcastable(first.sizes(), second.sizes()), op, ": ", first_name, " and ",
+              second_name, " must broadcast to one shape, got ", shape_str(first), " and ",
+              shape_str(second));
+  const auto shape = at::infer_size_dimvector(first.sizes(), second.sizes());
+  PairedBoxes out;
+  out.shape = std::vector<int64_t>(shape.begin(), shape.end());
+  out.first = first.expand(out.shape).contiguous();
+  out.second = second.expand(out.shape).contiguous();
+  out.rows = out.first.numel() / 4;
+  return out;
+}
+
+inline void check_weights(const char* op, at::ArrayRef<double> weights) {
+  TORCH_CHECK_VALUE(weights.size() == 4, op,
+                    ": weights must be 4 numbers (wx, wy, ww, wh), got ", weights.size());
+  for (double w : weights) {
+    TORCH_CHECK_VALUE(std::isfinite(w) && w > 0, op,
+                      ": weights must be finite and positive, got ", weights);
+  }
+}
+
+template <typename T>
+Weights<T> to_weights(at::ArrayRef<double> weights) {
+  return Weights<T>{static_cast<T>(weights[0]), static_cast<T>(weights[1]),
+                    static_cast<T>(weights[2]), static_cast<T>(weights[3])};
+}
+
+inline void check_clamp(const char* op, double clamp) {
+  TORCH_CHECK_VALUE(!std::isnan(clamp), op, ": clamp must be a number, got nan");
+}
+
+// Checks for box_iou; returns both inputs contiguous.
+inline std::pair<at::Tensor, at::Tensor> prepare_iou(const at::Tensor& boxes1,
+                                                     const at::Tensor& boxes2) {
+  const char* op = "box_iou";
+  check_defined(op, "boxes1", boxes1);
+  check_defined(op, "boxes2", boxes2);
+  check_boxes(op, "boxes1", boxes1, 2);
+  check_boxes(op, "boxes2", boxes2, 2);
+  check_floating(op, "boxes1", boxes1);
+  check_same_dtype(op, "boxes1", boxes1, "boxes2", boxes2);
+  check_same_device(op, "boxes1", boxes1, "boxes2", boxes2);
+  return {boxes1.contiguous(), boxes2.contiguous()};
+}
+
+}  // namespace boxes
+}  // namespace mlk

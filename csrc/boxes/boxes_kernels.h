@@ -1,0 +1,101 @@
+// The CUDA kernels of the box ops, written once over a Runner: CudaRunner (boxes_cuda.cu) launches
+// them on a GPU, EmulatorRunner (boxes_emulated.cpp) runs the same code on the CPU grid emulator.
+#pragma once
+
+#include "boxes.h"
+
+namespace mlk {
+namespace boxes {
+
+template <typename Runner>
+at::Tensor encode_boxes_kernel(const Runner& run, const at::Tensor& boxes,
+                               const at::Tensor& anchors, at::ArrayRef<double> weights) {
+  check_weights("encode_boxes", weights);
+  auto in = pair_boxes("encode_boxes", "boxes", boxes, "anchors", anchors);
+  auto out = at::empty(in.shape, in.first.options());
+  if (in.rows == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "encode_boxes", [&] {
+    const auto wt = to_weights<scalar_t>(weights);
+    const scalar_t* b = in.first.data_ptr<scalar_t>();
+    const scalar_t* a = in.second.data_ptr<scalar_t>();
+    scalar_t* d = out.data_ptr<scalar_t>();
+    const int64_t rows = in.rows;
+    run.threads(launch_config_1d(rows), [=] MLK_LAMBDA(const ThreadIndex& t) {
+      encode_boxes_thread(t, rows, b, a, wt, d);
+    });
+  });
+  return out;
+}
+
+template <typename Runner>
+at::Tensor decode_boxes_kernel(const Runner& run, const at::Tensor& deltas,
+                               const at::Tensor& anchors, at::ArrayRef<double> weights,
+                               double clamp) {
+  check_weights("decode_boxes", weights);
+  check_clamp("decode_boxes", clamp);
+  auto in = pair_boxes("decode_boxes", "deltas", deltas, "anchors", anchors);
+  auto out = at::empty(in.shape, in.first.options());
+  if (in.rows == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "decode_boxes", [&] {
+    const auto wt = to_weights<scalar_t>(weights);
+    const auto clip = static_cast<scalar_t>(clamp);
+    const scalar_t* d = in.first.data_ptr<scalar_t>();
+    const scalar_t* a = in.second.data_ptr<scalar_t>();
+    scalar_t* b = out.data_ptr<scalar_t>();
+    const int64_t rows = in.rows;
+    run.threads(launch_config_1d(rows), [=] MLK_LAMBDA(const ThreadIndex& t) {
+      decode_boxes_thread(t, rows, d, a, wt, clip, b);
+    });
+  });
+  return out;
+}
+
+template <typename Runner>
+std::tuple<at::Tensor, at::Tensor> decode_boxes_backward_kernel(
+    const Runner& run, const at::Tensor& grad, const at::Tensor& deltas,
+    const at::Tensor& anchors, at::ArrayRef<double> weights, double clamp) {
+  const char* op = "decode_boxes_backward";
+  check_weights(op, weights);
+  check_clamp(op, clamp);
+  auto in = pair_boxes(op, "deltas", deltas, "anchors", anchors);
+  check_same_dtype(op, "deltas", deltas, "grad", grad);
+  check_same_device(op, "deltas", deltas, "grad", grad);
+  auto g = grad.expand(in.shape).contiguous();
+  auto grad_deltas = at::empty(in.shape, in.first.options());
+  auto grad_anchors = at::empty(in.shape, in.first.options());
+  if (in.rows == 0) return {grad_deltas, grad_anchors};
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "decode_boxes_backward", [&] {
+    const auto wt = to_weights<scalar_t>(weights);
+    const auto clip = static_cast<scalar_t>(clamp);
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* d = in.first.data_ptr<scalar_t>();
+    const scalar_t* a = in.second.data_ptr<scalar_t>();
+    scalar_t* gd = grad_deltas.data_ptr<scalar_t>();
+    scalar_t* ga = grad_anchors.data_ptr<scalar_t>();
+    const int64_t rows = in.rows;
+    run.threads(launch_config_1d(rows), [=] MLK_LAMBDA(const ThreadIndex& t) {
+      decode_boxes_backward_thread(t, rows, gp, d, a, wt, clip, gd, ga);
+    });
+  });
+  return {grad_deltas, grad_anchors};
+}
+
+template <typename Runner>
+at::Tensor box_iou_kernel(const Runner& run, const at::Tensor& boxes1, const at::Tensor& boxes2) {
+  auto [a, b] = prepare_iou(boxes1, boxes2);
+  const int64_t n = a.size(0), m = b.size(0);
+  auto out = at::empty({n, m}, a.options());
+  if (n == 0 || m == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "box_iou", [&] {
+    const scalar_t* pa = a.data_ptr<scalar_t>();
+    const scalar_t* pb = b.data_ptr<scalar_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    run.threads(launch_config_1d(n * m), [=] MLK_LAMBDA(const ThreadIndex& t) {
+      box_iou_thread(t, n, m, pa, pb, po);
+    });
+  });
+  return out;
+}
+
+}  // namespace boxes
+}  // namespace mlk

@@ -1,0 +1,59 @@
+// Argument checks shared by every op. Messages follow one form, repeated word for word by the
+// Python fake kernels (mlkernels/ops/_checks.py):
+//   "<op>: <argument> must be <expected>, got <what came>"
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <sstream>
+#include <string>
+
+namespace mlk {
+
+// "Tensor[3, 4]"
+inline std::string shape_str(const at::Tensor& t) {
+  std::ostringstream out;
+  out << "Tensor[";
+  for (int64_t d = 0; d < t.dim(); ++d) out << (d ? ", " : "") << t.size(d);
+  out << "]";
+  return out.str();
+}
+
+// "float32", as Python prints torch.float32 without its "torch." prefix.
+inline std::string dtype_str(at::ScalarType type) { return std::string(c10::getDtypeNames(type).first); }
+
+inline void check_defined(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), op, ": ", arg, " must be a Tensor, got None");
+}
+
+// float32 or float64 (plus float16/bfloat16 when allow_half).
+inline void check_floating(const char* op, const char* arg, const at::Tensor& t,
+                           bool allow_half = false) {
+  const auto type = t.scalar_type();
+  const bool ok = type == at::kFloat || type == at::kDouble ||
+                  (allow_half && (type == at::kHalf || type == at::kBFloat16));
+  TORCH_CHECK(ok, op, ": ", arg, " must be ",
+              allow_half ? "float16, bfloat16, float32 or float64" : "float32 or float64",
+              ", got ", dtype_str(type));
+}
+
+// Boxes as Tensor[..., 4] (min_dim=1) or Tensor[N, 4] (exact_dim=2).
+inline void check_boxes(const char* op, const char* arg, const at::Tensor& t, int64_t exact_dim) {
+  const bool ok = t.dim() >= 1 && t.size(-1) == 4 && (exact_dim < 0 || t.dim() == exact_dim);
+  TORCH_CHECK(ok, op, ": ", arg, " must be ", exact_dim == 2 ? "Tensor[N, 4]" : "Tensor[..., 4]",
+              ", got ", shape_str(t));
+}
+
+inline void check_same_dtype(const char* op, const char* arg_a, const at::Tensor& a,
+                             const char* arg_b, const at::Tensor& b) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", arg_b, " must have the dtype of ",
+              arg_a, " (", dtype_str(a.scalar_type()), "), got ", dtype_str(b.scalar_type()));
+}
+
+inline void check_same_device(const char* op, const char* arg_a, const at::Tensor& a,
+                              const char* arg_b, const at::Tensor& b) {
+  TORCH_CHECK(a.device() == b.device(), op, ": ", arg_b, " must be on the device of ", arg_a,
+              " (", a.device().str(), "), got ", b.device().str());
+}
+
+}  // namespace mlk

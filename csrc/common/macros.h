@@ -1,0 +1,26 @@
+// Portability macros shared by every kernel header. The same headers are compiled by g++ (CPU
+// kernels and the grid emulator) and by nvcc (CUDA kernels), so nothing here may assume either.
+#pragma once
+
+#if defined(__CUDACC__)
+#define MLK_HOST_DEVICE __host__ __device__ __forceinline__
+#define MLK_DEVICE_CODE 1
+#else
+#define MLK_HOST_DEVICE inline
+#define MLK_DEVICE_CODE 0
+#endif
+
+#if defined(__CUDA_ARCH__)
+// True only in the device compilation pass of nvcc.
+#define MLK_ON_DEVICE 1
+#else
+#define MLK_ON_DEVICE 0
+#endif
+
+#if defined(__CUDACC__)
+// Marks a lambda that a kernel runs on the device (needs nvcc --extended-lambda); on g++ the same
+// lambda runs in the grid emulator.
+#define MLK_LAMBDA __host__ __device__
+#else
+#define MLK_LAMBDA
+#endif

@@ -1,0 +1,51 @@
+"""mlkernels: fast, exact, differentiable PyTorch ops for multi-label image recognition.
+
+import mlkernels
+mlkernels.ops.decode_boxes(deltas, anchors)   # CPU or CUDA tensors
+mlkernels.build_info()                         # how the extension was built
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._loader import load_extension
+
+_C = load_extension()
+
+from . import nn, ops, reference  # noqa: E402  (ops register fake kernels on import)
+from ._build_config import VERSION as __version__  # noqa: E402
+
+
+def registered_ops() -> list[str]:
+    """Names of the ops in the ``torch.ops.mlkernels`` namespace, sorted."""
+    prefix = "mlkernels::"
+    names = {
+        n[len(prefix) :].split(".")[0]
+        for n in torch._C._dispatch_get_all_op_names()
+        if n.startswith(prefix)
+    }
+    return sorted(names)
+
+
+def build_info() -> dict:
+    """How this copy of mlkernels was built, and what it runs with.
+
+    Returns a dict with: ``version``, ``torch_built_against``, ``torch_running``,
+    ``cuda_compiled`` (bool), ``cuda_archs`` (list of "8.0"-style strings),
+    ``cuda_available`` (a GPU is visible now), ``cpu_threads`` (ATen/OpenMP intra-op threads)
+    and ``ops`` (the registered op names).
+    """
+    return {
+        "version": __version__,
+        "torch_built_against": _C.torch_version,
+        "torch_running": torch.__version__,
+        "cuda_compiled": bool(_C.with_cuda),
+        "cuda_archs": [a for a in _C.cuda_archs.split(";") if a],
+        "cuda_available": torch.cuda.is_available(),
+        "cpu_threads": torch.get_num_threads(),
+        "ops": registered_ops(),
+    }
+
+
+__all__ = ["build_info", "nn", "ops", "reference", "registered_ops", "__version__"]

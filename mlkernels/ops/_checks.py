@@ -1,0 +1,95 @@
+"""Argument checks for the fake (meta) kernels, word for word those of csrc/common/checks.h.
+
+Messages take one form: "<op>: <argument> must be <expected>, got <what came>".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_TYPES = (torch.float32, torch.float64)
+HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+def shape_str(t: torch.Tensor) -> str:
+    return "Tensor[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def dtype_str(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check(ok: bool, message: str, error: type[Exception] = RuntimeError) -> None:
+    if not ok:
+        raise error(message)
+
+
+def check_tensor(op: str, arg: str, value: object) -> None:
+    """Public wrappers call this first, so a non-tensor fails with the op's name in the message."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {arg} must be a Tensor, got {type(value).__name__}")
+
+
+def check_floating(op: str, arg: str, t: torch.Tensor, allow_half: bool = False) -> None:
+    allowed = FLOAT_TYPES + (HALF_TYPES if allow_half else ())
+    expected = "float16, bfloat16, float32 or float64" if allow_half else "float32 or float64"
+    check(t.dtype in allowed, f"{op}: {arg} must be {expected}, got {dtype_str(t.dtype)}")
+
+
+def check_boxes(op: str, arg: str, t: torch.Tensor, exact_dim: int = -1) -> None:
+    ok = t.dim() >= 1 and t.shape[-1] == 4 and (exact_dim < 0 or t.dim() == exact_dim)
+    expected = "Tensor[N, 4]" if exact_dim == 2 else "Tensor[..., 4]"
+    check(ok, f"{op}: {arg} must be {expected}, got {shape_str(t)}")
+
+
+def check_same_dtype(op: str, arg_a: str, a: torch.Tensor, arg_b: str, b: torch.Tensor) -> None:
+    check(
+        a.dtype == b.dtype,
+        f"{op}: {arg_b} must have the dtype of {arg_a} ({dtype_str(a.dtype)}), "
+        f"got {dtype_str(b.dtype)}",
+    )
+
+
+def check_same_device(op: str, arg_a: str, a: torch.Tensor, arg_b: str, b: torch.Tensor) -> None:
+    check(
+        a.device == b.device,
+        f"{op}: {arg_b} must be on the device of {arg_a} ({a.device}), got {b.device}",
+    )
+
+
+def check_weights(op: str, weights: Sequence[float]) -> None:
+    check(
+        len(weights) == 4,
+        f"{op}: weights must be 4 numbers (wx, wy, ww, wh), got {len(weights)}",
+        ValueError,
+    )
+    check(
+        all(math.isfinite(w) and w > 0 for w in weights),
+        f"{op}: weights must be finite and positive, got {list(weights)}",
+        ValueError,
+    )
+
+
+def check_clamp(op: str, clamp: float) -> None:
+    check(not math.isnan(clamp), f"{op}: clamp must be a number, got nan", ValueError)
+
+
+def paired_boxes_shape(
+    op: str, first_name: str, first: torch.Tensor, second_name: str, second: torch.Tensor
+) -> torch.Size:
+    """The checks of pair_boxes (csrc/boxes/boxes.h); returns the broadcast shape."""
+    check_boxes(op, first_name, first)
+    check_boxes(op, second_name, second)
+    check_floating(op, first_name, first)
+    check_same_dtype(op, first_name, first, second_name, second)
+    check_same_device(op, first_name, first, second_name, second)
+    try:
+        return torch.broadcast_shapes(first.shape, second.shape)
+    except RuntimeError:
+        raise RuntimeError(
+            f"{op}: {first_name} and {second_name} must broadcast to one shape, "
+            f"got {shape_str(first)} and {shape_str(second)}"
+        ) from None

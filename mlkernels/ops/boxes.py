@@ -1,0 +1,169 @@
+"""Box coding and IoU: encode_boxes, decode_boxes, box_iou.
+
+Kernels: csrc/boxes (CPU, CUDA); pure-PyTorch equivalents: mlkernels.reference.boxes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _checks as C
+
+DEFAULT_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+DEFAULT_CLAMP = math.log(1000.0 / 16)  # torchvision's bbox_xform_clip
+
+_ops = torch.ops.mlkernels
+
+
+def encode_boxes(
+    boxes: Tensor, anchors: Tensor, weights: Sequence[float] = DEFAULT_WEIGHTS
+) -> Tensor:
+    """Regression targets that turn ``anchors`` into ``boxes`` (``BoxCoder.encode_single``).
+
+    Args:
+        boxes (Tensor[..., 4]): target boxes, (x1, y1, x2, y2).
+        anchors (Tensor[..., 4]): reference boxes, broadcast against ``boxes``.
+        weights: (wx, wy, ww, wh), finite and positive.
+
+    Returns:
+        Tensor[..., 4]: (dx, dy, dw, dh) in the broadcast shape, with
+        ``dx = wx * (cx - acx) / aw`` and ``dw = ww * log(w / aw)``.
+
+    Not differentiable (targets need no gradient): backward through it raises.
+    Equivalent PyTorch code: :func:`mlkernels.reference.encode_boxes`.
+    """
+    C.check_tensor("encode_boxes", "boxes", boxes)
+    C.check_tensor("encode_boxes", "anchors", anchors)
+    return _ops.encode_boxes(boxes, anchors, [float(w) for w in weights])
+
+
+def decode_boxes(
+    deltas: Tensor,
+    anchors: Tensor,
+    weights: Sequence[float] = DEFAULT_WEIGHTS,
+    clamp: float = DEFAULT_CLAMP,
+) -> Tensor:
+    """Boxes that ``deltas`` make of ``anchors`` (torchvision ``BoxCoder.decode_single``).
+
+    Args:
+        deltas (Tensor[..., 4]): (dx, dy, dw, dh).
+        anchors (Tensor[..., 4]): (x1, y1, x2, y2), broadcast against ``deltas``.
+        weights: (wx, wy, ww, wh), finite and positive; deltas are divided by them.
+        clamp: dw and dh are clamped from above at this value before ``exp`` (no gradient
+            flows through a clamped value, as with ``torch.clamp``).
+
+    Returns:
+        Tensor[..., 4]: (x1, y1, x2, y2) in the broadcast shape.
+
+    Differentiable w.r.t. ``deltas`` and ``anchors``.
+    Equivalent PyTorch code: :func:`mlkernels.reference.decode_boxes`.
+    """
+    C.check_tensor("decode_boxes", "deltas", deltas)
+    C.check_tensor("decode_boxes", "anchors", anchors)
+    return _ops.decode_boxes(deltas, anchors, [float(w) for w in weights], float(clamp))
+
+
+def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Intersection over union of every pair of boxes (``torchvision.ops.box_iou``).
+
+    Args:
+        boxes1 (Tensor[N, 4]): (x1, y1, x2, y2).
+        boxes2 (Tensor[M, 4]): (x1, y1, x2, y2), same dtype and device.
+
+    Returns:
+        Tensor[N, M]: IoU of ``boxes1[i]`` and ``boxes2[j]``; 0/0 (two empty boxes) gives NaN,
+        as in torchvision.
+
+    Not differentiable: backward through it raises.
+    Equivalent PyTorch code: :func:`mlkernels.reference.box_iou`.
+    """
+    C.check_tensor("box_iou", "boxes1", boxes1)
+    C.check_tensor("box_iou", "boxes2", boxes2)
+    return _ops.box_iou(boxes1, boxes2)
+
+
+# ---- fake kernels: the C++ checks, repeated, and the output shapes ----
+
+
+@torch.library.register_fake("mlkernels::encode_boxes")
+def _encode_boxes_fake(boxes, anchors, weights):
+    C.check_weights("encode_boxes", weights)
+    shape = C.paired_boxes_shape("encode_boxes", "boxes", boxes, "anchors", anchors)
+    return boxes.new_empty(shape)
+
+
+@torch.library.register_fake("mlkernels::decode_boxes")
+def _decode_boxes_fake(deltas, anchors, weights, clamp):
+    C.check_weights("decode_boxes", weights)
+    C.check_clamp("decode_boxes", clamp)
+    shape = C.paired_boxes_shape("decode_boxes", "deltas", deltas, "anchors", anchors)
+    return deltas.new_empty(shape)
+
+
+@torch.library.register_fake("mlkernels::decode_boxes_backward")
+def _decode_boxes_backward_fake(grad, deltas, anchors, weights, clamp):
+    op = "decode_boxes_backward"
+    C.check_weights(op, weights)
+    C.check_clamp(op, clamp)
+    shape = C.paired_boxes_shape(op, "deltas", deltas, "anchors", anchors)
+    C.check_same_dtype(op, "deltas", deltas, "grad", grad)
+    return deltas.new_empty(shape), deltas.new_empty(shape)
+
+
+@torch.library.register_fake("mlkernels::box_iou")
+def _box_iou_fake(boxes1, boxes2):
+    C.check_boxes("box_iou", "boxes1", boxes1, exact_dim=2)
+    C.check_boxes("box_iou", "boxes2", boxes2, exact_dim=2)
+    C.check_floating("box_iou", "boxes1", boxes1)
+    C.check_same_dtype("box_iou", "boxes1", boxes1, "boxes2", boxes2)
+    C.check_same_device("box_iou", "boxes1", boxes1, "boxes2", boxes2)
+    return boxes1.new_empty((boxes1.shape[0], boxes2.shape[0]))
+
+
+# ---- autograd ----
+
+
+def _sum_to(grad: Tensor, like: Tensor) -> Tensor:
+    """Undo broadcasting: sum ``grad`` (the broadcast shape) down to ``like``'s shape."""
+    return grad.sum_to_size(like.shape) if grad.shape != like.shape else grad
+
+
+def _decode_setup(ctx, inputs, output):
+    deltas, anchors, weights, clamp = inputs
+    ctx.save_for_backward(deltas, anchors)
+    ctx.weights, ctx.clamp = weights, clamp
+
+
+def _decode_backward(ctx, grad):
+    deltas, anchors = ctx.saved_tensors
+    grad_deltas, grad_anchors = _ops.decode_boxes_backward(
+        grad.contiguous(), deltas, anchors, ctx.weights, ctx.clamp
+    )
+    return _sum_to(grad_deltas, deltas), _sum_to(grad_anchors, anchors), None, None
+
+
+torch.library.register_autograd(
+    "mlkernels::decode_boxes", _decode_backward, setup_context=_decode_setup
+)
+
+
+def _not_differentiable(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{op}: is not differentiable; detach its inputs "
+            f"(mlkernels.reference.{op} is a differentiable PyTorch version)"
+        )
+
+    return backward
+
+
+torch.library.register_autograd(
+    "mlkernels::encode_boxes", _not_differentiable("encode_boxes"), setup_context=None
+)
+torch.library.register_autograd(
+    "mlkernels::box_iou", _not_differentiable("box_iou"), setup_context=None
+)

@@ -1,0 +1,9 @@
+"""Pure-PyTorch implementations of every mlkernels op, with the same contracts.
+
+They are slow and simple on purpose: tests compare the compiled kernels with them, benchmarks
+use them as a baseline, and anyone can read them to see what an op computes.
+"""
+
+from .boxes import box_iou, decode_boxes, encode_boxes
+
+__all__ = ["box_iou", "decode_boxes", "encode_boxes"]

@@ -1,0 +1,1 @@
+"""Model definitions (RLSD, Order-Free RNN, ...) arrive with their issues."""

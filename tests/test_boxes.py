@@ -1,0 +1,337 @@
+"""encode_boxes / decode_boxes / box_iou: against torchvision, the reference, and the CUDA kernels'
+logic on the grid emulator; gradients, opcheck, bad input, empty input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchvision
+from conftest import devices
+from helpers import random_boxes
+from hypothesis import given
+from hypothesis import strategies as st
+from torchvision.models.detection._utils import BoxCoder
+
+from mlkernels import ops, reference
+
+emulated = torch.ops.mlkernels_emulated
+CLAMP = math.log(1000.0 / 16)
+DTYPES = [torch.float32, torch.float64]
+
+weights_st = st.tuples(*[st.sampled_from([1.0, 0.5, 2.0, 10.0, 5.0])] * 4)
+
+
+def _inputs(seed: int, n: int, dtype: torch.dtype, min_side: float = 0.5):
+    g = torch.Generator().manual_seed(seed)
+    anchors = random_boxes(n, generator=g, dtype=dtype, min_side=min_side, offset=-30.0)
+    deltas = (torch.randn(n, 4, generator=g, dtype=torch.float64) * 2).to(dtype)
+    return deltas, anchors
+
+
+# ---- forward: torchvision, reference, emulated CUDA kernels ----
+
+
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(0, 300),
+    weights=weights_st,
+    dtype=st.sampled_from(DTYPES),
+)
+def test_decode_matches_torchvision_and_reference(seed, n, weights, dtype):
+    deltas, anchors = _inputs(seed, n, dtype)
+    deltas[::7, 2:] = 9.0  # past the clamp
+    ours = ops.decode_boxes(deltas, anchors, weights)
+    expected = BoxCoder(weights).decode_single(deltas, anchors)
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(ours, reference.decode_boxes(deltas, anchors, weights))
+    torch.testing.assert_close(
+        emulated.decode_boxes(deltas, anchors, list(weights), CLAMP), ours, rtol=0, atol=0
+    )
+
+
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(0, 300),
+    weights=weights_st,
+    dtype=st.sampled_from(DTYPES),
+)
+def test_encode_matches_torchvision_and_reference(seed, n, weights, dtype):
+    g = torch.Generator().manual_seed(seed)
+    anchors = random_boxes(n, generator=g, dtype=dtype, offset=-30.0)
+    boxes = random_boxes(n, generator=g, dtype=dtype, offset=-30.0)
+    ours = ops.encode_boxes(boxes, anchors, weights)
+    torch.testing.assert_close(ours, BoxCoder(weights).encode_single(boxes, anchors))
+    torch.testing.assert_close(ours, reference.encode_boxes(boxes, anchors, weights))
+    torch.testing.assert_close(
+        emulated.encode_boxes(boxes, anchors, list(weights)), ours, rtol=0, atol=0
+    )
+
+
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(0, 40),
+    m=st.integers(0, 40),
+    dtype=st.sampled_from(DTYPES),
+    degenerate=st.booleans(),
+)
+def test_box_iou_matches_torchvision(seed, n, m, dtype, degenerate):
+    g = torch.Generator().manual_seed(seed)
+    min_side = -5.0 if degenerate else 0.5  # degenerate: zero and negative widths too
+    a = random_boxes(n, generator=g, dtype=dtype, min_side=min_side, offset=-20.0)
+    b = random_boxes(m, generator=g, dtype=dtype, min_side=min_side, offset=-20.0)
+    if n and m:
+        b[0] = a[0]  # an identical pair: IoU exactly 1
+    ours = ops.box_iou(a, b)
+    expected = torchvision.ops.box_iou(a, b)
+    torch.testing.assert_close(ours, expected, equal_nan=True)
+    torch.testing.assert_close(ours, reference.box_iou(a, b), equal_nan=True)
+    torch.testing.assert_close(emulated.box_iou(a, b), ours, rtol=0, atol=0, equal_nan=True)
+    if n and m and not degenerate:
+        assert ours[0, 0] == 1
+
+
+def test_roundtrip_encode_decode():
+    deltas, anchors = _inputs(1, 500, torch.float64)
+    deltas[:, 2:] = deltas[:, 2:].clamp(max=3)
+    boxes = ops.decode_boxes(deltas, anchors, (10.0, 10.0, 5.0, 5.0))
+    torch.testing.assert_close(ops.encode_boxes(boxes, anchors, (10.0, 10.0, 5.0, 5.0)), deltas)
+
+
+def test_broadcasting():
+    g = torch.Generator().manual_seed(3)
+    anchors = random_boxes(12, generator=g)  # [A, 4]
+    deltas = torch.randn(3, 12, 4, generator=g)  # [N, A, 4]
+    ours = ops.decode_boxes(deltas, anchors)
+    assert ours.shape == (3, 12, 4)
+    for i in range(3):
+        torch.testing.assert_close(ours[i], ops.decode_boxes(deltas[i], anchors))
+    torch.testing.assert_close(ours, reference.decode_boxes(deltas, anchors))
+    enc = ops.encode_boxes(ours, anchors)
+    torch.testing.assert_close(enc, reference.encode_boxes(ours, anchors))
+
+
+def test_non_contiguous_inputs():
+    g = torch.Generator().manual_seed(4)
+    anchors = random_boxes(50, generator=g, dtype=torch.float64)
+    wide = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    deltas = wide[:, ::2]  # stride 2
+    assert not deltas.is_contiguous()
+    torch.testing.assert_close(
+        ops.decode_boxes(deltas, anchors), reference.decode_boxes(deltas, anchors)
+    )
+    a_t = anchors.t().contiguous().t()
+    torch.testing.assert_close(ops.box_iou(a_t, anchors), reference.box_iou(anchors, anchors))
+
+
+def test_nan_and_inf_propagate_like_torchvision():
+    deltas, anchors = _inputs(5, 8, torch.float32)
+    deltas[0, 0] = float("nan")
+    deltas[1, 2] = float("inf")  # clamped
+    deltas[2, 3] = float("nan")  # NaN passes through the clamp
+    ours = ops.decode_boxes(deltas, anchors)
+    torch.testing.assert_close(
+        ours, BoxCoder((1.0,) * 4).decode_single(deltas, anchors), equal_nan=True
+    )
+    assert torch.isfinite(ours[1]).all()
+
+
+# ---- empty inputs ----
+
+
+@pytest.mark.parametrize("device", devices())
+def test_empty_inputs(device):
+    empty = torch.zeros(0, 4, device=device)
+    one = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=device)
+    assert ops.decode_boxes(empty, empty).shape == (0, 4)
+    assert ops.encode_boxes(empty, one).shape == (0, 4)
+    assert ops.box_iou(empty, one).shape == (0, 1)
+    assert ops.box_iou(one, empty).shape == (1, 0)
+    assert ops.decode_boxes(torch.zeros(2, 0, 4, device=device), one).shape == (2, 0, 4)
+
+
+# ---- gradients ----
+
+
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 12), weights=weights_st)
+def test_decode_gradcheck(seed, n, weights):
+    deltas, anchors = _inputs(seed, n, torch.float64)
+    deltas = deltas.clamp(-3, 3)
+    deltas[0, 2] = 6.0  # one clamped dw: zero gradient, away from the kink at the clamp
+    deltas.requires_grad_(True)
+    anchors.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda d, a: ops.decode_boxes(d, a, weights), (deltas, anchors))
+
+
+def test_decode_gradcheck_broadcast():
+    deltas, anchors = _inputs(7, 5, torch.float64)
+    deltas = deltas.clamp(-2, 2).reshape(1, 5, 4).repeat(3, 1, 1).requires_grad_(True)
+    anchors.requires_grad_(True)
+    assert torch.autograd.gradcheck(ops.decode_boxes, (deltas, anchors))
+
+
+def test_decode_gradient_matches_reference_autograd():
+    deltas, anchors = _inputs(8, 64, torch.float64)
+    deltas[::5, 2] = 7.0
+    d1, a1 = deltas.clone().requires_grad_(), anchors.clone().requires_grad_()
+    d2, a2 = deltas.clone().requires_grad_(), anchors.clone().requires_grad_()
+    grad = torch.randn(64, 4, dtype=torch.float64)
+    ops.decode_boxes(d1, a1, (2.0, 2.0, 1.0, 1.0)).backward(grad)
+    reference.decode_boxes(d2, a2, (2.0, 2.0, 1.0, 1.0)).backward(grad)
+    torch.testing.assert_close(d1.grad, d2.grad)
+    torch.testing.assert_close(a1.grad, a2.grad)
+
+
+def test_decode_backward_emulated_matches_cpu():
+    deltas, anchors = _inputs(9, 200, torch.float64)
+    grad = torch.randn(200, 4, dtype=torch.float64)
+    w = [1.0, 2.0, 3.0, 4.0]
+    expected = torch.ops.mlkernels.decode_boxes_backward(grad, deltas, anchors, w, 2.0)
+    got = emulated.decode_boxes_backward(grad, deltas, anchors, w, 2.0)
+    for e, o in zip(expected, got, strict=True):
+        torch.testing.assert_close(o, e, rtol=0, atol=0)
+
+
+def test_not_differentiable_ops_say_so():
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0]], requires_grad=True)
+    b = torch.tensor([[1.0, 1.0, 3.0, 3.0]])
+    with pytest.raises(RuntimeError, match="box_iou: is not differentiable"):
+        ops.box_iou(a, b).sum().backward()
+    with pytest.raises(RuntimeError, match="encode_boxes: is not differentiable"):
+        ops.encode_boxes(b, a).sum().backward()
+
+
+# ---- opcheck ----
+
+
+def _opcheck_samples():
+    deltas, anchors = _inputs(11, 6, torch.float64)
+    w = [1.0, 1.0, 2.0, 2.0]
+    yield "decode_boxes", (deltas.requires_grad_(), anchors.requires_grad_(), w, CLAMP)
+    yield "decode_boxes", (deltas.detach()[None].expand(2, 6, 4), anchors.detach(), w, 1.0)
+    yield "encode_boxes", (anchors.detach() + 1, anchors.detach(), w)
+    yield "box_iou", (anchors.detach(), anchors.detach()[:3])
+    yield "box_iou", (anchors.detach()[:0], anchors.detach())
+    grad = torch.randn(6, 4, dtype=torch.float64)
+    yield "decode_boxes_backward", (grad, deltas.detach(), anchors.detach(), w, CLAMP)
+
+
+@pytest.mark.parametrize(
+    "name,args", list(_opcheck_samples()), ids=lambda x: x if isinstance(x, str) else ""
+)
+def test_opcheck(name, args):
+    torch.library.opcheck(getattr(torch.ops.mlkernels, name), args)
+
+
+# ---- bad input: clear errors, the same from the fake kernels ----
+
+BAD_CASES = [
+    (
+        "decode_boxes",
+        (torch.zeros(3, 5), torch.zeros(3, 4)),
+        RuntimeError,
+        r"decode_boxes: deltas must be Tensor\[\.\.\., 4\], got Tensor\[3, 5\]",
+    ),
+    (
+        "decode_boxes",
+        (torch.zeros(3, 4), torch.zeros(2, 4)),
+        RuntimeError,
+        r"decode_boxes: deltas and anchors must broadcast to one shape, got "
+        r"Tensor\[3, 4\] and Tensor\[2, 4\]",
+    ),
+    (
+        "decode_boxes",
+        (torch.zeros(3, 4, dtype=torch.int64), torch.zeros(3, 4, dtype=torch.int64)),
+        RuntimeError,
+        "decode_boxes: deltas must be float32 or float64, got int64",
+    ),
+    (
+        "decode_boxes",
+        (torch.zeros(3, 4), torch.zeros(3, 4, dtype=torch.float64)),
+        RuntimeError,
+        r"decode_boxes: anchors must have the dtype of deltas \(float32\), got float64",
+    ),
+    (
+        "encode_boxes",
+        (torch.zeros(3, 4), torch.zeros(3)),
+        RuntimeError,
+        r"encode_boxes: anchors must be Tensor\[\.\.\., 4\], got Tensor\[3\]",
+    ),
+    (
+        "box_iou",
+        (torch.zeros(2, 3, 4), torch.zeros(3, 4)),
+        RuntimeError,
+        r"box_iou: boxes1 must be Tensor\[N, 4\], got Tensor\[2, 3, 4\]",
+    ),
+]
+
+
+@pytest.mark.parametrize("name,args,error,message", BAD_CASES)
+@pytest.mark.parametrize("mode", ["eager", "fake"])
+def test_bad_input_messages(name, args, error, message, mode):
+    fn = getattr(ops, name)
+    if mode == "fake":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode() as fake_mode:
+            args = tuple(fake_mode.from_tensor(a) for a in args)
+            with pytest.raises(error, match=message):
+                fn(*args)
+    else:
+        with pytest.raises(error, match=message):
+            fn(*args)
+
+
+@pytest.mark.parametrize(
+    "weights,message",
+    [
+        ((1.0, 1.0, 1.0), r"weights must be 4 numbers \(wx, wy, ww, wh\), got 3"),
+        ((1.0, 0.0, 1.0, 1.0), "weights must be finite and positive"),
+        ((1.0, float("nan"), 1.0, 1.0), "weights must be finite and positive"),
+    ],
+)
+def test_bad_weights(weights, message):
+    boxes = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="decode_boxes: " + message):
+        ops.decode_boxes(boxes, boxes, weights)
+    with pytest.raises(ValueError, match="encode_boxes: " + message):
+        ops.encode_boxes(boxes, boxes, weights)
+
+
+def test_bad_clamp_and_types():
+    boxes = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="decode_boxes: clamp must be a number, got nan"):
+        ops.decode_boxes(boxes, boxes, clamp=float("nan"))
+    with pytest.raises(TypeError, match="box_iou: boxes2 must be a Tensor, got list"):
+        ops.box_iou(boxes, [[0, 0, 1, 1]])
+
+
+# ---- torch.compile ----
+
+
+def test_torch_compile_decode():
+    deltas, anchors = _inputs(12, 10, torch.float32)
+    compiled = torch.compile(lambda d, a: ops.decode_boxes(d, a) * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(deltas, anchors), ops.decode_boxes(deltas, anchors) * 2)
+
+
+# ---- CUDA (skipped without a GPU) ----
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu():
+    deltas, anchors = _inputs(13, 1000, torch.float32)
+    torch.testing.assert_close(
+        ops.decode_boxes(deltas.cuda(), anchors.cuda()).cpu(), ops.decode_boxes(deltas, anchors)
+    )
+    boxes = ops.decode_boxes(deltas, anchors)
+    torch.testing.assert_close(
+        ops.encode_boxes(boxes.cuda(), anchors.cuda()).cpu(), ops.encode_boxes(boxes, anchors)
+    )
+    torch.testing.assert_close(
+        ops.box_iou(boxes.cuda(), anchors.cuda()).cpu(), ops.box_iou(boxes, anchors)
+    )
+    d = deltas.double().cuda().requires_grad_()
+    a = anchors.double().cuda().requires_grad_()
+    assert torch.autograd.gradcheck(ops.decode_boxes, (d.clamp(-2, 2).detach().requires_grad_(), a))
