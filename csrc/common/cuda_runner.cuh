@@ -54,6 +54,9 @@ __global__ void run_blocks_kernel(BlockFn fn) {
 // is checked for launch errors.
 class CudaRunner {
  public:
+  // What a cooperative kernel's lambda takes: `[=] MLK_LAMBDA(typename Runner::Block& block)`.
+  using Block = DeviceBlock;
+
   explicit CudaRunner(const c10::Device& device) : guard_(device) {}
 
   template <typename ThreadFn>

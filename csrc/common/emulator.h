@@ -103,6 +103,8 @@ void launch(const LaunchConfig& config, ThreadFn&& thread_fn) {
 // Runs a family's kernels (its *_kernels.h, written over a Runner) on the emulator. The CUDA
 // counterpart is CudaRunner in cuda_runner.cuh: the same host code drives both.
 struct EmulatorRunner {
+  // What a cooperative kernel's lambda takes: `[=] MLK_LAMBDA(typename Runner::Block& block)`.
+  using Block = emulate::Block;
   template <typename ThreadFn>
   void threads(const LaunchConfig& config, ThreadFn&& fn) const {
     emulate::launch(config, fn);
