@@ -15,9 +15,21 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_emulator_selftest(tmp_path):
     binary = tmp_path / "emulator_selftest"
     subprocess.run(
-        ["g++", "-std=c++17", "-O1", "-Wall", "-Werror", f"-I{ROOT / 'csrc'}",
-         str(ROOT / "tests" / "cpp" / "emulator_selftest.cpp"), "-o", str(binary)],
-        check=True, capture_output=True, text=True, timeout=120,
+        [
+            "g++",
+            "-std=c++17",
+            "-O1",
+            "-Wall",
+            "-Werror",
+            f"-I{ROOT / 'csrc'}",
+            str(ROOT / "tests" / "cpp" / "emulator_selftest.cpp"),
+            "-o",
+            str(binary),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
