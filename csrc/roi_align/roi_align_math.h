@@ -157,8 +157,11 @@ MLK_HOST_DEVICE void sample_range(T base, T bin, int64_t grid, int64_t size, int
   const T step = bin / static_cast<T>(grid);
   if (grid <= 4 || !(step > T(0))) return;
   // sample i lies at base + (i + 0.5) * step
-  const T first = (T(-1) - base) / step - T(0.5) - T(1);
-  const T last = (static_cast<T>(size) - base) / step - T(0.5) + T(2);
+  // widened by 2 samples plus a relative margin for float32 rounding of large indices
+  T first = (T(-1) - base) / step - T(0.5);
+  T last = (static_cast<T>(size) - base) / step - T(0.5);
+  first -= T(2) + std::fabs(first) * T(1e-4);
+  last += T(2) + std::fabs(last) * T(1e-4);
   if (first > T(0)) lo = first >= static_cast<T>(grid) ? grid : static_cast<int64_t>(first);
   if (last < static_cast<T>(grid)) hi = last <= static_cast<T>(lo) ? lo : static_cast<int64_t>(last);
 }
