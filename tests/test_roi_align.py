@@ -393,6 +393,13 @@ def test_low_precision_error_within_twice_torchvisions(dtype, ratio):
     assert gi.dtype == dtype and gb.dtype == dtype
     torch.testing.assert_close(gi.float(), gi32.to(dtype).float(), rtol=0, atol=0)
     torch.testing.assert_close(gb.float(), gb32.to(dtype).float(), rtol=0, atol=0)
+    # the CUDA kernels' logic accumulates in float32 too: within one rounding of the CPU result
+    egi, egb = emulated.roi_align_backward(grad.to(dtype), x, rois, 0.25, 5, 5, ratio, False)
+    assert egi.dtype == dtype and egb.dtype == dtype
+    for ours, exact in ((egi, gi32), (egb, gb32)):
+        err = (ours.float() - exact).abs()
+        rounding = (exact.to(dtype).float() - exact).abs()
+        assert (err <= 2 * rounding + 1e-4 * exact.abs().max()).all()
 
 
 # ---- empty inputs ----
@@ -491,6 +498,11 @@ BAD_CASES = [
         (X.long(), BOX.long(), 2),
         RuntimeError,
         "roi_align: input must be float16, bfloat16, float32 or float64, got int64",
+    ),
+    (
+        (X, BOX.to("meta"), 2),
+        RuntimeError,
+        r"roi_align: boxes must be on the device of input \(cpu\), got meta",
     ),
     ((X, BOX, (0, 2)), ValueError, r"roi_align: output_size must be positive, got \(0, 2\)"),
     ((X, BOX, 2, -1.0), ValueError, "roi_align: spatial_scale must be finite and positive, got -1"),
