@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "roi_align.h"
@@ -91,6 +92,24 @@ MLK_CHANNEL_LOOP void channel_backward(double* grad_img, const double* img, int6
   sample_backward(grad_img, img, stride, s, gs, ax, bx, ay, by, n);
 }
 
+// Hands tasks [0, n) out one at a time to ATen's threads, so a thread slowed down (say by another
+// process on its core) takes fewer. body(next) runs once per thread; next() returns the next
+// task, or -1 when none is left. Every task owns its outputs, so which thread runs a task
+// changes nothing in the results.
+template <typename Body>
+void parallel_tasks(int64_t n, Body&& body) {
+  if (n <= 0) return;
+  std::atomic<int64_t> counter{0};
+  auto next = [&]() -> int64_t {
+    const int64_t task = counter.fetch_add(1);
+    return task < n ? task : -1;
+  };
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) body(next);
+  });
+}
+
 // Channels per backward task: 8..64, fixed by C.
 int64_t backward_channel_block(int64_t channels) {
   const int64_t eighth = (channels + 7) / 8;
@@ -111,12 +130,12 @@ void forward_impl(const at::Tensor& map, const at::Tensor& rois, const Args& a, 
   const T* map_p = map.data_ptr<T>();
   const T* rois_p = rois.data_ptr<T>();
   T* out_p = out.data_ptr<T>();
-  at::parallel_for(0, num_rois * splits, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(num_rois * splits, [&](auto& next) {
     // A task's bins x channels sums, written out channel by channel at the end: the output is
     // [K, C, oh, ow], and storing each bin's channels straight to it would touch a new cache
     // line per value.
     std::vector<T> acc_buf(static_cast<size_t>(bins * range));
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = next(); task >= 0; task = next()) {
       const int64_t k = task / splits, c0 = (task % splits) * range;
       const int64_t n = std::min(range, channels - c0);
       if (n <= 0) continue;
@@ -165,14 +184,14 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& map, const at::Tens
 
   // Each (channel block, RoI) slot is written by exactly one task.
   std::vector<Moments<T>> partial(static_cast<size_t>(blocks * num_rois));
-  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(batch * blocks, [&](auto& next) {
     std::vector<T> buf(static_cast<size_t>(5 * block));
     T* __restrict__ gs = buf.data();
     T* __restrict__ ax = gs + block;
     T* __restrict__ bx = ax + block;
     T* __restrict__ ay = bx + block;
     T* __restrict__ by = ay + block;
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = next(); task >= 0; task = next()) {
       const int64_t n = task / blocks, blk = task % blocks, c0 = blk * block;
       const int64_t m = std::min(block, channels - c0);
       const T* img = map_p + n * hwc + c0;
