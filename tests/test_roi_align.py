@@ -220,6 +220,23 @@ def test_gradients_match_reference_autograd(seed, k, ratio, aligned, kind):
         assert (results[0][1][:, 0] == 0).all()  # no gradient to the batch index
 
 
+@pytest.mark.parametrize("k", [1, 3, 40])
+def test_many_channels_match_reference(k):
+    """70 channels: the CPU kernels split them into ranges (forward, few RoIs) and blocks
+    (backward), the last one partial."""
+    x = _map(k, (2, 70, 9, 10))
+    rois = _rois(k, k, 2, 9, 10, "outside")
+    grad = _map(k + 1, (k, 70, 3, 3))
+    results = []
+    for fn in (ops.roi_align, reference.roi_align):
+        a, b = x.clone().requires_grad_(), rois.clone().requires_grad_()
+        out = fn(a, b, 3, 1.0, -1, True)
+        out.backward(grad)
+        results.append((out, a.grad, b.grad))
+    torch.testing.assert_close(results[0][0], torchvision.ops.roi_align(x, rois, 3, 1.0, -1, True))
+    torch.testing.assert_close(results[0], results[1])
+
+
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("ratio", [1, 2, 3])
 def test_box_gradient_matches_affine_grid_sample(aligned, ratio):
