@@ -172,6 +172,8 @@ MLK_HOST_DEVICE void for_each_sample(const RoiGeometry<T>& g, const Params<T>& p
                                      int64_t pw, Fn&& fn) {
   Sample<T> s;
   int64_t iy_lo, iy_hi, ix_lo, ix_hi;
+  const T inv_y = T(1) / static_cast<T>(g.grid_h * p.pooled_height);
+  const T inv_x = T(1) / static_cast<T>(g.grid_w * p.pooled_width);
   sample_range(g.start_y + static_cast<T>(ph) * g.bin_h, g.bin_h, g.grid_h, p.height, iy_lo,
                iy_hi);
   sample_range(g.start_x + static_cast<T>(pw) * g.bin_w, g.bin_w, g.grid_w, p.width, ix_lo,
@@ -179,14 +181,13 @@ MLK_HOST_DEVICE void for_each_sample(const RoiGeometry<T>& g, const Params<T>& p
   for (int64_t iy = iy_lo; iy < iy_hi; ++iy) {
     const T y = g.start_y + static_cast<T>(ph) * g.bin_h +
                 static_cast<T>(iy + .5f) * g.bin_h / static_cast<T>(g.grid_h);
-    s.frac_y = (static_cast<T>(ph) + static_cast<T>(iy + .5f) / static_cast<T>(g.grid_h)) /
-               static_cast<T>(p.pooled_height);
+    // (ph + (iy + 0.5) / grid_h) / pooled_height, with the division hoisted out of the loops
+    s.frac_y = (static_cast<T>(ph * g.grid_h + iy) + T(0.5)) * inv_y;
     for (int64_t ix = ix_lo; ix < ix_hi; ++ix) {
       const T x = g.start_x + static_cast<T>(pw) * g.bin_w +
                   static_cast<T>(ix + .5f) * g.bin_w / static_cast<T>(g.grid_w);
       if (!bilinear_sample(y, x, p.height, p.width, s)) continue;
-      s.frac_x = (static_cast<T>(pw) + static_cast<T>(ix + .5f) / static_cast<T>(g.grid_w)) /
-                 static_cast<T>(p.pooled_width);
+      s.frac_x = (static_cast<T>(pw * g.grid_w + ix) + T(0.5)) * inv_x;
       fn(s);
     }
   }
