@@ -68,24 +68,34 @@ def cases(quick: bool) -> list[Case]:
                 _close,
                 target_ratio=2.0 if rlsd else None,
             ),
-            Case(
-                "roi_align",
-                "fwd+bwd (ours: +box grads)",
-                shape,
-                _forward_backward(mlkernels.ops.roi_align, feat, boxes, grad, box_grad=True),
-                _forward_backward(torchvision.ops.roi_align, feat, boxes, grad, box_grad=False),
-                "torchvision.ops.roi_align (no box grads)",
-                _close,
-                target_ratio=4.0 if rlsd else None,
-            ),
-            Case(
-                "roi_align",
-                "fwd+bwd, box grads both",
-                shape,
-                _forward_backward(mlkernels.ops.roi_align, feat, boxes, grad, box_grad=True),
-                _forward_backward(roi_align_grid_sample, feat, boxes, grad, box_grad=True),
-                "affine_grid + grid_sample",
-                _close,
-            ),
         ]
+        # ours always gives the box gradient; the anchors with and without one
+        for name, anchor, anchor_name, box_grad, target in (
+            (
+                "fwd+bwd (ours: +box grads)",
+                torchvision.ops.roi_align,
+                "torchvision.ops.roi_align (no box grads)",
+                False,
+                4.0 if rlsd else None,
+            ),
+            (
+                "fwd+bwd, box grads both",
+                roi_align_grid_sample,
+                "affine_grid + grid_sample",
+                True,
+                None,
+            ),
+        ):
+            out.append(
+                Case(
+                    "roi_align",
+                    name,
+                    shape,
+                    _forward_backward(mlkernels.ops.roi_align, feat, boxes, grad, box_grad=True),
+                    _forward_backward(anchor, feat, boxes, grad, box_grad=box_grad),
+                    anchor_name,
+                    _close,
+                    target_ratio=target,
+                )
+            )
     return out
