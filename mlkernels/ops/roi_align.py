@@ -89,9 +89,10 @@ def roi_align(
     size, is held constant (its derivative is zero between jumps). A coordinate clamped to the
     map border, and a width clamped to 1, pass no gradient.
 
-    CPU backward is deterministic (bitwise identical at any thread count). On CUDA,
-    ``torch.use_deterministic_algorithms(True)`` selects a deterministic (slower) input-gradient
-    kernel instead of atomics. Equivalent PyTorch code: :func:`mlkernels.reference.roi_align`.
+    CPU forward and backward are deterministic (bitwise identical run to run and at any thread
+    count on a given machine). On CUDA, ``torch.use_deterministic_algorithms(True)`` selects a
+    deterministic (slower) input-gradient kernel instead of atomics.
+    Equivalent PyTorch code: :func:`mlkernels.reference.roi_align`.
     """
     op = "roi_align"
     C.check_tensor(op, "input", input)
