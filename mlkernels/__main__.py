@@ -25,7 +25,22 @@ def _self_check_boxes(device: str) -> None:
     torch.testing.assert_close(ops.box_iou(anchors, boxes), reference.box_iou(anchors, boxes))
 
 
-SELF_CHECKS = {"boxes": _self_check_boxes}
+def _self_check_roi_align(device: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 12, 16, generator=g, dtype=torch.float64)
+    xy = torch.rand(20, 2, generator=g, dtype=torch.float64) * 50 - 5
+    wh = torch.rand(20, 2, generator=g, dtype=torch.float64) * 30 + 1
+    index = torch.randint(0, 2, (20, 1), generator=g).to(torch.float64)
+    boxes = torch.cat([index, xy, xy + wh], 1)
+    x, boxes = x.to(device).requires_grad_(), boxes.to(device).requires_grad_()
+    grads = []
+    for fn in (ops.roi_align, reference.roi_align):
+        out = fn(x, boxes, 7, 0.25, 2, True)
+        grads.append((out, *torch.autograd.grad(out.square().sum(), (x, boxes))))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+SELF_CHECKS = {"boxes": _self_check_boxes, "roi_align": _self_check_roi_align}
 
 
 def main() -> int:

@@ -2,5 +2,6 @@
 torch.ops.mlkernels.* (CPU or CUDA kernels); each has a pure-PyTorch twin in mlkernels.reference."""
 
 from .boxes import box_iou, decode_boxes, encode_boxes
+from .roi_align import roi_align
 
-__all__ = ["box_iou", "decode_boxes", "encode_boxes"]
+__all__ = ["box_iou", "decode_boxes", "encode_boxes", "roi_align"]

@@ -5,5 +5,6 @@ use them as a baseline, and anyone can read them to see what an op computes.
 """
 
 from .boxes import box_iou, decode_boxes, encode_boxes
+from .roi_align import roi_align, roi_align_grid_sample
 
-__all__ = ["box_iou", "decode_boxes", "encode_boxes"]
+__all__ = ["box_iou", "decode_boxes", "encode_boxes", "roi_align", "roi_align_grid_sample"]

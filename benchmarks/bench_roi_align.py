@@ -1,0 +1,101 @@
+"""roi_align vs torchvision.ops.roi_align and the affine_grid + grid_sample path, at RLSD's shape:
+a 38x50 map of 512 channels (a 600x800 image at stride 16), 256 proposals, 7x7 bins, 2x2 samples
+per bin; and a batch of 8 such maps with 256 proposals each.
+
+Forward+backward cases: ours computes the gradients of the map AND the boxes; torchvision's
+gives only the map's; the grid_sample path gives both (boxes inside the image, so it agrees)."""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from harness import Case
+
+import mlkernels
+from mlkernels.reference import roi_align_grid_sample
+
+OUT, SCALE, RATIO = 7, 1 / 16, 2
+
+
+def _inputs(images: int, rois_per_image: int, generator: torch.Generator):
+    feat = torch.randn(images, 512, 38, 50, generator=generator)
+    k = images * rois_per_image
+    wh = torch.rand(k, 2, generator=generator) * torch.tensor([400.0, 300.0]) + 32
+    xy = torch.rand(k, 2, generator=generator) * (torch.tensor([800.0, 600.0]) - wh)
+    index = torch.arange(images).repeat_interleave(rois_per_image).float()[:, None]
+    boxes = torch.cat([index, xy, xy + wh], dim=1)
+    grad = torch.randn(k, 512, OUT, OUT, generator=generator)
+    return feat, boxes, grad
+
+
+def _close(ours, anchor):
+    """Outputs and the gradients both sides have; float32 sums in different orders."""
+    if isinstance(ours, torch.Tensor):
+        ours, anchor = (ours,), (anchor,)
+    for a, b in zip(ours, anchor, strict=False):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3 * max(1.0, b.abs().max().item()))
+
+
+def _forward_backward(fn, feat, boxes, grad, box_grad: bool):
+    x = feat.clone().requires_grad_()
+    b = boxes.clone().requires_grad_(box_grad)
+
+    def run():
+        out = fn(x, b, OUT, SCALE, RATIO)
+        grads = torch.autograd.grad(out, (x, b) if box_grad else (x,), grad)
+        return (out, *grads)
+
+    return run
+
+
+def cases(quick: bool) -> list[Case]:
+    g = torch.Generator().manual_seed(0)
+    shapes = [(1, 256)] if quick else [(1, 256), (8, 256)]
+    out = []
+    for images, per_image in shapes:
+        feat, boxes, grad = _inputs(images, per_image, g)
+        shape = f"{images}x512x38x50, {images * per_image} RoIs, 7x7, ratio 2"
+        rlsd = images == 1
+
+        out += [
+            Case(
+                "roi_align",
+                "forward",
+                shape,
+                lambda f=feat, b=boxes: mlkernels.ops.roi_align(f, b, OUT, SCALE, RATIO),
+                lambda f=feat, b=boxes: torchvision.ops.roi_align(f, b, OUT, SCALE, RATIO),
+                "torchvision.ops.roi_align",
+                _close,
+                target_ratio=2.0 if rlsd else None,
+            ),
+        ]
+        # ours always gives the box gradient; the anchors with and without one
+        for name, anchor, anchor_name, box_grad, target in (
+            (
+                "fwd+bwd (ours: +box grads)",
+                torchvision.ops.roi_align,
+                "torchvision.ops.roi_align (no box grads)",
+                False,
+                4.0 if rlsd else None,
+            ),
+            (
+                "fwd+bwd, box grads both",
+                roi_align_grid_sample,
+                "affine_grid + grid_sample",
+                True,
+                None,
+            ),
+        ):
+            out.append(
+                Case(
+                    "roi_align",
+                    name,
+                    shape,
+                    _forward_backward(mlkernels.ops.roi_align, feat, boxes, grad, box_grad=True),
+                    _forward_backward(anchor, feat, boxes, grad, box_grad=box_grad),
+                    anchor_name,
+                    _close,
+                    target_ratio=target,
+                )
+            )
+    return out

@@ -1,0 +1,293 @@
+// CPU kernels of roi_align. The map is read channels-last, so a sample's four corners are four
+// runs of C contiguous values and every loop over channels is a plain vectorizable loop; the
+// per-sample positions and weights (roi_align_math.h) are computed once per bin and shared by
+// all the channels a task handles.
+//
+// Forward: tasks are RoIs (split into channel ranges only when there are few RoIs); each output
+// element is computed by one task with the same operations, whatever the split.
+// Backward: tasks own (image, channel block) slices of the input gradient, so no two tasks
+// write one address and no atomics are needed; each task adds its image's RoIs in index order.
+// The box gradient is summed in the same pass, per channel block, and the blocks' partial sums
+// are added in block order. Block sizes depend on C only, never on the thread count, so results
+// are bitwise identical run to run and at any thread count.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "roi_align.h"
+
+namespace mlk {
+namespace roi_align {
+namespace {
+
+// ---- the loops over channels, where the time goes ----
+// Compiled twice, for AVX2+FMA CPUs and for any x86-64; the loader picks one per machine
+// (target_clones). Both run the same operations in the same order on a given machine.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MLK_CHANNEL_LOOP __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define MLK_CHANNEL_LOOP
+#endif
+
+// acc[c] += the sample's bilinear value of channel c (torchvision's operation order).
+template <typename T>
+inline void add_sample(T* __restrict__ acc, const T* img, int64_t stride, const Sample<T>& s,
+                       int64_t n) {
+  const T* __restrict__ r0 = img + s.pixel[0] * stride;
+  const T* __restrict__ r1 = img + s.pixel[1] * stride;
+  const T* __restrict__ r2 = img + s.pixel[2] * stride;
+  const T* __restrict__ r3 = img + s.pixel[3] * stride;
+  const T w0 = s.w[0], w1 = s.w[1], w2 = s.w[2], w3 = s.w[3];
+  for (int64_t c = 0; c < n; ++c) acc[c] += w0 * r0[c] + w1 * r1[c] + w2 * r2[c] + w3 * r3[c];
+}
+
+// One sample's backward over n channels: gs (grad / count) into the four corners of grad_img,
+// and the sample's share of the box-gradient moments into the per-channel sums ax..by.
+template <typename T>
+inline void sample_backward(T* grad_img, const T* img, int64_t stride, const Sample<T>& s,
+                            const T* __restrict__ gs, T* __restrict__ ax, T* __restrict__ bx,
+                            T* __restrict__ ay, T* __restrict__ by, int64_t n) {
+  // One loop per corner: two corners are the same pixel on the map's last row or column.
+  for (int q = 0; q < 4; ++q) {
+    T* __restrict__ gi = grad_img + s.pixel[q] * stride;
+    const T w = s.w[q];
+    for (int64_t c = 0; c < n; ++c) gi[c] += w * gs[c];
+  }
+  const T* __restrict__ r0 = img + s.pixel[0] * stride;
+  const T* __restrict__ r1 = img + s.pixel[1] * stride;
+  const T* __restrict__ r2 = img + s.pixel[2] * stride;
+  const T* __restrict__ r3 = img + s.pixel[3] * stride;
+  const T dx0 = s.dx[0], dx1 = s.dx[1], dx2 = s.dx[2], dx3 = s.dx[3];
+  const T dy0 = s.dy[0], dy1 = s.dy[1], dy2 = s.dy[2], dy3 = s.dy[3];
+  const T fx = s.frac_x, fy = s.frac_y;
+  for (int64_t c = 0; c < n; ++c) {
+    const T tx = gs[c] * (dx0 * r0[c] + dx1 * r1[c] + dx2 * r2[c] + dx3 * r3[c]);
+    const T ty = gs[c] * (dy0 * r0[c] + dy1 * r1[c] + dy2 * r2[c] + dy3 * r3[c]);
+    ax[c] += tx;
+    bx[c] += fx * tx;
+    ay[c] += ty;
+    by[c] += fy * ty;
+  }
+}
+
+MLK_CHANNEL_LOOP void channel_forward(float* acc, const float* img, int64_t stride,
+                                      const Sample<float>& s, int64_t n) {
+  add_sample(acc, img, stride, s, n);
+}
+MLK_CHANNEL_LOOP void channel_forward(double* acc, const double* img, int64_t stride,
+                                      const Sample<double>& s, int64_t n) {
+  add_sample(acc, img, stride, s, n);
+}
+MLK_CHANNEL_LOOP void channel_backward(float* grad_img, const float* img, int64_t stride,
+                                       const Sample<float>& s, const float* gs, float* ax,
+                                       float* bx, float* ay, float* by, int64_t n) {
+  sample_backward(grad_img, img, stride, s, gs, ax, bx, ay, by, n);
+}
+MLK_CHANNEL_LOOP void channel_backward(double* grad_img, const double* img, int64_t stride,
+                                       const Sample<double>& s, const double* gs, double* ax,
+                                       double* bx, double* ay, double* by, int64_t n) {
+  sample_backward(grad_img, img, stride, s, gs, ax, bx, ay, by, n);
+}
+
+// Hands tasks [0, n) out one at a time to ATen's threads, so a thread slowed down (say by another
+// process on its core) takes fewer. body(next) runs once per thread; next() returns the next
+// task, or -1 when none is left. Every task owns its outputs, so which thread runs a task
+// changes nothing in the results.
+template <typename Body>
+void parallel_tasks(int64_t n, Body&& body) {
+  if (n <= 0) return;
+  std::atomic<int64_t> counter{0};
+  auto next = [&]() -> int64_t {
+    const int64_t task = counter.fetch_add(1);
+    return task < n ? task : -1;
+  };
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) body(next);
+  });
+}
+
+// Channels per backward task: about a quarter of C, 8..128, fixed by C. Each block recomputes
+// the RoIs' samples, so fewer, longer blocks waste less; four per image still balance two
+// threads when one is slowed down.
+int64_t backward_channel_block(int64_t channels) {
+  const int64_t quarter = (channels + 3) / 4;
+  return std::max<int64_t>(8, std::min<int64_t>(128, (quarter + 7) / 8 * 8));
+}
+
+template <typename T>
+void forward_impl(const at::Tensor& map, const at::Tensor& rois, const Args& a, at::Tensor& out) {
+  const Params<T> p = to_params<T>(a, map);
+  const int64_t num_rois = rois.size(0), channels = p.channels;
+  const int64_t oh = p.pooled_height, ow = p.pooled_width, bins = oh * ow;
+  const int64_t hwc = p.height * p.width * channels;
+  // Enough tasks for every thread even with few RoIs; ranges of >= 16 channels keep loops long.
+  const int64_t want = 4 * at::get_num_threads();
+  int64_t splits = num_rois >= want ? 1 : (want + num_rois - 1) / num_rois;
+  splits = std::max<int64_t>(1, std::min(splits, (channels + 15) / 16));
+  const int64_t range = (channels + splits - 1) / splits;
+  const T* map_p = map.data_ptr<T>();
+  const T* rois_p = rois.data_ptr<T>();
+  T* out_p = out.data_ptr<T>();
+  parallel_tasks(num_rois * splits, [&](auto& next) {
+    // A task's bins x channels sums, written out channel by channel at the end: the output is
+    // [K, C, oh, ow], and storing each bin's channels straight to it would touch a new cache
+    // line per value.
+    std::vector<T> acc_buf(static_cast<size_t>(bins * range));
+    for (int64_t task = next(); task >= 0; task = next()) {
+      const int64_t k = task / splits, c0 = (task % splits) * range;
+      const int64_t n = std::min(range, channels - c0);
+      if (n <= 0) continue;
+      const RoiGeometry<T> g = roi_geometry(rois_p + 5 * k, p);
+      const T* img = map_p + g.batch * hwc + c0;
+      std::fill(acc_buf.begin(), acc_buf.end(), T(0));
+      for (int64_t ph = 0; ph < oh; ++ph) {
+        for (int64_t pw = 0; pw < ow; ++pw) {
+          T* acc = acc_buf.data() + (ph * ow + pw) * n;
+          for_each_sample(g, p, ph, pw,
+                          [&](const Sample<T>& s) { channel_forward(acc, img, channels, s, n); });
+        }
+      }
+      T* o = out_p + (k * channels + c0) * bins;
+      for (int64_t c = 0; c < n; ++c) {
+        for (int64_t bin = 0; bin < bins; ++bin) o[c * bins + bin] = acc_buf[bin * n + c] / g.count;
+      }
+    }
+  });
+}
+
+// grad: [K, C, oh, ow] contiguous; map and grad_map: [N, H, W, C] contiguous (grad_map zeroed);
+// grad_rois: [K, 5].
+template <typename T>
+void backward_impl(const at::Tensor& grad, const at::Tensor& map, const at::Tensor& rois,
+                   const Args& a, at::Tensor& grad_map, at::Tensor& grad_rois) {
+  const Params<T> p = to_params<T>(a, map.permute({0, 3, 1, 2}));
+  const int64_t num_rois = rois.size(0), batch = map.size(0), channels = p.channels;
+  const int64_t oh = p.pooled_height, ow = p.pooled_width, bins = oh * ow;
+  const int64_t hwc = p.height * p.width * channels;
+  const int64_t block = backward_channel_block(channels);
+  const int64_t blocks = (channels + block - 1) / block;
+  const T* map_p = map.data_ptr<T>();
+  const T* rois_p = rois.data_ptr<T>();
+  const T* grad_p = grad.data_ptr<T>();
+  T* grad_map_p = grad_map.data_ptr<T>();
+
+  // The RoIs of each image, in index order (a counting sort on the batch index).
+  std::vector<int64_t> first(static_cast<size_t>(batch + 1), 0), order(num_rois);
+  for (int64_t k = 0; k < num_rois; ++k) ++first[roi_geometry(rois_p + 5 * k, p).batch + 1];
+  for (int64_t n = 0; n < batch; ++n) first[n + 1] += first[n];
+  {
+    std::vector<int64_t> next(first.begin(), first.end() - 1);
+    for (int64_t k = 0; k < num_rois; ++k) order[next[roi_geometry(rois_p + 5 * k, p).batch]++] = k;
+  }
+
+  // Each (channel block, RoI) slot is written by exactly one task.
+  std::vector<Moments<T>> partial(static_cast<size_t>(blocks * num_rois));
+  parallel_tasks(batch * blocks, [&](auto& next) {
+    std::vector<T> buf(static_cast<size_t>(5 * block));
+    T* __restrict__ gs = buf.data();
+    T* __restrict__ ax = gs + block;
+    T* __restrict__ bx = ax + block;
+    T* __restrict__ ay = bx + block;
+    T* __restrict__ by = ay + block;
+    for (int64_t task = next(); task >= 0; task = next()) {
+      const int64_t n = task / blocks, blk = task % blocks, c0 = blk * block;
+      const int64_t m = std::min(block, channels - c0);
+      const T* img = map_p + n * hwc + c0;
+      T* grad_img = grad_map_p + n * hwc + c0;
+      for (int64_t i = first[n]; i < first[n + 1]; ++i) {
+        const int64_t k = order[i];
+        const RoiGeometry<T> g = roi_geometry(rois_p + 5 * k, p);
+        std::fill(ax, ax + 4 * block, T(0));
+        for (int64_t ph = 0; ph < oh; ++ph) {
+          for (int64_t pw = 0; pw < ow; ++pw) {
+            // grad stays [K, C, oh, ow]: a RoI's channel block (C_b x bins values) stays in
+            // cache across its bins, so a strided read here beats transposing all of grad.
+            const T* gk = grad_p + (k * channels + c0) * bins + ph * ow + pw;
+            for (int64_t c = 0; c < m; ++c) gs[c] = gk[c * bins] / g.count;
+            for_each_sample(g, p, ph, pw, [&](const Sample<T>& s) {
+              channel_backward(grad_img, img, channels, s, gs, ax, bx, ay, by, m);
+            });
+          }
+        }
+        Moments<T> mo = {{T(0), T(0), T(0), T(0)}};
+        for (int64_t c = 0; c < m; ++c) {
+          mo.m[0] += ax[c];
+          mo.m[1] += bx[c];
+          mo.m[2] += ay[c];
+          mo.m[3] += by[c];
+        }
+        partial[blk * num_rois + k] = mo;
+      }
+    }
+  });
+
+  T* grad_rois_p = grad_rois.data_ptr<T>();
+  at::parallel_for(0, num_rois, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      Moments<T> mo = {{T(0), T(0), T(0), T(0)}};
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        for (int q = 0; q < 4; ++q) mo.m[q] += partial[blk * num_rois + k].m[q];
+      }
+      box_grad_from_moments(roi_geometry(rois_p + 5 * k, p), mo, grad_rois_p + 5 * k);
+    }
+  });
+}
+
+Args make_args(double spatial_scale, int64_t pooled_height, int64_t pooled_width,
+               int64_t sampling_ratio, bool aligned) {
+  return Args{spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned};
+}
+
+at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& boxes, double spatial_scale,
+                         int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio,
+                         bool aligned) {
+  const Args a = make_args(spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
+  check_forward(input, boxes, a);
+  const auto acc_type = accumulation_type(input.scalar_type());
+  auto out = at::empty({boxes.size(0), input.size(1), pooled_height, pooled_width},
+                       input.options().dtype(acc_type));
+  if (out.numel() > 0) {
+    const auto map = input.to(acc_type).contiguous(at::MemoryFormat::ChannelsLast);
+    const auto rois = boxes.to(acc_type).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(acc_type, "roi_align", [&] {
+      forward_impl<scalar_t>(map, rois, a, out);
+    });
+  }
+  return out.to(input.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> roi_align_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& input, const at::Tensor& boxes,
+    double spatial_scale, int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio,
+    bool aligned) {
+  const Args a = make_args(spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
+  check_backward(grad, input, boxes, a);
+  const auto acc_type = accumulation_type(input.scalar_type());
+  // [N, H, W, C] in memory: the task slices are channel runs of every pixel.
+  auto grad_map = at::zeros({input.size(0), input.size(2), input.size(3), input.size(1)},
+                            input.options().dtype(acc_type));
+  auto grad_rois = at::zeros({boxes.size(0), 5}, input.options().dtype(acc_type));
+  if (grad.numel() > 0) {
+    const auto map = input.to(acc_type).permute({0, 2, 3, 1}).contiguous();
+    const auto rois = boxes.to(acc_type).contiguous();
+    const auto grad_acc = grad.to(acc_type).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(acc_type, "roi_align_backward", [&] {
+      backward_impl<scalar_t>(grad_acc, map, rois, a, grad_map, grad_rois);
+    });
+  }
+  return {grad_map.permute({0, 3, 1, 2}).to(input.scalar_type()).contiguous(),
+          grad_rois.to(boxes.scalar_type())};
+}
+
+}  // namespace
+}  // namespace roi_align
+}  // namespace mlk
+
+TORCH_LIBRARY_IMPL(mlkernels, CPU, m) {
+  m.impl("roi_align", &mlk::roi_align::roi_align_cpu);
+  m.impl("roi_align_backward", &mlk::roi_align::roi_align_backward_cpu);
+}

@@ -1,0 +1,350 @@
+// Bilinear RoI sampling math shared by the CPU kernels, the CUDA kernels and the grid emulator:
+// where a RoI's samples lie, their bilinear corners and weights, the weights' derivatives, and
+// how a sample moves when the box moves. Nothing of this is written anywhere else.
+//
+// Conventions follow torchvision's roi_align so that forward results agree with it:
+//  * a RoI row is (batch index, x1, y1, x2, y2); corners are `coord * spatial_scale - offset`,
+//    offset 0.5 when aligned; without `aligned` the width and height are clamped to >= 1;
+//  * a bin averages grid_h x grid_w samples (sampling_ratio each way, or ceil(size / bins));
+//  * a sample outside [-1, H] x [-1, W] contributes 0, others are clamped to the border.
+// Operation order follows torchvision's so that float32 results agree with it.
+//
+// Box gradient: a sample's x is x1*s - offset + frac * roi_w, with frac its fixed position in the
+// box (in [0, 1]) and roi_w = (x2 - x1) * s unless clamped. So dx/dx1 = s - free*s*frac and
+// dx/dx2 = free*s*frac (free: the width is not clamped). Kernels accumulate two moments per axis,
+// A = sum g * df/dx and B = sum g * frac * df/dx, and box_grad_from_moments turns them into the
+// four coordinate gradients. With adaptive sampling the grid size is piecewise constant in the
+// box size and is held constant (its derivative is zero between jumps).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "../common/grid.h"
+#include "../common/macros.h"
+
+namespace mlk {
+namespace roi_align {
+
+// The op's scalar arguments, and the map's shape.
+template <typename T>
+struct Params {
+  T spatial_scale;
+  int64_t pooled_height, pooled_width, sampling_ratio;
+  bool aligned;
+  int64_t channels, height, width;
+};
+
+// One RoI's sampling geometry in map pixels.
+template <typename T>
+struct RoiGeometry {
+  int64_t batch;
+  T start_x, start_y;
+  T bin_w, bin_h;
+  int64_t grid_w, grid_h;  // samples per bin each way; <= 0 means none
+  T count;                 // the divisor of a bin's sum: max(grid_h * grid_w, 1), as torchvision
+  bool free_w, free_h;     // the width / height follow the box (not clamped to 1)
+  T scale;
+};
+
+template <typename T, typename S>
+MLK_HOST_DEVICE RoiGeometry<T> roi_geometry(const S* roi, const Params<T>& p) {
+  RoiGeometry<T> g;
+  g.batch = static_cast<int64_t>(static_cast<T>(roi[0]));
+  const T offset = p.aligned ? T(0.5) : T(0);
+  g.scale = p.spatial_scale;
+  g.start_x = static_cast<T>(roi[1]) * p.spatial_scale - offset;
+  g.start_y = static_cast<T>(roi[2]) * p.spatial_scale - offset;
+  const T end_x = static_cast<T>(roi[3]) * p.spatial_scale - offset;
+  const T end_y = static_cast<T>(roi[4]) * p.spatial_scale - offset;
+  T roi_w = end_x - g.start_x;
+  T roi_h = end_y - g.start_y;
+  // torch.clamp(min=1) passes the gradient at equality; so does this.
+  g.free_w = p.aligned || roi_w >= T(1);
+  g.free_h = p.aligned || roi_h >= T(1);
+  if (!g.free_w) roi_w = T(1);
+  if (!g.free_h) roi_h = T(1);
+  g.bin_w = roi_w / static_cast<T>(p.pooled_width);
+  g.bin_h = roi_h / static_cast<T>(p.pooled_height);
+  g.grid_w = p.sampling_ratio > 0
+                 ? p.sampling_ratio
+                 : static_cast<int64_t>(std::ceil(roi_w / static_cast<T>(p.pooled_width)));
+  g.grid_h = p.sampling_ratio > 0
+                 ? p.sampling_ratio
+                 : static_cast<int64_t>(std::ceil(roi_h / static_cast<T>(p.pooled_height)));
+  const int64_t n = g.grid_h * g.grid_w;
+  g.count = static_cast<T>(n > 1 ? n : 1);
+  return g;
+}
+
+// One valid sample: its four corners (pixel index y * W + x: low-low, low-high, high-low,
+// high-high), their weights, the weights' derivatives w.r.t. the sample's x and y (zero where
+// the coordinate is clamped to the border), and its fixed position in the box.
+template <typename T>
+struct Sample {
+  int64_t pixel[4];
+  T w[4];
+  T dx[4];
+  T dy[4];
+  T frac_x, frac_y;
+};
+
+// Clamps one coordinate as torchvision does; returns the low/high pixel, the fraction past the
+// low pixel, and whether the coordinate moves with the sample (not clamped).
+template <typename T>
+MLK_HOST_DEVICE void clamp_axis(T v, int64_t size, int64_t& low, int64_t& high, T& frac,
+                                bool& moves) {
+  moves = true;
+  if (v <= T(0)) {
+    v = T(0);
+    moves = false;
+  }
+  low = static_cast<int64_t>(v);
+  if (low >= size - 1) {
+    high = low = size - 1;
+    v = static_cast<T>(low);
+    moves = false;
+  } else {
+    high = low + 1;
+  }
+  frac = v - static_cast<T>(low);
+}
+
+// The bilinear sample at (y, x) of an H x W map; false when it contributes nothing.
+template <typename T>
+MLK_HOST_DEVICE bool bilinear_sample(T y, T x, int64_t height, int64_t width, Sample<T>& s) {
+  if (height <= 0 || width <= 0) return false;
+  // Written so that NaN coordinates are rejected too (they would index outside the map).
+  if (!(y >= T(-1) && y <= static_cast<T>(height) && x >= T(-1) && x <= static_cast<T>(width))) {
+    return false;
+  }
+  int64_t y_low, y_high, x_low, x_high;
+  T ly, lx;
+  bool y_moves, x_moves;
+  clamp_axis(y, height, y_low, y_high, ly, y_moves);
+  clamp_axis(x, width, x_low, x_high, lx, x_moves);
+  const T hy = T(1) - ly, hx = T(1) - lx;
+  s.pixel[0] = y_low * width + x_low;
+  s.pixel[1] = y_low * width + x_high;
+  s.pixel[2] = y_high * width + x_low;
+  s.pixel[3] = y_high * width + x_high;
+  s.w[0] = hy * hx;
+  s.w[1] = hy * lx;
+  s.w[2] = ly * hx;
+  s.w[3] = ly * lx;
+  const T mx = x_moves ? T(1) : T(0);
+  const T my = y_moves ? T(1) : T(0);
+  s.dx[0] = -hy * mx;
+  s.dx[1] = hy * mx;
+  s.dx[2] = -ly * mx;
+  s.dx[3] = ly * mx;
+  s.dy[0] = -hx * my;
+  s.dy[1] = -lx * my;
+  s.dy[2] = hx * my;
+  s.dy[3] = lx * my;
+  return true;
+}
+
+// The samples [lo, hi) of one axis of a bin that can fall in [-1, size]. Adaptive sampling of a
+// box much larger than the map gives grids of 10^5 samples a side that all contribute nothing;
+// skipping them bounds the work by the map's size. The bounds are widened so that rounding never
+// drops a sample: each sample in range is still tested exactly by bilinear_sample.
+template <typename T>
+MLK_HOST_DEVICE void sample_range(T base, T bin, int64_t grid, int64_t size, int64_t& lo,
+                                  int64_t& hi) {
+  lo = 0;
+  hi = grid > 0 ? grid : 0;
+  const T step = bin / static_cast<T>(grid);
+  if (grid <= 4 || !(step > T(0))) return;
+  // sample i lies at base + (i + 0.5) * step
+  // widened by 2 samples plus a relative margin for float32 rounding of large indices
+  T first = (T(-1) - base) / step - T(0.5);
+  T last = (static_cast<T>(size) - base) / step - T(0.5);
+  first -= T(2) + std::fabs(first) * T(1e-4);
+  last += T(2) + std::fabs(last) * T(1e-4);
+  if (first > T(0)) lo = first >= static_cast<T>(grid) ? grid : static_cast<int64_t>(first);
+  if (last < static_cast<T>(grid)) hi = last <= static_cast<T>(lo) ? lo : static_cast<int64_t>(last);
+}
+
+// Calls fn(sample) for every valid sample of bin (ph, pw), in torchvision's order (iy, then ix).
+template <typename T, typename Fn>
+MLK_HOST_DEVICE void for_each_sample(const RoiGeometry<T>& g, const Params<T>& p, int64_t ph,
+                                     int64_t pw, Fn&& fn) {
+  Sample<T> s;
+  int64_t iy_lo, iy_hi, ix_lo, ix_hi;
+  const T inv_y = T(1) / static_cast<T>(g.grid_h * p.pooled_height);
+  const T inv_x = T(1) / static_cast<T>(g.grid_w * p.pooled_width);
+  sample_range(g.start_y + static_cast<T>(ph) * g.bin_h, g.bin_h, g.grid_h, p.height, iy_lo,
+               iy_hi);
+  sample_range(g.start_x + static_cast<T>(pw) * g.bin_w, g.bin_w, g.grid_w, p.width, ix_lo,
+               ix_hi);
+  for (int64_t iy = iy_lo; iy < iy_hi; ++iy) {
+    const T y = g.start_y + static_cast<T>(ph) * g.bin_h +
+                static_cast<T>(iy + .5f) * g.bin_h / static_cast<T>(g.grid_h);
+    // (ph + (iy + 0.5) / grid_h) / pooled_height, with the division hoisted out of the loops
+    s.frac_y = (static_cast<T>(ph * g.grid_h + iy) + T(0.5)) * inv_y;
+    for (int64_t ix = ix_lo; ix < ix_hi; ++ix) {
+      const T x = g.start_x + static_cast<T>(pw) * g.bin_w +
+                  static_cast<T>(ix + .5f) * g.bin_w / static_cast<T>(g.grid_w);
+      if (!bilinear_sample(y, x, p.height, p.width, s)) continue;
+      s.frac_x = (static_cast<T>(pw * g.grid_w + ix) + T(0.5)) * inv_x;
+      fn(s);
+    }
+  }
+}
+
+// Moments of one RoI's gradient (see the header comment): a[0..1] = (A_x, B_x), a[2..3] = (A_y, B_y).
+template <typename T>
+struct Moments {
+  T m[4];
+};
+
+// Adds one sample's share: gdx = sum over channels of g * df/dx, gdy likewise.
+template <typename T>
+MLK_HOST_DEVICE void add_moments(Moments<T>& mo, const Sample<T>& s, T gdx, T gdy) {
+  mo.m[0] += gdx;
+  mo.m[1] += s.frac_x * gdx;
+  mo.m[2] += gdy;
+  mo.m[3] += s.frac_y * gdy;
+}
+
+// The gradient w.r.t. (x1, y1, x2, y2) of the box, from its moments.
+template <typename T, typename S>
+MLK_HOST_DEVICE void box_grad_from_moments(const RoiGeometry<T>& g, const Moments<T>& mo,
+                                           S* grad_roi) {
+  const T fw = g.free_w ? T(1) : T(0);
+  const T fh = g.free_h ? T(1) : T(0);
+  grad_roi[0] = S(0);  // the batch index gets no gradient
+  grad_roi[1] = static_cast<S>(g.scale * (mo.m[0] - fw * mo.m[1]));
+  grad_roi[2] = static_cast<S>(g.scale * (mo.m[2] - fh * mo.m[3]));
+  grad_roi[3] = static_cast<S>(g.scale * fw * mo.m[1]);
+  grad_roi[4] = static_cast<S>(g.scale * fh * mo.m[3]);
+}
+
+// atomicAdd on the device; a plain add on the emulator, which runs one thread at a time.
+template <typename T>
+MLK_HOST_DEVICE void atomic_add(T* address, T value) {
+#if MLK_ON_DEVICE
+  atomicAdd(address, value);
+#else
+  *address += value;
+#endif
+}
+
+// ---- CUDA thread functions ----
+
+// Forward: one output element (k, c, ph, pw) per loop step, NCHW input.
+template <typename S, typename T>
+MLK_HOST_DEVICE void forward_thread(const ThreadIndex& t, int64_t total, const S* input,
+                                    const S* rois, Params<T> p, S* out) {
+  const int64_t ow = p.pooled_width, oh = p.pooled_height, hw = p.height * p.width;
+  for (int64_t i = t.global_x(); i < total; i += t.grid_stride_x()) {
+    const int64_t pw = i % ow, ph = (i / ow) % oh, c = (i / (ow * oh)) % p.channels;
+    const int64_t k = i / (ow * oh * p.channels);
+    const RoiGeometry<T> g = roi_geometry(rois + 5 * k, p);
+    const S* plane = input + (g.batch * p.channels + c) * hw;
+    T acc = T(0);
+    for_each_sample(g, p, ph, pw, [&](const Sample<T>& s) {
+      acc += s.w[0] * static_cast<T>(plane[s.pixel[0]]) +
+             s.w[1] * static_cast<T>(plane[s.pixel[1]]) +
+             s.w[2] * static_cast<T>(plane[s.pixel[2]]) +
+             s.w[3] * static_cast<T>(plane[s.pixel[3]]);
+    });
+    out[i] = static_cast<S>(acc / g.count);
+  }
+}
+
+// Input gradient, scatter form: one grad element (k, c, ph, pw) per loop step, atomics into
+// grad_input (NCHW, accumulation type T).
+template <typename S, typename T>
+MLK_HOST_DEVICE void backward_input_atomic_thread(const ThreadIndex& t, int64_t total,
+                                                  const S* grad, const S* rois, Params<T> p,
+                                                  T* grad_input) {
+  const int64_t ow = p.pooled_width, oh = p.pooled_height, hw = p.height * p.width;
+  for (int64_t i = t.global_x(); i < total; i += t.grid_stride_x()) {
+    const int64_t pw = i % ow, ph = (i / ow) % oh, c = (i / (ow * oh)) % p.channels;
+    const int64_t k = i / (ow * oh * p.channels);
+    const RoiGeometry<T> g = roi_geometry(rois + 5 * k, p);
+    T* plane = grad_input + (g.batch * p.channels + c) * hw;
+    const T gv = static_cast<T>(grad[i]) / g.count;
+    for_each_sample(g, p, ph, pw, [&](const Sample<T>& s) {
+      for (int q = 0; q < 4; ++q) atomic_add(plane + s.pixel[q], gv * s.w[q]);
+    });
+  }
+}
+
+// Input gradient, deterministic form: one (image, channel) plane per loop step, owned by one
+// thread, which adds the RoIs of that image in index order. No atomics, a fixed order.
+template <typename S, typename T>
+MLK_HOST_DEVICE void backward_input_plane_thread(const ThreadIndex& t, int64_t planes,
+                                                 int64_t num_rois, const S* grad, const S* rois,
+                                                 Params<T> p, T* grad_input) {
+  const int64_t ow = p.pooled_width, oh = p.pooled_height, hw = p.height * p.width;
+  for (int64_t plane_index = t.global_x(); plane_index < planes;
+       plane_index += t.grid_stride_x()) {
+    const int64_t n = plane_index / p.channels, c = plane_index % p.channels;
+    T* plane = grad_input + plane_index * hw;
+    for (int64_t k = 0; k < num_rois; ++k) {
+      const RoiGeometry<T> g = roi_geometry(rois + 5 * k, p);
+      if (g.batch != n) continue;
+      const S* gk = grad + (k * p.channels + c) * oh * ow;
+      for (int64_t ph = 0; ph < oh; ++ph) {
+        for (int64_t pw = 0; pw < ow; ++pw) {
+          const T gv = static_cast<T>(gk[ph * ow + pw]) / g.count;
+          for_each_sample(g, p, ph, pw, [&](const Sample<T>& s) {
+            for (int q = 0; q < 4; ++q) plane[s.pixel[q]] += gv * s.w[q];
+          });
+        }
+      }
+    }
+  }
+}
+
+// Box gradient, a cooperative kernel with one block per RoI (block index x = RoI).
+// Phase 1: each thread sums the moments of a strided share of the RoI's (channel, bin) elements
+// and stores them in shared[4 * rank ...].
+template <typename S, typename T>
+MLK_HOST_DEVICE void box_grad_partial_phase(const ThreadIndex& t, const S* grad, const S* input,
+                                            const S* rois, Params<T> p, T* shared) {
+  const int64_t k = t.block.x, rank = t.thread_rank(), threads = t.block_dim.count();
+  const int64_t bins = p.pooled_height * p.pooled_width, hw = p.height * p.width;
+  const RoiGeometry<T> g = roi_geometry(rois + 5 * k, p);
+  Moments<T> mo = {{T(0), T(0), T(0), T(0)}};
+  for (int64_t e = rank; e < p.channels * bins; e += threads) {
+    const int64_t c = e / bins, bin = e % bins;
+    const S* plane = input + (g.batch * p.channels + c) * hw;
+    const T gv = static_cast<T>(grad[k * p.channels * bins + e]) / g.count;
+    for_each_sample(g, p, bin / p.pooled_width, bin % p.pooled_width, [&](const Sample<T>& s) {
+      T vx = T(0), vy = T(0);
+      for (int q = 0; q < 4; ++q) {
+        const T v = static_cast<T>(plane[s.pixel[q]]);
+        vx += s.dx[q] * v;
+        vy += s.dy[q] * v;
+      }
+      add_moments(mo, s, gv * vx, gv * vy);
+    });
+  }
+  for (int q = 0; q < 4; ++q) shared[4 * rank + q] = mo.m[q];
+}
+
+// Phase 2..: a tree sum over the block, one halving per phase (threads is a power of two).
+template <typename T>
+MLK_HOST_DEVICE void block_sum_phase(const ThreadIndex& t, int64_t stride, T* shared) {
+  const int64_t rank = t.thread_rank();
+  if (rank < stride) {
+    for (int q = 0; q < 4; ++q) shared[4 * rank + q] += shared[4 * (rank + stride) + q];
+  }
+}
+
+// Last phase: thread 0 turns the block's moments into the RoI's gradient row (type T).
+template <typename S, typename T>
+MLK_HOST_DEVICE void box_grad_write_phase(const ThreadIndex& t, const S* rois, Params<T> p,
+                                          const T* shared, T* grad_rois) {
+  if (t.thread_rank() != 0) return;
+  const int64_t k = t.block.x;
+  const Moments<T> mo = {{shared[0], shared[1], shared[2], shared[3]}};
+  box_grad_from_moments(roi_geometry(rois + 5 * k, p), mo, grad_rois + 5 * k);
+}
+
+}  // namespace roi_align
+}  // namespace mlk

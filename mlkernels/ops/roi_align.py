@@ -1,0 +1,175 @@
+"""Bilinear RoI sampling: roi_align, differentiable w.r.t. the feature map and the boxes.
+
+Kernels: csrc/roi_align (CPU, CUDA); pure-PyTorch equivalent: mlkernels.reference.roi_align.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _checks as C
+
+_ops = torch.ops.mlkernels
+
+BOXES_EXPECTED = "Tensor[K, 5] or list of Tensor[L, 4]"
+
+
+def boxes_to_rois(op: str, boxes: Tensor | Sequence[Tensor]) -> Tensor:
+    """``boxes`` as one Tensor[K, 5] (batch index, x1, y1, x2, y2).
+
+    A list of per-image Tensor[L, 4] is concatenated with each image's index in front (the
+    concatenation is differentiable, so gradients reach the list's tensors). A tensor passes
+    through unchanged; the op checks its shape."""
+    if isinstance(boxes, Tensor):
+        return boxes
+    if not isinstance(boxes, (list, tuple)):
+        raise TypeError(f"{op}: boxes must be {BOXES_EXPECTED}, got {type(boxes).__name__}")
+    for i, b in enumerate(boxes):
+        C.check_tensor(op, f"boxes[{i}]", b)
+        C.check(
+            b.dim() == 2 and b.shape[1] == 4,
+            f"{op}: boxes must be {BOXES_EXPECTED}, got list containing {C.shape_str(b)}",
+        )
+        C.check_same_dtype(op, "boxes[0]", boxes[0], f"boxes[{i}]", b)
+        C.check_same_device(op, "boxes[0]", boxes[0], f"boxes[{i}]", b)
+    if not boxes:
+        return torch.zeros(0, 5)  # no image has a box; dtype/device follow input in roi_align
+    rois = [torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)]
+    return torch.cat(rois, dim=0)
+
+
+def output_pair(op: str, output_size: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) of ``output_size`` given as an int or a pair of ints."""
+    if isinstance(output_size, int) and not isinstance(output_size, bool):
+        return output_size, output_size
+    if (
+        isinstance(output_size, (list, tuple))
+        and len(output_size) == 2
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in output_size)
+    ):
+        return int(output_size[0]), int(output_size[1])
+    raise TypeError(f"{op}: output_size must be an int or a pair of ints, got {output_size!r}")
+
+
+def roi_align(
+    input: Tensor,
+    boxes: Tensor | Sequence[Tensor],
+    output_size: int | Sequence[int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> Tensor:
+    """Bilinearly sampled features of every box (``torchvision.ops.roi_align``, plus box gradients).
+
+    Args:
+        input (Tensor[N, C, H, W]): the feature map; float32/64, or float16/bfloat16
+            (computed with float32 accumulation). Any memory layout; channels_last is read
+            without a copy on CPU.
+        boxes (Tensor[K, 5] or list of Tensor[L, 4]): (batch index, x1, y1, x2, y2) rows, or
+            one (x1, y1, x2, y2) tensor per image; same dtype and device as ``input``. Batch
+            indices must be integers in [0, N).
+        output_size (int or (oh, ow)): bins per box, each way.
+        spatial_scale: box coordinates are multiplied by it (e.g. 1/16 for a stride-16 map).
+        sampling_ratio: samples per bin each way; <= 0 means adaptive,
+            ``ceil(box_size / output_size)``.
+        aligned: shift box corners by -0.5 pixel (pixel-centre convention); without it a
+            box's width and height are clamped to at least 1.
+
+    Returns:
+        Tensor[K, C, oh, ow]: each bin is the mean of its bilinear samples; a sample outside
+        ``[-1, H] x [-1, W]`` counts as 0, the results equal torchvision's.
+
+    Differentiable w.r.t. ``input`` and the four box coordinates (not the batch index). The
+    box gradient is exact almost everywhere: at a sample on a pixel border the bilinear
+    interpolation has a kink. With adaptive sampling the sample count, which jumps with the box
+    size, is held constant (its derivative is zero between jumps). A coordinate clamped to the
+    map border, and a width clamped to 1, pass no gradient.
+
+    CPU forward and backward are deterministic (bitwise identical run to run and at any thread
+    count on a given machine). On CUDA, ``torch.use_deterministic_algorithms(True)`` selects a
+    deterministic (slower) input-gradient kernel instead of atomics.
+    Equivalent PyTorch code: :func:`mlkernels.reference.roi_align`.
+    """
+    op = "roi_align"
+    C.check_tensor(op, "input", input)
+    rois = boxes_to_rois(op, boxes)
+    if not isinstance(boxes, Tensor) and len(boxes) == 0:
+        rois = rois.to(dtype=input.dtype, device=input.device)
+    oh, ow = output_pair(op, output_size)
+    return _ops.roi_align(input, rois, float(spatial_scale), oh, ow, int(sampling_ratio), aligned)
+
+
+# ---- fake kernels: the C++ checks, repeated, and the output shapes ----
+
+
+def _check_args(op, input, boxes, spatial_scale, pooled_height, pooled_width):
+    """The checks of csrc/roi_align/roi_align.h check_args (all but the batch-index values)."""
+    C.check(input.dim() == 4, f"{op}: input must be Tensor[N, C, H, W], got {C.shape_str(input)}")
+    C.check_floating(op, "input", input, allow_half=True)
+    C.check(
+        boxes.dim() == 2 and boxes.shape[1] == 5,
+        f"{op}: boxes must be {BOXES_EXPECTED}, got {C.shape_str(boxes)}",
+    )
+    C.check_same_dtype(op, "input", input, "boxes", boxes)
+    C.check_same_device(op, "input", input, "boxes", boxes)
+    C.check(
+        pooled_height > 0 and pooled_width > 0,
+        f"{op}: output_size must be positive, got ({pooled_height}, {pooled_width})",
+        ValueError,
+    )
+    C.check(
+        math.isfinite(spatial_scale) and spatial_scale > 0,
+        f"{op}: spatial_scale must be finite and positive, got {spatial_scale:g}",
+        ValueError,
+    )
+
+
+@torch.library.register_fake("mlkernels::roi_align")
+def _roi_align_fake(
+    input, boxes, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned
+):
+    _check_args("roi_align", input, boxes, spatial_scale, pooled_height, pooled_width)
+    return input.new_empty((boxes.shape[0], input.shape[1], pooled_height, pooled_width))
+
+
+@torch.library.register_fake("mlkernels::roi_align_backward")
+def _roi_align_backward_fake(
+    grad, input, boxes, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned
+):
+    op = "roi_align_backward"
+    _check_args(op, input, boxes, spatial_scale, pooled_height, pooled_width)
+    expected = (boxes.shape[0], input.shape[1], pooled_height, pooled_width)
+    C.check(
+        tuple(grad.shape) == expected,
+        f"{op}: grad must be Tensor[{', '.join(str(s) for s in expected)}], "
+        f"got {C.shape_str(grad)}",
+    )
+    C.check_same_dtype(op, "input", input, "grad", grad)
+    C.check_same_device(op, "input", input, "grad", grad)
+    return input.new_empty(input.shape), boxes.new_empty(boxes.shape)
+
+
+# ---- autograd ----
+
+
+def _setup(ctx, inputs, output):
+    input, boxes, *args = inputs
+    ctx.save_for_backward(input, boxes)
+    ctx.args = args
+
+
+def _backward(ctx, grad):
+    input, boxes = ctx.saved_tensors
+    grad_input, grad_boxes = _ops.roi_align_backward(grad.contiguous(), input, boxes, *ctx.args)
+    return (
+        grad_input if ctx.needs_input_grad[0] else None,
+        grad_boxes if ctx.needs_input_grad[1] else None,
+        *([None] * len(ctx.args)),
+    )
+
+
+torch.library.register_autograd("mlkernels::roi_align", _backward, setup_context=_setup)

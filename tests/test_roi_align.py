@@ -1,0 +1,606 @@
+"""roi_align: forward against torchvision and the reference, the CUDA kernels' logic on the grid
+emulator, gradients w.r.t. the map and the boxes (gradcheck, the reference, an affine_grid +
+grid_sample formulation), determinism, low precision, layouts, opcheck, bad and empty input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchvision
+from conftest import devices
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from mlkernels import nn, ops, reference
+
+emulated = torch.ops.mlkernels_emulated
+DTYPES = [torch.float32, torch.float64]
+RATIOS = [-1, 0, 1, 2, 3]
+
+
+def _rois(
+    seed: int,
+    k: int,
+    batch: int,
+    height: int,
+    width: int,
+    kind: str,
+    dtype=torch.float64,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """k RoI rows (batch index, x1, y1, x2, y2) in input coordinates (map pixels / scale).
+
+    kind: "inside" the map, "outside" (straddling or beyond its borders), "tiny" (sides below
+    one pixel) or "degenerate" (x2 < x1 or y2 < y1, and zero sizes)."""
+    g = torch.Generator().manual_seed(seed)
+    size = torch.tensor([width, height], dtype=torch.float64)
+    if kind == "inside":
+        lo = torch.rand(k, 2, generator=g, dtype=torch.float64) * (size - 1)
+        hi = lo + torch.rand(k, 2, generator=g, dtype=torch.float64) * (size - 1 - lo)
+    elif kind == "outside":
+        lo = torch.rand(k, 2, generator=g, dtype=torch.float64) * (size + 8) - 6
+        hi = lo + torch.rand(k, 2, generator=g, dtype=torch.float64) * (size + 4)
+    elif kind == "tiny":
+        lo = torch.rand(k, 2, generator=g, dtype=torch.float64) * size
+        hi = lo + torch.rand(k, 2, generator=g, dtype=torch.float64) * 0.9
+    else:
+        lo = torch.rand(k, 2, generator=g, dtype=torch.float64) * size
+        hi = lo - torch.rand(k, 2, generator=g, dtype=torch.float64) * 4
+        hi[::3] = lo[::3]
+    index = torch.randint(0, max(batch, 1), (k, 1), generator=g).to(torch.float64)
+    return torch.cat([index, lo / scale, hi / scale], dim=1).to(dtype)
+
+
+def _map(seed: int, shape, dtype=torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _kink_distance(rois, oh, ow, scale, ratio, aligned) -> float:
+    """How close any sample of any RoI comes to a point where roi_align is not differentiable:
+    a pixel border (bilinear kink), the [-1, size] cut-off or the clamp to the border, the
+    width clamp at 1 (not aligned), or a jump of the adaptive sample count."""
+    rois = rois.detach().double()
+    if rois.shape[0] == 0:
+        return math.inf
+    off = 0.5 if aligned else 0.0
+    best = math.inf
+    for start_col, bins in ((1, ow), (2, oh)):
+        start = rois[:, start_col] * scale - off
+        length = rois[:, start_col + 2] * scale - off - start
+        if not aligned:
+            best = min(best, (length - 1).abs().min().item())
+            length = length.clamp(min=1)
+        if ratio > 0:
+            grid = torch.full_like(length, ratio)
+        else:
+            grid = torch.ceil(length / bins)
+            frac = length / bins
+            best = min(best, (frac - frac.round()).abs().min().item() * bins)
+        for k in range(rois.shape[0]):
+            n = int(grid[k])
+            if n <= 0:
+                continue
+            i = torch.arange(bins * n, dtype=torch.float64)
+            coord = start[k] + (i + 0.5) / (bins * n) * length[k]
+            # pixel borders; the cut-off at -1 and size and the clamps at 0 and size - 1 too
+            best = min(best, (coord - coord.round()).abs().min().item())
+    return best
+
+
+# ---- forward: torchvision, the reference, the emulated CUDA kernel ----
+
+
+@given(
+    seed=st.integers(0, 2**31),
+    k=st.integers(0, 12),
+    batch=st.integers(1, 3),
+    channels=st.integers(1, 6),
+    height=st.integers(1, 14),
+    width=st.integers(1, 14),
+    oh=st.integers(1, 4),
+    ow=st.integers(1, 4),
+    ratio=st.sampled_from(RATIOS),
+    aligned=st.booleans(),
+    scale=st.sampled_from([1.0, 0.5, 0.25]),
+    kind=st.sampled_from(["inside", "outside", "tiny", "degenerate"]),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_forward_matches_torchvision(
+    seed, k, batch, channels, height, width, oh, ow, ratio, aligned, scale, kind, dtype
+):
+    x = _map(seed, (batch, channels, height, width), dtype)
+    rois = _rois(seed, k, batch, height, width, kind, dtype, scale)
+    expected = torchvision.ops.roi_align(x, rois, (oh, ow), scale, ratio, aligned)
+    ours = ops.roi_align(x, rois, (oh, ow), scale, ratio, aligned)
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(
+        reference.roi_align(x, rois, (oh, ow), scale, ratio, aligned), expected
+    )
+    torch.testing.assert_close(emulated.roi_align(x, rois, scale, oh, ow, ratio, aligned), expected)
+
+
+def test_forward_list_of_boxes_matches_tensor_form():
+    x = _map(0, (3, 4, 10, 12))
+    per_image = [_rois(i, n, 1, 10, 12, "outside")[:, 1:] for i, n in enumerate((5, 0, 3))]
+    expected = torchvision.ops.roi_align(x, per_image, 3, 1.0, 2)
+    torch.testing.assert_close(ops.roi_align(x, per_image, 3, 1.0, 2), expected)
+    torch.testing.assert_close(reference.roi_align(x, per_image, 3, 1.0, 2), expected)
+    rows = torch.cat(
+        [
+            torch.cat([torch.full((5, 1), 0.0, dtype=torch.float64), per_image[0]], 1),
+            torch.cat([torch.full((3, 1), 2.0, dtype=torch.float64), per_image[2]], 1),
+        ]
+    )
+    torch.testing.assert_close(ops.roi_align(x, rows, 3, 1.0, 2), expected)
+
+
+def test_rlsd_like_shape_matches_torchvision():
+    x = _map(3, (2, 64, 38, 50), torch.float32)
+    rois = _rois(3, 100, 2, 600, 800, "outside", torch.float32)
+    for ratio in (2, -1):
+        expected = torchvision.ops.roi_align(x, rois, 7, 1 / 16, ratio)
+        torch.testing.assert_close(ops.roi_align(x, rois, 7, 1 / 16, ratio), expected)
+
+
+def test_layouts_give_the_same_result():
+    x = _map(4, (2, 24, 9, 11), torch.float32)
+    rois = _rois(4, 30, 2, 9, 11, "outside", torch.float32)
+    expected = torchvision.ops.roi_align(x, rois, (2, 3), 1.0, 2, True)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    strided = torch.cat([x, x], dim=3)[..., : x.shape[3]]  # not contiguous in any format
+    assert not strided.is_contiguous() and not strided.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    strided_rois = torch.cat([rois, rois], 1)[:, ::2]
+    assert not strided_rois.is_contiguous()
+    for inp in (cl, strided):
+        torch.testing.assert_close(ops.roi_align(inp, rois, (2, 3), 1.0, 2, True), expected)
+    torch.testing.assert_close(
+        ops.roi_align(x, strided_rois, (2, 3), 1.0, 2, True),
+        torchvision.ops.roi_align(x, strided_rois.contiguous(), (2, 3), 1.0, 2, True),
+    )
+    # gradients do not depend on the layout either
+    grads = []
+    for inp in (x, cl):
+        inp = inp.clone().requires_grad_()
+        r = rois.clone().requires_grad_()
+        ops.roi_align(inp, r, (2, 3), 1.0, 2, True).sum().backward()
+        grads.append((inp.grad, r.grad))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+# ---- gradients ----
+
+
+@given(
+    seed=st.integers(0, 2**31),
+    k=st.integers(1, 4),
+    ratio=st.sampled_from(RATIOS),
+    aligned=st.booleans(),
+    scale=st.sampled_from([1.0, 0.5]),
+    kind=st.sampled_from(["inside", "outside", "tiny"]),
+)
+def test_gradcheck_input_and_boxes(seed, k, ratio, aligned, scale, kind):
+    h, w, oh, ow = 7, 8, 2, 3
+    rois = _rois(seed, k, 2, h, w, kind, scale=scale)
+    assume(_kink_distance(rois, oh, ow, scale, ratio, aligned) > 1e-4)
+    x = _map(seed, (2, 2, h, w)).requires_grad_()
+    index, coords = rois[:, :1], rois[:, 1:].clone().requires_grad_()  # the index must stay whole
+
+    def fn(a, b):
+        return ops.roi_align(a, torch.cat([index, b], 1), (oh, ow), scale, ratio, aligned)
+
+    assert torch.autograd.gradcheck(fn, (x, coords))
+
+
+@given(
+    seed=st.integers(0, 2**31),
+    k=st.integers(0, 10),
+    ratio=st.sampled_from(RATIOS),
+    aligned=st.booleans(),
+    kind=st.sampled_from(["inside", "outside", "tiny", "degenerate"]),
+)
+def test_gradients_match_reference_autograd(seed, k, ratio, aligned, kind):
+    h, w = 9, 11
+    x = _map(seed, (2, 3, h, w))
+    rois = _rois(seed, k, 2, h, w, kind, scale=0.5)
+    assume(_kink_distance(rois, 3, 2, 0.5, ratio, aligned) > 1e-6)
+    grad = _map(seed + 7, (k, 3, 3, 2))
+    results = []
+    for fn in (ops.roi_align, reference.roi_align):
+        a, b = x.clone().requires_grad_(), rois.clone().requires_grad_()
+        fn(a, b, (3, 2), 0.5, ratio, aligned).backward(grad)
+        results.append((a.grad, b.grad))
+    torch.testing.assert_close(results[0], results[1])
+    assert torch.isfinite(results[0][1]).all()
+    if k:
+        assert (results[0][1][:, 0] == 0).all()  # no gradient to the batch index
+
+
+@pytest.mark.parametrize("k", [1, 3, 40])
+def test_many_channels_match_reference(k):
+    """70 channels: the CPU kernels split them into ranges (forward, few RoIs) and blocks
+    (backward), the last one partial."""
+    x = _map(k, (2, 70, 9, 10))
+    rois = _rois(k, k, 2, 9, 10, "outside")
+    grad = _map(k + 1, (k, 70, 3, 3))
+    results = []
+    for fn in (ops.roi_align, reference.roi_align):
+        a, b = x.clone().requires_grad_(), rois.clone().requires_grad_()
+        out = fn(a, b, 3, 1.0, -1, True)
+        out.backward(grad)
+        results.append((out, a.grad, b.grad))
+    torch.testing.assert_close(results[0][0], torchvision.ops.roi_align(x, rois, 3, 1.0, -1, True))
+    torch.testing.assert_close(results[0], results[1])
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("ratio", [1, 2, 3])
+def test_box_gradient_matches_affine_grid_sample(aligned, ratio):
+    """An independent formulation: affine_grid + grid_sample, differentiated by autograd. It is
+    exact where every sample of a RoI lies in [-1, size]; RoIs reaching beyond are left out."""
+    h, w = 10, 13
+    x = _map(ratio, (2, 3, h, w))
+    rois = _rois(ratio + 10, 16, 2, h - 1, w - 1, "inside", scale=0.5)
+    rois[:, 3:] = torch.maximum(rois[:, 3:], rois[:, 1:3] + 2.5)  # sides >= 1 map pixel
+    inside = _samples_inside(rois, 2, 4, 0.5, ratio, aligned, h, w)
+    assert inside.sum() >= 4
+    rois = rois[inside]
+    grad = _map(ratio + 20, (rois.shape[0], 3, 2, 4))
+    results = []
+    for fn in (ops.roi_align, reference.roi_align_grid_sample):
+        a, b = x.clone().requires_grad_(), rois.clone().requires_grad_()
+        out = fn(a, b, (2, 4), 0.5, ratio, aligned)
+        out.backward(grad)
+        results.append((out, a.grad, b.grad))
+    torch.testing.assert_close(results[0], results[1])
+    assert results[0][2][:, 1:].abs().min() > 0
+
+
+def _samples_inside(rois, oh, ow, scale, ratio, aligned, height, width):
+    """Per RoI: every sample lies in [-1, size] (where grid_sample's border padding is exact)."""
+    off = 0.5 if aligned else 0.0
+    ok = torch.ones(rois.shape[0], dtype=torch.bool)
+    for col, bins, size in ((1, ow, width), (2, oh, height)):
+        start = rois[:, col] * scale - off
+        length = rois[:, col + 2] * scale - off - start
+        i = torch.arange(bins * ratio, dtype=torch.float64)
+        coord = start[:, None] + (i + 0.5) / (bins * ratio) * length[:, None]
+        ok &= ((coord >= -1) & (coord <= size)).all(1)
+    return ok
+
+
+def test_degenerate_and_outside_boxes_have_finite_gradients():
+    x = _map(5, (1, 2, 6, 6)).requires_grad_()
+    rois = torch.tensor(
+        [
+            [0, 3.0, 3.0, 1.0, 1.0],  # x2 < x1
+            [0, 2.0, 2.0, 2.0, 2.0],  # a point
+            [0, -50.0, -50.0, -40.0, -40.0],  # entirely outside
+            [0, 1e3, 1e3, 2e3, 2e3],  # far outside
+            [0, -3.0, 1.0, 10.0, 4.0],  # straddling
+        ],
+        dtype=torch.float64,
+        requires_grad=True,
+    )
+    for ratio in (-1, 2):
+        for aligned in (False, True):
+            out = ops.roi_align(x, rois, 3, 1.0, ratio, aligned)
+            torch.testing.assert_close(
+                out, torchvision.ops.roi_align(x.detach(), rois.detach(), 3, 1.0, ratio, aligned)
+            )
+            gx, gb = torch.autograd.grad(out.sum(), (x, rois))
+            assert torch.isfinite(gx).all() and torch.isfinite(gb).all()
+            assert (gb[2:4] == 0).all()  # nothing sampled, nothing to move
+    # A box 10^6 times the map: adaptive sampling asks for ~10^11 samples a bin; those that
+    # cannot reach the map are skipped, so this returns at once (torchvision runs out of memory).
+    huge = torch.tensor([[0, -1e6, -1e6, 1e6, 1e6]], dtype=torch.float64, requires_grad=True)
+    out = ops.roi_align(x, huge, 2, 1.0, -1, True)
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(torch.autograd.grad(out.sum(), huge)[0]).all()
+
+
+# ---- determinism ----
+
+
+def test_cpu_backward_is_bitwise_deterministic_across_runs_and_threads():
+    x = _map(6, (2, 80, 12, 15), torch.float32)  # 80 channels: several channel blocks
+    rois = _rois(6, 60, 2, 12 * 8, 15 * 8, "outside", torch.float32)
+    grad = _map(7, (60, 80, 4, 4), torch.float32)
+    threads = torch.get_num_threads()
+
+    def run():
+        out = ops.roi_align(x, rois, 4, 1 / 8, -1)
+        gi, gb = torch.ops.mlkernels.roi_align_backward(grad, x, rois, 1 / 8, 4, 4, -1, False)
+        return out, gi, gb
+
+    try:
+        torch.set_num_threads(1)
+        single = run()
+        torch.set_num_threads(2)
+        runs = [run() for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs:
+        for a, b in zip(single, other, strict=True):
+            assert torch.equal(a, b)
+
+
+# ---- the CUDA kernels' logic on the grid emulator ----
+
+
+@given(
+    seed=st.integers(0, 2**31),
+    k=st.integers(0, 8),
+    ratio=st.sampled_from(RATIOS),
+    aligned=st.booleans(),
+    kind=st.sampled_from(["inside", "outside", "tiny", "degenerate"]),
+    deterministic=st.booleans(),
+)
+def test_emulated_backward_matches_reference(seed, k, ratio, aligned, kind, deterministic):
+    h, w = 8, 9
+    x = _map(seed, (2, 3, h, w))
+    rois = _rois(seed, k, 2, h, w, kind, scale=2.0)
+    assume(_kink_distance(rois, 2, 3, 2.0, ratio, aligned) > 1e-6)
+    grad = _map(seed + 3, (k, 3, 2, 3))
+    a, b = x.clone().requires_grad_(), rois.clone().requires_grad_()
+    reference.roi_align(a, b, (2, 3), 2.0, ratio, aligned).backward(grad)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(deterministic)
+        gi, gb = emulated.roi_align_backward(grad, x, rois, 2.0, 2, 3, ratio, aligned)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    torch.testing.assert_close(gi, a.grad)
+    torch.testing.assert_close(gb, b.grad)
+
+
+def test_emulated_deterministic_and_atomic_variants_agree():
+    x = _map(8, (2, 5, 10, 10), torch.float32)
+    rois = _rois(8, 20, 2, 10, 10, "outside", torch.float32)
+    grad = _map(9, (20, 5, 3, 3), torch.float32)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        atomic = emulated.roi_align_backward(grad, x, rois, 1.0, 3, 3, 2, True)
+        torch.use_deterministic_algorithms(True)
+        ordered = emulated.roi_align_backward(grad, x, rois, 1.0, 3, 3, 2, True)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    cpu = torch.ops.mlkernels.roi_align_backward(grad, x, rois, 1.0, 3, 3, 2, True)
+    for a, b, c in zip(atomic, ordered, cpu, strict=True):
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, c)
+    assert atomic[1].abs().sum() > 0
+
+
+# ---- float16 / bfloat16 ----
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("ratio", [-1, 2])
+def test_low_precision_error_within_twice_torchvisions(dtype, ratio):
+    x = _map(10, (2, 16, 20, 24), dtype)
+    rois = _rois(10, 40, 2, 20 * 4, 24 * 4, "outside", dtype)
+    # the fp32 truth on the very same (rounded) inputs
+    truth = torchvision.ops.roi_align(x.float(), rois.float(), 5, 0.25, ratio)
+    if dtype == torch.float16:
+        theirs = torchvision.ops.roi_align(x, rois, 5, 0.25, ratio).float()
+    else:  # torchvision has no bfloat16 CPU kernel: the error of rounding the truth itself
+        theirs = truth.to(dtype).float()
+    for ours in (
+        ops.roi_align(x, rois, 5, 0.25, ratio),
+        emulated.roi_align(x, rois, 0.25, 5, 5, ratio, False),
+    ):
+        assert ours.dtype == dtype
+        err = (ours.float() - truth).abs().max().item()
+        their_err = (theirs - truth).abs().max().item()
+        assert err <= 2 * their_err + 1e-6, (err, their_err)
+    # gradients: float32 accumulation, then one rounding
+    grad = _map(11, (40, 16, 5, 5), torch.float32)
+    gi, gb = torch.ops.mlkernels.roi_align_backward(
+        grad.to(dtype), x, rois, 0.25, 5, 5, ratio, False
+    )
+    gi32, gb32 = torch.ops.mlkernels.roi_align_backward(
+        grad.to(dtype).float(), x.float(), rois.float(), 0.25, 5, 5, ratio, False
+    )
+    assert gi.dtype == dtype and gb.dtype == dtype
+    torch.testing.assert_close(gi.float(), gi32.to(dtype).float(), rtol=0, atol=0)
+    torch.testing.assert_close(gb.float(), gb32.to(dtype).float(), rtol=0, atol=0)
+    # the CUDA kernels' logic accumulates in float32 too: within one rounding of the CPU result
+    egi, egb = emulated.roi_align_backward(grad.to(dtype), x, rois, 0.25, 5, 5, ratio, False)
+    assert egi.dtype == dtype and egb.dtype == dtype
+    for ours, exact in ((egi, gi32), (egb, gb32)):
+        err = (ours.float() - exact).abs()
+        rounding = (exact.to(dtype).float() - exact).abs()
+        assert (err <= 2 * rounding + 1e-4 * exact.abs().max()).all()
+
+
+# ---- empty inputs ----
+
+
+@pytest.mark.parametrize("device", devices())
+def test_empty_inputs(device):
+    x = torch.randn(2, 3, 5, 5, device=device, requires_grad=True)
+    none = torch.zeros(0, 5, device=device, requires_grad=True)
+    out = ops.roi_align(x, none, 2)
+    assert out.shape == (0, 3, 2, 2)
+    out.sum().backward()
+    assert (x.grad == 0).all() and none.grad.shape == (0, 5)
+    assert ops.roi_align(x, [], 2).shape == (0, 3, 2, 2)
+    assert ops.roi_align(x, [torch.zeros(0, 4, device=device)] * 2, 2).shape == (0, 3, 2, 2)
+    no_channels = torch.zeros(2, 0, 5, 5, device=device)
+    boxes = torch.tensor([[1.0, 0, 0, 2, 2]], device=device)
+    assert ops.roi_align(no_channels, boxes, 3).shape == (1, 0, 3, 3)
+    no_pixels = torch.zeros(2, 3, 0, 4, device=device)
+    assert (ops.roi_align(no_pixels, boxes, 3) == 0).all()
+    assert emulated.roi_align(x.detach(), none.detach(), 1.0, 2, 2, -1, False).shape == (0, 3, 2, 2)
+
+
+# ---- nn.RoIAlign ----
+
+
+def test_module_is_a_drop_in_for_torchvision():
+    ours = nn.RoIAlign((3, 2), 0.5, 2, aligned=True)
+    theirs = torchvision.ops.RoIAlign((3, 2), 0.5, 2, aligned=True)
+    assert repr(ours) == repr(theirs)
+    x = _map(12, (2, 4, 8, 8), torch.float32)
+    rois = _rois(12, 9, 2, 16, 16, "outside", torch.float32)
+    torch.testing.assert_close(ours(x, rois), theirs(x, rois))
+    r = rois.clone().requires_grad_()
+    ours(x, r).sum().backward()
+    assert r.grad.abs().sum() > 0
+
+
+# ---- opcheck, torch.compile ----
+
+
+def _opcheck_samples():
+    x = _map(13, (2, 3, 6, 7))
+    rois = _rois(13, 5, 2, 6, 7, "outside")
+    yield (
+        "roi_align",
+        (x.clone().requires_grad_(), rois.clone().requires_grad_(), 1.0, 2, 3, 2, False),
+    )
+    yield "roi_align", (x, rois, 0.5, 3, 3, -1, True)
+    yield "roi_align", (x.float(), rois[:0].float(), 1.0, 2, 2, 1, False)
+    grad = _map(14, (5, 3, 2, 3))
+    yield "roi_align_backward", (grad, x, rois, 1.0, 2, 3, 0, True)
+
+
+@pytest.mark.parametrize(
+    "name,args", list(_opcheck_samples()), ids=lambda x: x if isinstance(x, str) else ""
+)
+def test_opcheck(name, args):
+    torch.library.opcheck(getattr(torch.ops.mlkernels, name), args)
+
+
+def test_torch_compile():
+    x = _map(15, (2, 3, 6, 7), torch.float32)
+    rois = _rois(15, 5, 2, 6, 7, "outside", torch.float32)
+    compiled = torch.compile(lambda a, b: ops.roi_align(a, b, 2, 1.0, 2).relu(), fullgraph=True)
+    torch.testing.assert_close(compiled(x, rois), ops.roi_align(x, rois, 2, 1.0, 2).relu())
+
+
+# ---- bad input: clear errors, the same from the fake kernels ----
+
+X = torch.zeros(2, 3, 5, 5)
+BOX = torch.tensor([[0.0, 0, 0, 2, 2]])
+BAD_CASES = [
+    (
+        (X, torch.zeros(3, 4), 2),
+        RuntimeError,
+        r"roi_align: boxes must be Tensor\[K, 5\] or list of Tensor\[L, 4\], got Tensor\[3, 4\]",
+    ),
+    (
+        (X, [torch.zeros(3, 5)], 2),
+        RuntimeError,
+        r"roi_align: boxes must be Tensor\[K, 5\] or list of Tensor\[L, 4\], got list containing "
+        r"Tensor\[3, 5\]",
+    ),
+    (
+        (torch.zeros(3, 5, 5), BOX, 2),
+        RuntimeError,
+        r"roi_align: input must be Tensor\[N, C, H, W\], got Tensor\[3, 5, 5\]",
+    ),
+    (
+        (X, BOX.double(), 2),
+        RuntimeError,
+        r"roi_align: boxes must have the dtype of input \(float32\), got float64",
+    ),
+    (
+        (X.long(), BOX.long(), 2),
+        RuntimeError,
+        "roi_align: input must be float16, bfloat16, float32 or float64, got int64",
+    ),
+    (
+        (X, BOX.to("meta"), 2),
+        RuntimeError,
+        r"roi_align: boxes must be on the device of input \(cpu\), got meta",
+    ),
+    ((X, BOX, (0, 2)), ValueError, r"roi_align: output_size must be positive, got \(0, 2\)"),
+    ((X, BOX, 2, -1.0), ValueError, "roi_align: spatial_scale must be finite and positive, got -1"),
+]
+
+
+@pytest.mark.parametrize("args,error,message", BAD_CASES)
+@pytest.mark.parametrize("mode", ["eager", "fake"])
+def test_bad_input_messages(args, error, message, mode):
+    if mode == "fake":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        def fake(a, m):
+            if isinstance(a, torch.Tensor):
+                return m.from_tensor(a)
+            if isinstance(a, list):
+                return [fake(t, m) for t in a]
+            return a
+
+        with FakeTensorMode() as fake_mode:
+            args = tuple(fake(a, fake_mode) for a in args)
+            with pytest.raises(error, match=message):
+                ops.roi_align(*args)
+    else:
+        with pytest.raises(error, match=message):
+            ops.roi_align(*args)
+
+
+@pytest.mark.parametrize(
+    "index,message",
+    [
+        (2.0, r"roi_align: boxes\[:, 0\] \(batch index\) must be in \[0, 2\), got 2"),
+        (-1.0, r"roi_align: boxes\[:, 0\] \(batch index\) must be in \[0, 2\), got -1"),
+        (0.5, r"roi_align: boxes\[:, 0\] \(batch index\) must be integers, got 0.5"),
+        (float("nan"), r"roi_align: boxes\[:, 0\] \(batch index\) must be integers, got nan"),
+    ],
+)
+def test_bad_batch_index(index, message):
+    boxes = torch.tensor([[0.0, 0, 0, 2, 2], [index, 0, 0, 2, 2]])
+    with pytest.raises(RuntimeError, match=message):
+        ops.roi_align(X, boxes, 2)
+    with pytest.raises(RuntimeError, match=message.replace("roi_align", "roi_align_backward")):
+        torch.ops.mlkernels.roi_align_backward(
+            torch.zeros(2, 3, 2, 2), X, boxes, 1.0, 2, 2, 2, False
+        )
+    with pytest.raises(RuntimeError, match=message):
+        emulated.roi_align(X, boxes, 1.0, 2, 2, 2, False)
+
+
+def test_bad_argument_types():
+    with pytest.raises(TypeError, match="roi_align: input must be a Tensor, got list"):
+        ops.roi_align([[1.0]], BOX, 2)
+    with pytest.raises(TypeError, match=r"roi_align: output_size must be an int or a pair"):
+        ops.roi_align(X, BOX, (2, 2, 2))
+    with pytest.raises(TypeError, match=r"roi_align: boxes must be Tensor\[K, 5\] or list"):
+        ops.roi_align(X, "boxes", 2)
+    with pytest.raises(
+        RuntimeError, match=r"roi_align_backward: grad must be Tensor\[1, 3, 2, 2\]"
+    ):
+        torch.ops.mlkernels.roi_align_backward(torch.zeros(1, 3, 2, 3), X, BOX, 1.0, 2, 2, 2, False)
+
+
+# ---- CUDA (skipped without a GPU) ----
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_matches_cpu(deterministic):
+    x = _map(16, (2, 32, 20, 24), torch.float32)
+    rois = _rois(16, 64, 2, 80, 96, "outside", torch.float32)
+    grad = _map(17, (64, 32, 7, 7), torch.float32)
+    expected = ops.roi_align(x, rois, 7, 0.25, 2)
+    torch.testing.assert_close(ops.roi_align(x.cuda(), rois.cuda(), 7, 0.25, 2).cpu(), expected)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(deterministic)
+        got = torch.ops.mlkernels.roi_align_backward(
+            grad.cuda(), x.cuda(), rois.cuda(), 0.25, 7, 7, 2, False
+        )
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    cpu = torch.ops.mlkernels.roi_align_backward(grad, x, rois, 0.25, 7, 7, 2, False)
+    for a, b in zip(got, cpu, strict=True):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-4)
