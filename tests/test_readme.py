@@ -17,4 +17,5 @@ def test_readme_has_examples():
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_example_runs(index):
+    # Each block is self-contained: a reader copies one block, not the page.
     exec(compile(BLOCKS[index], f"README.md python block {index}", "exec"), {})
