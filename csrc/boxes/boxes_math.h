@@ -117,13 +117,21 @@ MLK_HOST_DEVICE T box_area(const T* b) {
   return (b[2] - b[0]) * (b[3] - b[1]);
 }
 
-// IoU of two boxes whose areas are already known (torchvision box_iou's arithmetic).
+// IoU of two boxes given as coordinates, whose areas are already known (torchvision box_iou's
+// arithmetic). Taking scalars rather than pointers lets the CPU NMS call it over
+// structure-of-arrays coordinates in a loop the compiler vectorizes.
 template <typename T>
-MLK_HOST_DEVICE T box_iou(const T* a, T area_a, const T* b, T area_b) {
-  const T iw = clamp_min(nan_min(a[2], b[2]) - nan_max(a[0], b[0]), T(0));
-  const T ih = clamp_min(nan_min(a[3], b[3]) - nan_max(a[1], b[1]), T(0));
+MLK_HOST_DEVICE T box_iou(T ax1, T ay1, T ax2, T ay2, T area_a, T bx1, T by1, T bx2, T by2,
+                          T area_b) {
+  const T iw = clamp_min(nan_min(ax2, bx2) - nan_max(ax1, bx1), T(0));
+  const T ih = clamp_min(nan_min(ay2, by2) - nan_max(ay1, by1), T(0));
   const T inter = iw * ih;
   return inter / (area_a + area_b - inter);
+}
+
+template <typename T>
+MLK_HOST_DEVICE T box_iou(const T* a, T area_a, const T* b, T area_b) {
+  return box_iou(a[0], a[1], a[2], a[3], area_a, b[0], b[1], b[2], b[3], area_b);
 }
 
 // ---- CUDA thread functions: one grid-stride loop each, over rows (or pairs) ----

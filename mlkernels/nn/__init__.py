@@ -1,3 +1,5 @@
 """nn.Module layers built on mlkernels.ops; drop-in where a torch/torchvision module exists."""
 
-__all__: list[str] = []
+from .boxes import AnchorGenerator, ProposalLayer, Proposals
+
+__all__ = ["AnchorGenerator", "ProposalLayer", "Proposals"]
