@@ -21,3 +21,22 @@ def random_boxes(
     sides = torch.rand(n, 2, generator=generator, dtype=torch.float64)
     sides = sides * (max_side - min_side) + min_side
     return torch.cat([x1y1, x1y1 + sides], dim=1).to(dtype)
+
+
+def assert_raises(fn, args: tuple, error: type[Exception], message: str, mode: str) -> None:
+    """fn(*args) raises `error` matching `message`, in eager mode or ("fake") on fake tensors,
+    where the op's fake kernel must repeat the C++ checks."""
+    import pytest
+
+    if mode == "fake":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode() as fake_mode:
+            args = tuple(
+                fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args
+            )
+            with pytest.raises(error, match=message):
+                fn(*args)
+    else:
+        with pytest.raises(error, match=message):
+            fn(*args)

@@ -13,7 +13,7 @@
 #include <numeric>
 #include <vector>
 
-#include "nms.h"
+#include "nms_kernels.h"
 
 namespace mlk {
 namespace boxes {
@@ -225,42 +225,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose_cpu(
   return {out.boxes, out.scores, out.counts, out.kept_anchors};
 }
 
+// Runs an independent-threads kernel's grid on the CPU, the threads spread over ATen's pool. For
+// kernels whose work is too small to deserve CPU-specific code (propose's backward touches only
+// the N x P kept rows).
+struct CpuParallelRunner {
+  template <typename ThreadFn>
+  void threads(const LaunchConfig& config, ThreadFn&& fn) const {
+    TORCH_CHECK(config.grid.y == 1 && config.grid.z == 1 && config.block.y == 1 &&
+                    config.block.z == 1,
+                "CpuParallelRunner runs 1-D launches only");
+    const int64_t per_block = config.block.x;
+    at::parallel_for(0, config.grid.x * per_block, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        ThreadIndex t;
+        t.block.x = r / per_block;
+        t.thread.x = r % per_block;
+        t.block_dim = config.block;
+        t.grid_dim = config.grid;
+        fn(t);
+      }
+    });
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor> propose_backward_cpu(
     const at::Tensor& grad_boxes, const at::Tensor& anchors, const at::Tensor& deltas,
     const at::Tensor& kept_anchors, const at::Tensor& image_sizes, at::ArrayRef<double> weights,
     double clamp) {
-  check_propose_backward(grad_boxes, anchors, deltas, kept_anchors, image_sizes);
-  const auto g = grad_boxes.contiguous();
-  const auto d = deltas.contiguous();
-  const auto a = anchors.contiguous();
-  const auto kept = kept_anchors.contiguous();
-  const auto sizes = image_sizes.to(deltas.scalar_type()).contiguous();
-  const int64_t images = d.size(0), num_anchors = d.size(1), rows = kept.size(1);
-  auto grad_deltas = at::zeros_like(d);
-  auto grad_anchors = at::zeros_like(d);  // per image, summed below
-  AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "propose_backward", [&] {
-    const auto wt = to_weights<scalar_t>(weights);
-    const auto clip = static_cast<scalar_t>(clamp);
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    const scalar_t* dp = d.data_ptr<scalar_t>();
-    const scalar_t* ap = a.data_ptr<scalar_t>();
-    const scalar_t* sp = sizes.data_ptr<scalar_t>();
-    const int64_t* kp = kept.data_ptr<int64_t>();
-    scalar_t* gd = grad_deltas.data_ptr<scalar_t>();
-    scalar_t* ga = grad_anchors.data_ptr<scalar_t>();
-    at::parallel_for(0, images, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t image = begin; image < end; ++image) {
-        for (int64_t c = 0; c < rows; ++c) {
-          const int64_t anchor = kp[image * rows + c];
-          if (anchor < 0) continue;
-          const int64_t off = 4 * (image * num_anchors + anchor);
-          proposal_backward(gp + 4 * (image * rows + c), dp + off, ap + 4 * anchor, wt, clip,
-                            sp[2 * image], sp[2 * image + 1], gd + off, ga + off);
-        }
-      }
-    });
-  });
-  return {grad_deltas, grad_anchors.sum(0)};
+  return propose_backward_kernel(CpuParallelRunner(), grad_boxes, anchors, deltas, kept_anchors,
+                                 image_sizes, weights, clamp);
 }
 
 }  // namespace

@@ -444,32 +444,10 @@ def _check_propose(
 
 
 @torch.library.register_fake("mlkernels::propose")
-def _propose_fake(
-    anchors,
-    deltas,
-    objectness,
-    image_sizes,
-    pre_nms_top_n,
-    post_nms_top_n,
-    iou_threshold,
-    min_size,
-    score_threshold,
-    weights,
-    clamp,
-    append_whole_image,
-):
+def _propose_fake(anchors, deltas, objectness, image_sizes, pre_nms_top_n, post_nms_top_n, *rest):
+    *settings, append_whole_image = rest  # iou_threshold ... clamp, then append_whole_image
     _check_propose(
-        anchors,
-        deltas,
-        objectness,
-        image_sizes,
-        pre_nms_top_n,
-        post_nms_top_n,
-        iou_threshold,
-        min_size,
-        score_threshold,
-        weights,
-        clamp,
+        anchors, deltas, objectness, image_sizes, pre_nms_top_n, post_nms_top_n, *settings
     )
     n, rows = deltas.shape[0], post_nms_top_n + int(append_whole_image)
     return (

@@ -115,7 +115,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Greedy NMS, one box at a time: indices kept, by decreasing score (stable)."""
     order = _score_order(scores)
     iou = box_iou(boxes, boxes)
-    suppressed = torch.zeros(len(boxes), dtype=torch.bool)
+    suppressed = torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
     kept = []
     for i in order.tolist():
         if suppressed[i]:
@@ -129,12 +129,12 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     """NMS in each group of ``idxs`` separately; the kept indices by decreasing score (stable)."""
-    keep = torch.zeros(len(boxes), dtype=torch.bool)
+    keep = torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
     for group in torch.unique(idxs).tolist():
         members = torch.nonzero(idxs == group).flatten()
         keep[members[nms(boxes[members], scores[members], iou_threshold)]] = True
     order = _score_order(scores)
-    return order[keep[order]].to(boxes.device)
+    return order[keep[order]]
 
 
 def clip_boxes(boxes: Tensor, height: float, width: float) -> Tensor:
