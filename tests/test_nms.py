@@ -539,6 +539,19 @@ def test_torch_compile_propose():
     torch.testing.assert_close(compiled(deltas, objectness), fn(deltas, objectness))
 
 
+def test_torch_compile_nms_with_its_data_dependent_size():
+    boxes, scores = _nms_inputs(6, 80, torch.float32)
+    idxs = torch.arange(80) % 3
+
+    def fn(b, s, i):
+        return ops.nms(b, s, 0.5) * 2, ops.batched_nms(b, s, i, 0.5) + 1
+
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(fn, fullgraph=True)
+        for got, want in zip(compiled(boxes, scores, idxs), fn(boxes, scores, idxs), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 # ---- bad input: clear errors, the same from the fake kernels ----
 
 _b4 = torch.zeros(5, 4)

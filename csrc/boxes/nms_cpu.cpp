@@ -10,14 +10,81 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <numeric>
+#include <cstring>
 #include <vector>
 
 #include "nms_kernels.h"
 
 namespace mlk {
 namespace boxes {
+
+// The hot loop of the CPU NMS: marks removed[j] for the candidates j in [begin, end) whose IoU with
+// `box` exceeds the threshold, over structure-of-arrays candidates; returns how many it newly
+// removed. Branch-free so that it vectorizes (NaN IoU compares false: never suppresses).
+template <typename T>
+inline int64_t suppression_pass_impl(const T* box, T area_box, const T* __restrict x1,
+                                     const T* __restrict y1, const T* __restrict x2,
+                                     const T* __restrict y2, const T* __restrict area,
+                                     int64_t begin, int64_t end, T threshold,
+                                     uint8_t* __restrict removed) {
+  const T bx1 = box[0], by1 = box[1], bx2 = box[2], by2 = box[3];
+  int64_t newly = 0;
+  for (int64_t j = begin; j < end; ++j) {
+    const uint8_t s =
+        box_iou(bx1, by1, bx2, by2, area_box, x1[j], y1[j], x2[j], y2[j], area[j]) > threshold;
+    newly += s & (removed[j] ^ 1);
+    removed[j] |= s;
+  }
+  return newly;
+}
+
+// Compiled for AVX2 and for baseline x86-64, picked at load time (GCC function multiversioning):
+// twice the vector width where the CPU has it. AVX2 carries no FMA, so the compiler cannot fuse
+// IoU's multiply-adds: the results stay torchvision's to the bit.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MLK_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define MLK_SIMD_CLONES
+#endif
+
+MLK_SIMD_CLONES int64_t suppression_pass(const float* box, float area_box, const float* x1,
+                                         const float* y1, const float* x2, const float* y2,
+                                         const float* area, int64_t begin, int64_t end,
+                                         float threshold, uint8_t* removed) {
+  return suppression_pass_impl(box, area_box, x1, y1, x2, y2, area, begin, end, threshold,
+                               removed);
+}
+MLK_SIMD_CLONES int64_t suppression_pass(const double* box, double area_box, const double* x1,
+                                         const double* y1, const double* x2, const double* y2,
+                                         const double* area, int64_t begin, int64_t end,
+                                         double threshold, uint8_t* removed) {
+  return suppression_pass_impl(box, area_box, x1, y1, x2, y2, area, begin, end, threshold,
+                               removed);
+}
+
 namespace {
+
+// A sort key whose ascending order is the processing order of scores: descending, NaN first (as
+// torch.sort(descending=True) places NaN), -0.0 equal to 0.0. Ties are left to the index that is
+// paired with the key. Integer keys make the selection of propose's top-k several times faster
+// than a comparator that tests for NaN.
+inline uint64_t descending_key(float v) {
+  if (v != v) return 0;
+  v = v == 0.0f ? 0.0f : v;
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const uint32_t ascending = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  return uint64_t(~ascending) + 1;  // 1 .. 2^32: after NaN
+}
+inline uint64_t descending_key(double v) {
+  if (v != v) return 0;
+  v = v == 0.0 ? 0.0 : v;
+  uint64_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const uint64_t ascending = (bits & (uint64_t(1) << 63)) ? ~bits : (bits | (uint64_t(1) << 63));
+  // ~ascending is never all ones here (that would be the bits of a NaN), so + 1 cannot wrap.
+  return ~ascending + 1;
+}
 
 // Greedy NMS over candidates pushed in processing order.
 template <typename T>
@@ -36,33 +103,31 @@ class GreedyNms {
   // Keeps candidates greedily until none remain or max_keep are kept; writes the kept ids, in
   // order, to `kept` and returns their count. Consumes the candidates.
   int64_t run(T threshold, int64_t max_keep, int64_t* kept) {
-    int64_t end = size(), count = 0;
-    suppressed_.resize(static_cast<size_t>(end));
+    int64_t end = size(), count = 0, pending = 0;
+    removed_.assign(static_cast<size_t>(end), 0);
     T *x1 = x1_.data(), *y1 = y1_.data(), *x2 = x2_.data(), *y2 = y2_.data();
     T* area = area_.data();
     int64_t* id = id_.data();
-    uint8_t* sup = suppressed_.data();
-    for (int64_t head = 0; head < end && count < max_keep; ++head) {
+    uint8_t* removed = removed_.data();
+    for (int64_t head = 0; count < max_keep; ++head) {
+      while (head < end && removed[head]) ++head;
+      if (head >= end) break;
       kept[count++] = id[head];
-      const T ax1 = x1[head], ay1 = y1[head], ax2 = x2[head], ay2 = y2[head], aa = area[head];
-      // (1) Branch-free so that it vectorizes; suppression is IoU > threshold, NaN never.
-      uint8_t any = 0;
-      for (int64_t j = head + 1; j < end; ++j) {
-        const uint8_t s = box_iou(ax1, ay1, ax2, ay2, aa, x1[j], y1[j], x2[j], y2[j], area[j]) >
-                          threshold;
-        sup[j] = s;
-        any |= s;
+      const T box[4] = {x1[head], y1[head], x2[head], y2[head]};
+      pending += suppression_pass(box, area[head], x1, y1, x2, y2, area, head + 1, end,
+                                  threshold, removed);
+      // Once a quarter of what remains is removed, squeeze it out so that later passes stop
+      // paying for it (compacting after every kept box would cost more than the passes save).
+      if (pending * 4 > end - head) {
+        int64_t w = head + 1;
+        for (int64_t j = head + 1; j < end; ++j) {  // branch-free: always copy, advance if kept
+          x1[w] = x1[j], y1[w] = y1[j], x2[w] = x2[j], y2[w] = y2[j];
+          area[w] = area[j], id[w] = id[j], removed[w] = removed[j];
+          w += removed[j] ^ 1;
+        }
+        end = w;
+        pending = 0;
       }
-      if (!any) continue;
-      // (2) Keep the survivors in order, from the first suppressed one on.
-      int64_t w = head + 1;
-      while (!sup[w]) ++w;
-      for (int64_t j = w + 1; j < end; ++j) {
-        x1[w] = x1[j], y1[w] = y1[j], x2[w] = x2[j], y2[w] = y2[j];
-        area[w] = area[j], id[w] = id[j];
-        w += 1 - sup[j];
-      }
-      end = w;
     }
     clear();
     return count;
@@ -71,7 +136,7 @@ class GreedyNms {
  private:
   std::vector<T> x1_, y1_, x2_, y2_, area_;
   std::vector<int64_t> id_;
-  std::vector<uint8_t> suppressed_;
+  std::vector<uint8_t> removed_;
 };
 
 // Indices of `scores` in processing order: torch.sort(descending=True, stable=True).
@@ -148,22 +213,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose_cpu(
   auto order = at::empty({images, k}, in.objectness.options().dtype(at::kLong));
   auto top_logits = at::empty({images, k}, in.objectness.options());
   AT_DISPATCH_FLOATING_TYPES(in.deltas.scalar_type(), "propose", [&] {
-    // 1. Per image, the k best anchors in processing order: a partial selection with a strict
-    //    total order equals a stable descending sort, at a fraction of its cost.
+    // 1. Per image, the k best anchors in processing order: a partial selection over (key, index)
+    //    pairs, a strict total order, equals a stable descending sort at a fraction of its cost.
     const scalar_t* logits = in.objectness.data_ptr<scalar_t>();
     int64_t* ord = order.data_ptr<int64_t>();
     scalar_t* top = top_logits.data_ptr<scalar_t>();
     at::parallel_for(0, images, 1, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> idx(static_cast<size_t>(num_anchors));
+      std::vector<std::pair<uint64_t, int64_t>> keyed(static_cast<size_t>(num_anchors));
       for (int64_t image = begin; image < end; ++image) {
         const scalar_t* l = logits + image * num_anchors;
-        const auto before = [l](int64_t a, int64_t b) { return score_before(l[a], a, l[b], b); };
-        std::iota(idx.begin(), idx.end(), int64_t(0));
-        std::nth_element(idx.begin(), idx.begin() + k, idx.end(), before);
-        std::sort(idx.begin(), idx.begin() + k, before);
+        for (int64_t a = 0; a < num_anchors; ++a) keyed[a] = {descending_key(l[a]), a};
+        std::nth_element(keyed.begin(), keyed.begin() + k, keyed.end());
+        std::sort(keyed.begin(), keyed.begin() + k);
         for (int64_t r = 0; r < k; ++r) {
-          ord[image * k + r] = idx[r];
-          top[image * k + r] = l[idx[r]];
+          ord[image * k + r] = keyed[r].second;
+          top[image * k + r] = l[keyed[r].second];
         }
       }
     });

@@ -27,17 +27,6 @@ inline T threshold_below(double threshold) {
   return t;
 }
 
-// NaN-aware "a comes before b" for candidates in processing order: descending value with NaN
-// first (as torch.sort(descending=True) places NaN), ties to the lower index. A strict total order,
-// so a partial selection with it equals a stable descending sort.
-template <typename T>
-MLK_HOST_DEVICE bool score_before(T a, int64_t ia, T b, int64_t ib) {
-  const bool a_nan = a != a, b_nan = b != b;
-  if (a_nan != b_nan) return a_nan;
-  if (!a_nan && a != b) return a > b;
-  return ia < ib;
-}
-
 // ---- proposals ----
 
 // A proposal box: `anchor` decoded by `delta`, then clipped to [0, width] x [0, height] as
