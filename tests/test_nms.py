@@ -197,6 +197,21 @@ def test_batched_nms_negative_coordinates_need_no_offset_trick():
         assert fn(boxes, scores, idxs, 0.5).tolist() == [0, 1]
 
 
+def test_batched_nms_huge_coordinates():
+    # Around 1e7 in float32 the coordinate trick's offsets cost precision (steps of 4 at 4e7) and
+    # change IoUs, so it keeps other boxes than torchvision's exact per-group path; ours does not.
+    boxes, _ = _nms_inputs(9, 400, torch.float32, size=200.0, offset=1e7)
+    scores = torch.randperm(400, generator=torch.Generator().manual_seed(9)).float()
+    idxs = torch.arange(400) % 4
+    expected = torchvision.ops.boxes._batched_nms_vanilla(boxes, scores, idxs, 0.3)
+    trick = torchvision.ops.boxes._batched_nms_coordinate_trick(boxes, scores, idxs, 0.3)
+    assert not torch.equal(trick, expected)
+    torch.testing.assert_close(ops.batched_nms(boxes, scores, idxs, 0.3), expected, rtol=0, atol=0)
+    torch.testing.assert_close(
+        emulated.batched_nms(boxes, scores, idxs, 0.3), expected, rtol=0, atol=0
+    )
+
+
 def test_batched_nms_many_boxes_matches_torchvision():
     boxes, _ = _nms_inputs(5, 8 * 1500, torch.float32, size=600.0, offset=0.0)
     # Distinct scores: torchvision's per-group path (used above 1000 boxes) sorts unstably.
@@ -324,6 +339,7 @@ def test_propose_matches_torchvision_rpn(seed, images):
     tv_boxes, tv_scores = _torchvision_rpn_proposals(
         anchors, deltas, objectness, sizes, 300, 40, 0.7, 1e-3
     )
+    assert (counts > 0).all()
     for i in range(images):
         assert counts[i] == len(tv_boxes[i])
         torch.testing.assert_close(boxes[i, : counts[i]], tv_boxes[i])
