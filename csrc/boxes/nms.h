@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "boxes.h"
@@ -21,6 +22,11 @@ inline void check_iou_threshold(const char* op, double threshold) {
 inline void check_per_box(const char* op, const char* arg, const at::Tensor& t, int64_t n) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", arg, " must be Tensor[N] with N = ", n,
               " (one per box), got ", shape_str(t));
+}
+
+// Indices in processing order: torch.sort(descending=True, stable=True) along `dim` (NaN first).
+inline at::Tensor sorted_order(const at::Tensor& scores, int64_t dim) {
+  return std::get<1>(scores.sort(/*stable=*/true, dim, /*descending=*/true));
 }
 
 struct NmsInputs {

@@ -3,9 +3,10 @@
 // torchvision's CPU NMS walks every later box for every kept box, suppressed or not, one scalar
 // IoU at a time. Here the candidates sit in structure-of-arrays order of priority, and each kept
 // box (1) computes its IoU with all remaining candidates in one branch-free loop the compiler
-// vectorizes, then (2) compacts the survivors, so suppressed boxes cost nothing afterwards and
-// the work stops as soon as `max_keep` boxes are kept (propose's post_nms_top_n).
-// batched_nms runs its groups in parallel (no coordinate offsets), propose its images.
+// vectorizes (AVX2 where the CPU has it), then (2) once enough of them are removed, compacts the
+// survivors, so suppressed boxes stop costing anything; the work stops as soon as `max_keep`
+// boxes are kept (propose's post_nms_top_n). batched_nms runs its groups in parallel (no
+// coordinate offsets), propose its images.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -139,15 +140,10 @@ class GreedyNms {
   std::vector<uint8_t> removed_;
 };
 
-// Indices of `scores` in processing order: torch.sort(descending=True, stable=True).
-at::Tensor score_order(const at::Tensor& scores) {
-  return std::get<1>(scores.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true)).contiguous();
-}
-
 at::Tensor nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold) {
   auto in = prepare_nms("nms", boxes, scores, nullptr, iou_threshold);
   if (in.n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
-  const at::Tensor order = score_order(in.scores);
+  const at::Tensor order = sorted_order(in.scores, 0).contiguous();
   std::vector<int64_t> kept(static_cast<size_t>(in.n));
   int64_t count = 0;
   AT_DISPATCH_FLOATING_TYPES(in.boxes.scalar_type(), "nms", [&] {
@@ -164,7 +160,7 @@ at::Tensor batched_nms_cpu(const at::Tensor& boxes, const at::Tensor& scores,
                            const at::Tensor& idxs, double iou_threshold) {
   auto in = prepare_nms("batched_nms", boxes, scores, &idxs, iou_threshold);
   if (in.n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
-  const at::Tensor order = score_order(in.scores);
+  const at::Tensor order = sorted_order(in.scores, 0).contiguous();
   const int64_t* o = order.data_ptr<int64_t>();
   const int64_t* g = in.groups.data_ptr<int64_t>();
   // Processing order grouped by idxs, score order kept inside each group.
@@ -185,7 +181,9 @@ at::Tensor batched_nms_cpu(const at::Tensor& boxes, const at::Tensor& scores,
       GreedyNms<scalar_t> nms;
       std::vector<int64_t> kept;
       for (int64_t grp = begin; grp < end; ++grp) {
-        for (int64_t p = starts[grp]; p < starts[grp + 1]; ++p) nms.push(b + 4 * grouped[p], grouped[p]);
+        for (int64_t p = starts[grp]; p < starts[grp + 1]; ++p) {
+          nms.push(b + 4 * grouped[p], grouped[p]);
+        }
         kept.resize(static_cast<size_t>(nms.size()));
         const int64_t count = nms.run(threshold, nms.size(), kept.data());
         for (int64_t c = 0; c < count; ++c) keep[kept[c]] = 1;  // distinct boxes per group

@@ -109,11 +109,6 @@ std::pair<at::Tensor, at::Tensor> bitmask_nms(const Runner& run, const at::Tenso
   return {kept, counts};
 }
 
-// Indices in processing order: torch.sort(descending=True, stable=True) along `dim`.
-inline at::Tensor sorted_order(const at::Tensor& scores, int64_t dim) {
-  return std::get<1>(scores.sort(/*stable=*/true, dim, /*descending=*/true));
-}
-
 // nms (idxs == nullptr) and batched_nms: one bitmask NMS over all boxes in score order, where
 // boxes of different groups never suppress each other (no coordinate offsets).
 template <typename Runner>
@@ -126,7 +121,8 @@ at::Tensor nms_family_kernel(const Runner& run, const char* op, const at::Tensor
   const at::Tensor sorted = in.boxes.index_select(0, order).unsqueeze(0).contiguous();
   const at::Tensor groups =
       idxs != nullptr ? in.groups.index_select(0, order).unsqueeze(0).contiguous() : at::Tensor();
-  const std::pair<at::Tensor, at::Tensor> kept = bitmask_nms(run, sorted, groups, at::Tensor(), iou_threshold, in.n);
+  const std::pair<at::Tensor, at::Tensor> kept =
+      bitmask_nms(run, sorted, groups, at::Tensor(), iou_threshold, in.n);
   const int64_t count = kept.second.item<int64_t>();  // the output size is data-dependent
   return order.index_select(0, kept.first[0].narrow(0, 0, count));
 }

@@ -23,7 +23,9 @@ namespace boxes {
 template <typename T>
 inline T threshold_below(double threshold) {
   T t = static_cast<T>(threshold);
-  if (static_cast<double>(t) > threshold) t = std::nextafter(t, -std::numeric_limits<T>::infinity());
+  if (static_cast<double>(t) > threshold) {
+    t = std::nextafter(t, -std::numeric_limits<T>::infinity());
+  }
   return t;
 }
 

@@ -59,6 +59,8 @@ class AnchorGenerator(nn.Module):
         stride_key = tuple(stride) if isinstance(stride, Sequence) else stride
         key = (height, width, stride_key, features.dtype, features.device)
         if key not in self._cache:  # anchors depend only on the map's geometry
+            if len(self._cache) >= 16:  # bounded when the input size varies (multi-scale)
+                self._cache.clear()
             self._cache[key] = ops.generate_anchors(
                 (height, width),
                 stride,
