@@ -357,6 +357,13 @@ def test_propose_rlsd_shape_matches_reference():
         ),
     )
     assert (ours[2] == 256).all()
+    # The CUDA kernels' logic at a smaller top-k: many mask words, and the reduce's early exit.
+    size_t = torch.tensor(sizes)
+    args = (0.7, 1e-3, 0.0, [1.0] * 4, CLAMP, True)
+    em = emulated.propose(anchors, deltas, objectness, size_t, 1500, 256, *args)
+    cpu = torch.ops.mlkernels.propose(anchors, deltas, objectness, size_t, 1500, 256, *args)
+    _assert_proposals_equal(em, cpu, exact=True)
+    torch.testing.assert_close(em[3], cpu[3], rtol=0, atol=0)
 
 
 def test_propose_drops_nan_inf_and_tied_logits():
