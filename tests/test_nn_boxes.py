@@ -75,6 +75,18 @@ def test_proposal_layer_gradients_reach_the_head():
     assert layer.conv.weight.grad.abs().sum() > 0 and features.grad.abs().sum() > 0
 
 
+def test_proposal_layer_half_precision_head_proposes_in_float32():
+    layer = _layer(post_nms_top_n=10)
+    features = torch.randn(1, 8, 4, 4)
+    expected = layer(features, [(32, 32)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(features, [(32, 32)])
+    assert out.deltas.dtype == torch.float32 and out.boxes.dtype == torch.float32
+    assert out.anchors.dtype == torch.float32
+    torch.testing.assert_close(out.anchors, expected.anchors, rtol=0, atol=0)
+    assert out.counts.item() > 0
+
+
 def test_proposal_layer_repr_names_its_settings():
     text = repr(_layer(pre_nms_top_n=1000, iou_threshold=0.6))
     for part in (

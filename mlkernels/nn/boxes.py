@@ -27,8 +27,9 @@ class AnchorGenerator(nn.Module):
             ``forward`` from the image size, as torchvision does (``image_size // feature_size``).
 
     Shape:
-        forward(features: Tensor[N, C, H, W], image_size=None) -> Tensor[H * W * k, 4]
-        (x1, y1, x2, y2), cell-major then anchor, in the features' dtype and device.
+        forward(features: Tensor[N, C, H, W], image_size=None, *, dtype=None)
+        -> Tensor[H * W * k, 4]: (x1, y1, x2, y2), cell-major then anchor, on the features'
+        device, in ``dtype`` (default: the features' dtype).
     """
 
     def __init__(
@@ -47,8 +48,15 @@ class AnchorGenerator(nn.Module):
     def num_anchors_per_location(self) -> int:
         return len(self.sizes) * len(self.aspect_ratios)
 
-    def forward(self, features: Tensor, image_size: Sequence[int] | None = None) -> Tensor:
+    def forward(
+        self,
+        features: Tensor,
+        image_size: Sequence[int] | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor:
         height, width = features.shape[-2:]
+        dtype = dtype or features.dtype
         stride = self.stride
         if stride is None:
             if image_size is None:
@@ -57,7 +65,7 @@ class AnchorGenerator(nn.Module):
                 )
             stride = (int(image_size[0]) // height, int(image_size[1]) // width)
         stride_key = tuple(stride) if isinstance(stride, Sequence) else stride
-        key = (height, width, stride_key, features.dtype, features.device)
+        key = (height, width, stride_key, dtype, features.device)
         if key not in self._cache:  # anchors depend only on the map's geometry
             if len(self._cache) >= 16:  # bounded when the input size varies (multi-scale)
                 self._cache.clear()
@@ -66,7 +74,7 @@ class AnchorGenerator(nn.Module):
                 stride,
                 self.sizes,
                 self.aspect_ratios,
-                dtype=features.dtype,
+                dtype=dtype,
                 device=features.device,
             )
         return self._cache[key]
@@ -104,6 +112,8 @@ class ProposalLayer(nn.Module):
         forward(features: Tensor[N, C, H, W], image_sizes: Tensor[N, 2] or list of (h, w))
         -> Proposals(boxes [N, P, 4], scores [N, P], counts [N], objectness [N, HWk],
         deltas [N, HWk, 4], anchors [HWk, 4]). The boxes carry gradients to the head's deltas.
+        A float16/bfloat16 head (autocast) gets its predictions converted to float32 for the
+        proposals.
     """
 
     def __init__(
@@ -148,7 +158,10 @@ class ProposalLayer(nn.Module):
         objectness = out[:, :k].permute(0, 2, 3, 1).reshape(n, -1)
         deltas = out[:, k:].reshape(n, k, 4, height, width).permute(0, 3, 4, 1, 2)
         deltas = deltas.reshape(n, -1, 4)
-        anchors = self.anchor_generator(features)
+        if deltas.dtype in (torch.float16, torch.bfloat16):
+            # Half-precision heads (autocast): box coordinates in pixels need float32.
+            deltas, objectness = deltas.float(), objectness.float()
+        anchors = self.anchor_generator(features, dtype=deltas.dtype)
         boxes, scores, counts = ops.propose(
             anchors,
             deltas,
