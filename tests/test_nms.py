@@ -99,6 +99,28 @@ def test_nms_matches_torchvision_reference_and_emulated(
     torch.testing.assert_close(emulated.nms(boxes, scores, threshold), expected, rtol=0, atol=0)
 
 
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(0, 200),
+    threshold=st.sampled_from(THRESHOLDS),
+    ties=st.booleans(),
+)
+def test_nms_satisfies_its_definition(seed, n, threshold, ties):
+    # Independent of any implementation: kept indices in processing order, no kept box overlaps
+    # an earlier kept box by more than the threshold, and every dropped box does overlap one.
+    boxes, scores = _nms_inputs(seed, n, torch.float64, ties=ties)
+    kept = ops.nms(boxes, scores, threshold).tolist()
+    rank = {int(i): r for r, i in enumerate(torch.sort(scores, descending=True, stable=True)[1])}
+    assert [rank[i] for i in kept] == sorted(rank[i] for i in kept)
+    iou = ops.box_iou(boxes, boxes)
+    for a, i in enumerate(kept):
+        assert all(iou[i, j] <= threshold for j in kept[:a])
+    kept_set = set(kept)
+    for j in range(n):
+        if j not in kept_set:
+            assert any(iou[i, j] > threshold and rank[i] < rank[j] for i in kept)
+
+
 def test_nms_iou_exactly_at_threshold_is_not_suppressed():
     # IoU of these two is exactly 0.5 (intersection 2, union 4) and exactly 1/3 with the third.
     boxes = torch.tensor([[0.0, 0.0, 4.0, 1.0], [0.0, 0.0, 2.0, 1.0], [-2.0, 0.0, 2.0, 1.0]])
