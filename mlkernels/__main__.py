@@ -40,7 +40,35 @@ def _self_check_roi_align(device: str) -> None:
     torch.testing.assert_close(grads[0], grads[1])
 
 
-SELF_CHECKS = {"boxes": _self_check_boxes, "roi_align": _self_check_roi_align}
+def _self_check_nms(device: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    xy = torch.rand(300, 2, generator=g, dtype=torch.float64) * 100 - 20
+    boxes = torch.cat([xy, xy + torch.rand(300, 2, generator=g, dtype=torch.float64) * 40], 1)
+    scores = torch.rand(300, generator=g, dtype=torch.float64)
+    idxs = torch.randint(0, 4, (300,), generator=g)
+    expected = reference.nms(boxes, scores, 0.5)
+    expected_batched = reference.batched_nms(boxes, scores, idxs, 0.5)
+    boxes, scores, idxs = boxes.to(device), scores.to(device), idxs.to(device)
+    assert torch.equal(ops.nms(boxes, scores, 0.5).cpu(), expected), "nms"
+    assert torch.equal(ops.batched_nms(boxes, scores, idxs, 0.5).cpu(), expected_batched), (
+        "batched_nms"
+    )
+    anchors = ops.generate_anchors((6, 8), 16, dtype=torch.float64)
+    deltas = torch.randn(2, anchors.shape[0], 4, generator=g, dtype=torch.float64) * 0.3
+    objectness = torch.randn(2, anchors.shape[0], generator=g, dtype=torch.float64)
+    sizes = [(96, 128), (80, 100)]
+    kw = dict(pre_nms_top_n=300, post_nms_top_n=30, append_whole_image=True)
+    want = reference.propose(anchors, deltas, objectness, sizes, **kw)
+    got = ops.propose(anchors.to(device), deltas.to(device), objectness.to(device), sizes, **kw)
+    for ours, theirs in zip(got, want, strict=True):
+        torch.testing.assert_close(ours.cpu(), theirs)
+
+
+SELF_CHECKS = {
+    "boxes": _self_check_boxes,
+    "nms": _self_check_nms,
+    "roi_align": _self_check_roi_align,
+}
 
 
 def main() -> int:

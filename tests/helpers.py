@@ -35,3 +35,22 @@ def assert_coords_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     rtol = {torch.float32: 1.3e-6, torch.float64: 1e-7}[expected.dtype]
     atol = 8 * torch.finfo(expected.dtype).eps * scale
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True)
+
+
+def assert_raises(fn, args: tuple, error: type[Exception], message: str, mode: str) -> None:
+    """fn(*args) raises `error` matching `message`, in eager mode or ("fake") on fake tensors,
+    where the op's fake kernel must repeat the C++ checks."""
+    import pytest
+
+    if mode == "fake":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode() as fake_mode:
+            args = tuple(
+                fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args
+            )
+            with pytest.raises(error, match=message):
+                fn(*args)
+    else:
+        with pytest.raises(error, match=message):
+            fn(*args)

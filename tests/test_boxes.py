@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 from conftest import devices
-from helpers import assert_coords_close, random_boxes
+from helpers import assert_coords_close, assert_raises, random_boxes
 from hypothesis import given
 from hypothesis import strategies as st
 from torchvision.models.detection._utils import BoxCoder
@@ -271,16 +271,7 @@ BAD_CASES = [
 @pytest.mark.parametrize("mode", ["eager", "fake"])
 def test_bad_input_messages(name, args, error, message, mode):
     fn = getattr(ops, name)
-    if mode == "fake":
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        with FakeTensorMode() as fake_mode:
-            args = tuple(fake_mode.from_tensor(a) for a in args)
-            with pytest.raises(error, match=message):
-                fn(*args)
-    else:
-        with pytest.raises(error, match=message):
-            fn(*args)
+    assert_raises(fn, args, error, message, mode)
 
 
 @pytest.mark.parametrize(

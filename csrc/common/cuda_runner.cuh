@@ -39,6 +39,8 @@ class DeviceBlock {
   __device__ DevicePerThread<S> per_thread() const {
     return DevicePerThread<S>{};
   }
+  // The block's index in the grid, as emulate::Block::index().
+  __device__ Dim3 index() const { return Dim3{blockIdx.x, blockIdx.y, blockIdx.z}; }
   __device__ int64_t num_threads() const {
     return static_cast<int64_t>(blockDim.x) * blockDim.y * blockDim.z;
   }

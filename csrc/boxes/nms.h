@@ -1,0 +1,174 @@
+// Argument checks and preparation shared by the NMS and proposal ops' CPU, CUDA and emulated
+// kernels. The Python fake kernels (mlkernels/ops/boxes.py) repeat them word for word.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "boxes.h"
+#include "nms_math.h"
+
+namespace mlk {
+namespace boxes {
+
+inline void check_iou_threshold(const char* op, double threshold) {
+  TORCH_CHECK_VALUE(!std::isnan(threshold) && threshold >= 0, op,
+                    ": iou_threshold must be a non-negative number, got ", threshold);
+}
+
+// "Tensor[N] with N = 5" style check of a per-box vector.
+inline void check_per_box(const char* op, const char* arg, const at::Tensor& t, int64_t n) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", arg, " must be Tensor[N] with N = ", n,
+              " (one per box), got ", shape_str(t));
+}
+
+// Indices in processing order: torch.sort(descending=True, stable=True) along `dim` (NaN first).
+inline at::Tensor sorted_order(const at::Tensor& scores, int64_t dim) {
+  return std::get<1>(scores.sort(/*stable=*/true, dim, /*descending=*/true));
+}
+
+struct NmsInputs {
+  at::Tensor boxes, scores, groups;  // contiguous; groups int64 (batched_nms only)
+  int64_t n = 0;
+};
+
+// Checks for nms (idxs == nullptr) and batched_nms.
+inline NmsInputs prepare_nms(const char* op, const at::Tensor& boxes, const at::Tensor& scores,
+                             const at::Tensor* idxs, double iou_threshold) {
+  check_defined(op, "boxes", boxes);
+  check_defined(op, "scores", scores);
+  check_boxes(op, "boxes", boxes, 2);
+  check_floating(op, "boxes", boxes);
+  const int64_t n = boxes.size(0);
+  check_per_box(op, "scores", scores, n);
+  check_same_dtype(op, "boxes", boxes, "scores", scores);
+  check_same_device(op, "boxes", boxes, "scores", scores);
+  NmsInputs in;
+  if (idxs != nullptr) {
+    check_defined(op, "idxs", *idxs);
+    check_per_box(op, "idxs", *idxs, n);
+    TORCH_CHECK(at::isIntegralType(idxs->scalar_type(), /*includeBool=*/false), op,
+                ": idxs must be an integer tensor, got ", dtype_str(idxs->scalar_type()));
+    check_same_device(op, "boxes", boxes, "idxs", *idxs);
+    in.groups = idxs->to(at::kLong).contiguous();
+  }
+  check_iou_threshold(op, iou_threshold);
+  in.boxes = boxes.contiguous();
+  in.scores = scores.contiguous();
+  in.n = n;
+  return in;
+}
+
+struct ProposeArgs {
+  int64_t pre_nms_top_n, post_nms_top_n;
+  double iou_threshold, min_size, score_threshold;
+  bool append_whole_image;
+};
+
+struct ProposeInputs {
+  at::Tensor anchors, deltas, objectness, sizes;  // contiguous; sizes [N, 2] in the boxes' dtype
+  int64_t images = 0, num_anchors = 0;
+  int64_t k = 0;     // candidates per image: min(pre_nms_top_n, A)
+  int64_t rows = 0;  // output rows per image: post_nms_top_n (+1 with append_whole_image)
+};
+
+inline void check_number(const char* op, const char* arg, double value) {
+  TORCH_CHECK_VALUE(!std::isnan(value), op, ": ", arg, " must be a number, got nan");
+}
+
+inline void check_count(const char* op, const char* arg, int64_t value) {
+  TORCH_CHECK_VALUE(value >= 0, op, ": ", arg, " must be >= 0, got ", value);
+}
+
+inline ProposeInputs prepare_propose(const at::Tensor& anchors, const at::Tensor& deltas,
+                                     const at::Tensor& objectness, const at::Tensor& image_sizes,
+                                     const ProposeArgs& args, at::ArrayRef<double> weights,
+                                     double clamp) {
+  const char* op = "propose";
+  check_defined(op, "anchors", anchors);
+  check_defined(op, "deltas", deltas);
+  check_defined(op, "objectness", objectness);
+  check_defined(op, "image_sizes", image_sizes);
+  TORCH_CHECK(anchors.dim() == 2 && anchors.size(1) == 4, op,
+              ": anchors must be Tensor[A, 4], got ", shape_str(anchors));
+  check_floating(op, "anchors", anchors);
+  const int64_t a = anchors.size(0);
+  TORCH_CHECK(deltas.dim() == 3 && deltas.size(1) == a && deltas.size(2) == 4, op,
+              ": deltas must be Tensor[N, A, 4] with A = ", a, ", got ", shape_str(deltas));
+  const int64_t n = deltas.size(0);
+  TORCH_CHECK(objectness.dim() == 2 && objectness.size(0) == n && objectness.size(1) == a, op,
+              ": objectness must be Tensor[N, A] = Tensor[", n, ", ", a, "], got ",
+              shape_str(objectness));
+  TORCH_CHECK(image_sizes.dim() == 2 && image_sizes.size(0) == n && image_sizes.size(1) == 2, op,
+              ": image_sizes must be Tensor[N, 2] = Tensor[", n, ", 2] (height, width), got ",
+              shape_str(image_sizes));
+  check_same_dtype(op, "anchors", anchors, "deltas", deltas);
+  check_same_dtype(op, "anchors", anchors, "objectness", objectness);
+  TORCH_CHECK(image_sizes.scalar_type() != at::kBool && !image_sizes.is_complex(), op,
+              ": image_sizes must be an integer or floating tensor, got ",
+              dtype_str(image_sizes.scalar_type()));
+  check_same_device(op, "anchors", anchors, "deltas", deltas);
+  check_same_device(op, "anchors", anchors, "objectness", objectness);
+  check_same_device(op, "anchors", anchors, "image_sizes", image_sizes);
+  check_count(op, "pre_nms_top_n", args.pre_nms_top_n);
+  check_count(op, "post_nms_top_n", args.post_nms_top_n);
+  check_iou_threshold(op, args.iou_threshold);
+  check_number(op, "min_size", args.min_size);
+  check_number(op, "score_threshold", args.score_threshold);
+  check_weights(op, weights);
+  check_clamp(op, clamp);
+  ProposeInputs in;
+  in.anchors = anchors.contiguous();
+  in.deltas = deltas.contiguous();
+  in.objectness = objectness.contiguous();
+  // torchvision clamps with Python numbers, which the comparison converts to the boxes' dtype.
+  in.sizes = image_sizes.to(anchors.scalar_type()).contiguous();
+  in.images = n;
+  in.num_anchors = a;
+  in.k = std::min(args.pre_nms_top_n, a);
+  in.rows = args.post_nms_top_n + (args.append_whole_image ? 1 : 0);
+  return in;
+}
+
+// The outputs of propose: boxes [N, P, 4], scores [N, P], counts [N] and, for the backward, the
+// anchor behind each row [N, P] (-1 for the whole-image box and empty rows).
+struct ProposeOutputs {
+  at::Tensor boxes, scores, counts, kept_anchors;
+};
+
+inline ProposeOutputs empty_propose_outputs(const ProposeInputs& in) {
+  const auto opts = in.deltas.options();
+  ProposeOutputs out;
+  out.boxes = at::empty({in.images, in.rows, 4}, opts);
+  out.scores = at::empty({in.images, in.rows}, opts);
+  out.counts = at::empty({in.images}, opts.dtype(at::kLong));
+  out.kept_anchors = at::empty({in.images, in.rows}, opts.dtype(at::kLong));
+  return out;
+}
+
+// Checks for propose_backward; returns grad_boxes, kept_anchors and sizes contiguous.
+inline void check_propose_backward(const at::Tensor& grad_boxes, const at::Tensor& anchors,
+                                   const at::Tensor& deltas, const at::Tensor& kept_anchors,
+                                   const at::Tensor& sizes) {
+  const char* op = "propose_backward";
+  TORCH_CHECK(anchors.dim() == 2 && anchors.size(1) == 4 && deltas.dim() == 3 &&
+                  deltas.size(1) == anchors.size(0) && deltas.size(2) == 4,
+              op, ": deltas must be Tensor[N, A, 4] with A = ", anchors.size(0), ", got ",
+              shape_str(deltas));
+  TORCH_CHECK(kept_anchors.dim() == 2 && kept_anchors.size(0) == deltas.size(0) &&
+                  kept_anchors.scalar_type() == at::kLong,
+              op, ": kept_anchors must be int64 Tensor[N, P], got ", shape_str(kept_anchors));
+  TORCH_CHECK(grad_boxes.dim() == 3 && grad_boxes.size(0) == kept_anchors.size(0) &&
+                  grad_boxes.size(1) == kept_anchors.size(1) && grad_boxes.size(2) == 4,
+              op, ": grad_boxes must be Tensor[N, P, 4] = Tensor[", kept_anchors.size(0), ", ",
+              kept_anchors.size(1), ", 4], got ", shape_str(grad_boxes));
+  TORCH_CHECK(sizes.dim() == 2 && sizes.size(0) == deltas.size(0) && sizes.size(1) == 2, op,
+              ": image_sizes must be Tensor[N, 2], got ", shape_str(sizes));
+  check_same_dtype(op, "deltas", deltas, "grad_boxes", grad_boxes);
+  check_same_dtype(op, "deltas", deltas, "anchors", anchors);
+}
+
+}  // namespace boxes
+}  // namespace mlk

@@ -1,0 +1,742 @@
+"""generate_anchors / nms / batched_nms / propose: against torchvision, the reference, and the CUDA
+kernels' logic on the grid emulator; ties, IoU exactly at the threshold, negative coordinates,
+NaN/Inf, large N; gradients, opcheck, bad input, empty input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchvision
+from conftest import devices
+from helpers import assert_raises, random_boxes
+from hypothesis import given
+from hypothesis import strategies as st
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TvAnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+
+from mlkernels import ops, reference
+
+emulated = torch.ops.mlkernels_emulated
+CLAMP = math.log(1000.0 / 16)
+DTYPES = [torch.float32, torch.float64]
+THRESHOLDS = [0.0, 0.3, 0.5, 0.7, 1.0]
+
+
+def _nms_inputs(seed, n, dtype, *, degenerate=False, ties=False, offset=-50.0, size=100.0):
+    g = torch.Generator().manual_seed(seed)
+    min_side = -5.0 if degenerate else 0.5
+    boxes = random_boxes(n, generator=g, dtype=dtype, min_side=min_side, offset=offset, size=size)
+    if ties:  # few distinct values: many equal scores
+        scores = torch.randint(0, 4, (n,), generator=g).to(dtype) / 4
+    else:
+        scores = torch.rand(n, generator=g, dtype=torch.float64).to(dtype)
+    return boxes, scores
+
+
+# ---- generate_anchors ----
+
+
+@given(
+    height=st.integers(1, 6),
+    width=st.integers(1, 6),
+    stride=st.sampled_from([4, 8, 16, 32]),
+    sizes=st.lists(st.sampled_from([16, 32, 50, 64, 128, 256]), min_size=1, max_size=4),
+    ratios=st.lists(st.sampled_from([0.5, 1.0, 2.0, 0.33, 3.0]), min_size=1, max_size=3),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_generate_anchors_matches_torchvision(height, width, stride, sizes, ratios, dtype):
+    generator = TvAnchorGenerator(sizes=(tuple(sizes),), aspect_ratios=(tuple(ratios),))
+    images = ImageList(
+        torch.zeros(1, 3, height * stride, width * stride, dtype=dtype),
+        [(height * stride, width * stride)],
+    )
+    expected = generator(images, [torch.zeros(1, 1, height, width, dtype=dtype)])[0]
+    ours = ops.generate_anchors((height, width), stride, sizes, ratios, dtype=dtype)
+    assert ours.dtype == dtype and ours.shape == (height * width * len(sizes) * len(ratios), 4)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    torch.testing.assert_close(
+        reference.generate_anchors((height, width), stride, sizes, ratios, dtype=dtype),
+        expected,
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_generate_anchors_rectangular_stride_and_empty():
+    ours = ops.generate_anchors((2, 3), (8, 4), (16,), (1.0,))
+    torch.testing.assert_close(ours, reference.generate_anchors((2, 3), (8, 4), (16,), (1.0,)))
+    assert ours[1].tolist() == [-4.0, -8.0, 12.0, 8.0]  # x shift 4, then the next cell in x
+    assert ours[3].tolist() == [-8.0, 0.0, 8.0, 16.0]  # second row: y shift 8
+    assert ops.generate_anchors((0, 5), 16).shape == (0, 4)
+    with pytest.raises(ValueError, match="generate_anchors: sizes and aspect_ratios must be"):
+        ops.generate_anchors((2, 2), 16, sizes=())
+
+
+# ---- nms ----
+
+
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(0, 300),
+    dtype=st.sampled_from(DTYPES),
+    threshold=st.sampled_from(THRESHOLDS),
+    degenerate=st.booleans(),
+    ties=st.booleans(),
+)
+def test_nms_matches_torchvision_reference_and_emulated(
+    seed, n, dtype, threshold, degenerate, ties
+):
+    boxes, scores = _nms_inputs(seed, n, dtype, degenerate=degenerate, ties=ties)
+    expected = torchvision.ops.nms(boxes, scores, threshold)
+    ours = ops.nms(boxes, scores, threshold)
+    assert ours.dtype == torch.int64
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    torch.testing.assert_close(reference.nms(boxes, scores, threshold), expected, rtol=0, atol=0)
+    torch.testing.assert_close(emulated.nms(boxes, scores, threshold), expected, rtol=0, atol=0)
+
+
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(0, 200),
+    threshold=st.sampled_from(THRESHOLDS),
+    ties=st.booleans(),
+)
+def test_nms_satisfies_its_definition(seed, n, threshold, ties):
+    # Independent of any implementation: kept indices in processing order, no kept box overlaps
+    # an earlier kept box by more than the threshold, and every dropped box does overlap one.
+    boxes, scores = _nms_inputs(seed, n, torch.float64, ties=ties)
+    kept = ops.nms(boxes, scores, threshold).tolist()
+    rank = {int(i): r for r, i in enumerate(torch.sort(scores, descending=True, stable=True)[1])}
+    assert [rank[i] for i in kept] == sorted(rank[i] for i in kept)
+    iou = ops.box_iou(boxes, boxes)
+    for a, i in enumerate(kept):
+        assert all(iou[i, j] <= threshold for j in kept[:a])
+    kept_set = set(kept)
+    for j in range(n):
+        if j not in kept_set:
+            assert any(iou[i, j] > threshold and rank[i] < rank[j] for i in kept)
+
+
+def test_nms_iou_exactly_at_threshold_is_not_suppressed():
+    # IoU of these two is exactly 0.5 (intersection 2, union 4) and exactly 1/3 with the third.
+    boxes = torch.tensor([[0.0, 0.0, 4.0, 1.0], [0.0, 0.0, 2.0, 1.0], [-2.0, 0.0, 2.0, 1.0]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    for dtype in DTYPES:
+        b, s = boxes.to(dtype), scores.to(dtype)
+        assert ops.box_iou(b[:1], b[1:2]).item() == 0.5
+        for fn in (ops.nms, emulated.nms, torchvision.ops.nms):
+            assert fn(b, s, 0.5).tolist() == [0, 1, 2]  # 0.5 > 0.5 is false
+            assert fn(b, s, 0.49).tolist() == [0, 2]
+            # IoU(0, 2) is float32(1/3), which lies above the double 1/3: torchvision compares
+            # in double, so float32 suppresses box 2 and float64 (IoU exactly 1/3) does not.
+            assert fn(b, s, 1 / 3).tolist() == ([0] if dtype == torch.float32 else [0, 2])
+
+
+def test_nms_large_n_matches_torchvision():
+    boxes, scores = _nms_inputs(3, 20000, torch.float32, size=2000.0, offset=-1000.0)
+    expected = torchvision.ops.nms(boxes, scores, 0.5)
+    torch.testing.assert_close(ops.nms(boxes, scores, 0.5), expected, rtol=0, atol=0)
+    small_b, small_s = boxes[:2500], scores[:2500]
+    torch.testing.assert_close(
+        emulated.nms(small_b, small_s, 0.6),
+        torchvision.ops.nms(small_b, small_s, 0.6),
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_nms_identical_boxes_and_all_equal_scores():
+    boxes = torch.tensor([[1.0, 1.0, 5.0, 5.0]]).repeat(10, 1)
+    scores = torch.ones(10)
+    for fn in (ops.nms, emulated.nms, torchvision.ops.nms):
+        assert fn(boxes, scores, 0.5).tolist() == [0]  # the lowest index wins a tie
+    boxes[:, 0] += torch.arange(10.0) * 10  # disjoint now: all kept, in index order
+    assert ops.nms(boxes, scores, 0.5).tolist() == list(range(10))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nms_nan_and_inf_are_safe_and_match_torchvision(dtype):
+    boxes, scores = _nms_inputs(4, 60, dtype)
+    boxes[3, 0] = float("nan")
+    boxes[7, 2] = float("inf")
+    boxes[8] = torch.tensor([-float("inf"), 0.0, float("inf"), 5.0])
+    boxes[9, 3] = -float("inf")
+    scores[11] = float("nan")
+    scores[12] = float("inf")
+    scores[13] = -float("inf")
+    expected = torchvision.ops.nms(boxes, scores, 0.5)
+    for fn in (ops.nms, emulated.nms):
+        kept = fn(boxes, scores, 0.5)
+        assert ((kept >= 0) & (kept < 60)).all()
+        torch.testing.assert_close(kept, expected, rtol=0, atol=0)
+    assert ops.nms(boxes, scores, 0.5)[0] == 11  # NaN score first, as torch.sort
+    assert 3 in ops.nms(boxes, scores, 0.5).tolist()  # a NaN box is never suppressed
+
+
+# ---- batched_nms ----
+
+
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(0, 300),
+    groups=st.integers(1, 6),
+    dtype=st.sampled_from(DTYPES),
+    threshold=st.sampled_from(THRESHOLDS),
+    ties=st.booleans(),
+)
+def test_batched_nms_matches_reference_and_torchvision(seed, n, groups, dtype, threshold, ties):
+    boxes, scores = _nms_inputs(seed, n, dtype, ties=ties)  # negative coordinates too
+    idxs = torch.randint(-2, groups - 2, (n,), generator=torch.Generator().manual_seed(seed))
+    expected = reference.batched_nms(boxes, scores, idxs, threshold)
+    ours = ops.batched_nms(boxes, scores, idxs, threshold)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    torch.testing.assert_close(
+        emulated.batched_nms(boxes, scores, idxs, threshold), expected, rtol=0, atol=0
+    )
+    # torchvision's per-group path is exact for any coordinates; it orders equal scores with an
+    # unstable sort, so with ties only the kept set is comparable.
+    tv = torchvision.ops.boxes._batched_nms_vanilla(boxes, scores, idxs, threshold)
+    if ties:
+        assert sorted(ours.tolist()) == sorted(tv.tolist())
+    else:
+        torch.testing.assert_close(ours, tv, rtol=0, atol=0)
+
+
+def test_batched_nms_negative_coordinates_need_no_offset_trick():
+    # Group 1 lies at negative coordinates; torchvision's offset trick (adding idx * (max + 1) to
+    # every coordinate) moves it onto group 0's box and wrongly suppresses it. Per-group NMS
+    # keeps both.
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [-11.0, -11.0, -1.0, -1.0]])
+    scores = torch.tensor([0.9, 0.8])
+    idxs = torch.tensor([0, 1])
+    trick = torchvision.ops.boxes._batched_nms_coordinate_trick
+    assert trick(boxes, scores, idxs, 0.5).tolist() == [0]
+    for fn in (ops.batched_nms, emulated.batched_nms, reference.batched_nms):
+        assert fn(boxes, scores, idxs, 0.5).tolist() == [0, 1]
+
+
+def test_batched_nms_huge_coordinates():
+    # Around 1e7 in float32 the coordinate trick's offsets cost precision (steps of 4 at 4e7) and
+    # change IoUs, so it keeps other boxes than torchvision's exact per-group path; ours does not.
+    boxes, _ = _nms_inputs(9, 400, torch.float32, size=200.0, offset=1e7)
+    scores = torch.randperm(400, generator=torch.Generator().manual_seed(9)).float()
+    idxs = torch.arange(400) % 4
+    expected = torchvision.ops.boxes._batched_nms_vanilla(boxes, scores, idxs, 0.3)
+    trick = torchvision.ops.boxes._batched_nms_coordinate_trick(boxes, scores, idxs, 0.3)
+    assert not torch.equal(trick, expected)
+    torch.testing.assert_close(ops.batched_nms(boxes, scores, idxs, 0.3), expected, rtol=0, atol=0)
+    torch.testing.assert_close(
+        emulated.batched_nms(boxes, scores, idxs, 0.3), expected, rtol=0, atol=0
+    )
+
+
+def test_batched_nms_many_boxes_matches_torchvision():
+    boxes, _ = _nms_inputs(5, 8 * 1500, torch.float32, size=600.0, offset=0.0)
+    # Distinct scores: torchvision's per-group path (used above 1000 boxes) sorts unstably.
+    scores = torch.randperm(8 * 1500, generator=torch.Generator().manual_seed(5)).float()
+    idxs = torch.arange(8).repeat_interleave(1500)
+    expected = torchvision.ops.batched_nms(boxes, scores, idxs, 0.7)
+    torch.testing.assert_close(ops.batched_nms(boxes, scores, idxs, 0.7), expected, rtol=0, atol=0)
+    idxs32 = idxs.to(torch.int32)
+    torch.testing.assert_close(
+        ops.batched_nms(boxes, scores, idxs32, 0.7), expected, rtol=0, atol=0
+    )
+
+
+# ---- propose ----
+
+
+def _propose_inputs(seed, images, height, width, dtype, *, spread=0.5):
+    g = torch.Generator().manual_seed(seed)
+    anchors = ops.generate_anchors((height, width), 16, (16, 32, 64), (0.5, 1.0, 2.0), dtype=dtype)
+    a = anchors.shape[0]
+    deltas = (torch.randn(images, a, 4, generator=g, dtype=torch.float64) * spread).to(dtype)
+    objectness = torch.randn(images, a, generator=g, dtype=torch.float64).to(dtype) * 3
+    sizes = [
+        (
+            int(torch.randint(height * 8, height * 16 + 1, (1,), generator=g)),
+            int(torch.randint(width * 8, width * 16 + 1, (1,), generator=g)),
+        )
+        for _ in range(images)
+    ]
+    return anchors, deltas, objectness, sizes
+
+
+def _assert_proposals_equal(ours, expected, exact=False):
+    tol = {"rtol": 0, "atol": 0} if exact else {}
+    boxes, scores, counts = ours[:3]
+    torch.testing.assert_close(counts, expected[2], rtol=0, atol=0)
+    torch.testing.assert_close(boxes, expected[0], **tol)
+    torch.testing.assert_close(scores, expected[1], **tol)
+
+
+@given(
+    seed=st.integers(0, 2**31),
+    images=st.integers(0, 3),
+    height=st.integers(1, 6),
+    width=st.integers(1, 6),
+    pre=st.sampled_from([0, 1, 20, 100, 1000]),
+    post=st.sampled_from([0, 1, 10, 50]),
+    threshold=st.sampled_from([0.3, 0.5, 0.7, 1.0]),
+    min_size=st.sampled_from([1e-3, 8.0, 30.0]),
+    score_threshold=st.sampled_from([0.0, 0.3]),
+    append=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_propose_matches_reference_and_emulated(
+    seed, images, height, width, pre, post, threshold, min_size, score_threshold, append, dtype
+):
+    anchors, deltas, objectness, sizes = _propose_inputs(seed, images, height, width, dtype)
+    kwargs = dict(
+        pre_nms_top_n=pre,
+        post_nms_top_n=post,
+        iou_threshold=threshold,
+        min_size=min_size,
+        score_threshold=score_threshold,
+        weights=(1.0, 1.0, 2.0, 2.0),
+        append_whole_image=append,
+    )
+    ours = ops.propose(anchors, deltas, objectness, sizes, **kwargs)
+    rows = post + int(append)
+    assert ours[0].shape == (images, rows, 4) and ours[1].shape == (images, rows)
+    assert ours[2].shape == (images,) and ours[2].dtype == torch.int64
+    _assert_proposals_equal(ours, reference.propose(anchors, deltas, objectness, sizes, **kwargs))
+    size_t = torch.tensor(sizes, dtype=torch.float64).reshape(images, 2)
+    em = emulated.propose(
+        anchors,
+        deltas,
+        objectness,
+        size_t,
+        pre,
+        post,
+        threshold,
+        min_size,
+        score_threshold,
+        [1.0, 1.0, 2.0, 2.0],
+        CLAMP,
+        append,
+    )
+    _assert_proposals_equal(em, ours, exact=True)
+    # rows past the count are zero; kept scores are sorted
+    for i in range(images):
+        c = int(ours[2][i])
+        assert (ours[0][i, c:] == 0).all() and (ours[1][i, c:] == 0).all()
+        kept = ours[1][i, : c - int(append)]
+        assert (kept[:-1] >= kept[1:]).all()
+
+
+def _torchvision_rpn_proposals(anchors, deltas, objectness, sizes, pre, post, thr, min_size):
+    """torchvision's own RegionProposalNetwork.filter_proposals on the decoded boxes."""
+    rpn = RegionProposalNetwork(
+        TvAnchorGenerator(),
+        RPNHead(1, 1),
+        0.7,
+        0.3,
+        256,
+        0.5,
+        pre_nms_top_n=dict(training=pre, testing=pre),
+        post_nms_top_n=dict(training=post, testing=post),
+        nms_thresh=thr,
+        score_thresh=0.0,
+    ).eval()
+    rpn.min_size = min_size
+    proposals = (
+        BoxCoder((1.0, 1.0, 1.0, 1.0))
+        .decode_single(deltas.reshape(-1, 4), anchors.repeat(len(sizes), 1))
+        .reshape(len(sizes), -1, 4)
+    )
+    return rpn.filter_proposals(proposals, objectness, sizes, [anchors.shape[0]])
+
+
+@given(seed=st.integers(0, 2**31), images=st.integers(1, 3))
+def test_propose_matches_torchvision_rpn(seed, images):
+    anchors, deltas, objectness, sizes = _propose_inputs(seed, images, 6, 8, torch.float32)
+    boxes, scores, counts = ops.propose(
+        anchors, deltas, objectness, sizes, pre_nms_top_n=300, post_nms_top_n=40
+    )
+    tv_boxes, tv_scores = _torchvision_rpn_proposals(
+        anchors, deltas, objectness, sizes, 300, 40, 0.7, 1e-3
+    )
+    assert (counts > 0).all()
+    for i in range(images):
+        assert counts[i] == len(tv_boxes[i])
+        torch.testing.assert_close(boxes[i, : counts[i]], tv_boxes[i])
+        torch.testing.assert_close(scores[i, : counts[i]], tv_scores[i])
+
+
+def test_propose_rlsd_shape_matches_reference():
+    anchors, deltas, objectness, sizes = _propose_inputs(7, 2, 38, 50, torch.float32)
+    assert anchors.shape[0] == 38 * 50 * 9
+    ours = ops.propose(anchors, deltas, objectness, sizes, pre_nms_top_n=6000, post_nms_top_n=256)
+    _assert_proposals_equal(
+        ours,
+        reference.propose(
+            anchors, deltas, objectness, sizes, pre_nms_top_n=6000, post_nms_top_n=256
+        ),
+    )
+    assert (ours[2] == 256).all()
+    # The CUDA kernels' logic at a smaller top-k: many mask words, and the reduce's early exit.
+    size_t = torch.tensor(sizes)
+    args = (0.7, 1e-3, 0.0, [1.0] * 4, CLAMP, True)
+    em = emulated.propose(anchors, deltas, objectness, size_t, 1500, 256, *args)
+    cpu = torch.ops.mlkernels.propose(anchors, deltas, objectness, size_t, 1500, 256, *args)
+    _assert_proposals_equal(em, cpu, exact=True)
+    torch.testing.assert_close(em[3], cpu[3], rtol=0, atol=0)
+
+
+def test_propose_drops_nan_inf_and_tied_logits():
+    anchors, deltas, objectness, sizes = _propose_inputs(8, 2, 4, 4, torch.float32)
+    objectness[0, :10] = 2.0  # tied logits: the lower anchor index first
+    objectness[0, 10] = float("nan")
+    objectness[1, 3] = float("inf")
+    deltas[0, 0, 0] = float("nan")
+    deltas[1, 5, 2] = float("inf")  # clamped dw: a finite box
+    deltas[1, 6, 0] = float("inf")  # the centre at +inf: clipped to a zero-width box
+    kw = dict(pre_nms_top_n=100, post_nms_top_n=100, iou_threshold=0.5)
+    ours = ops.propose(anchors, deltas, objectness, sizes, **kw)
+    _assert_proposals_equal(ours, reference.propose(anchors, deltas, objectness, sizes, **kw))
+    em = emulated.propose(
+        anchors,
+        deltas,
+        objectness,
+        torch.tensor(sizes),
+        100,
+        100,
+        0.5,
+        1e-3,
+        0.0,
+        [1.0] * 4,
+        CLAMP,
+        False,
+    )
+    _assert_proposals_equal(em, ours, exact=True)
+    assert torch.isfinite(ours[0]).all() and torch.isfinite(ours[1]).all()
+    assert (ours[1][1, 0] == 1.0) and ours[2][0] > 0
+
+
+def test_propose_integer_and_tensor_image_sizes():
+    anchors, deltas, objectness, sizes = _propose_inputs(9, 2, 3, 3, torch.float64)
+    a = ops.propose(anchors, deltas, objectness, sizes)
+    b = ops.propose(anchors, deltas, objectness, torch.tensor(sizes, dtype=torch.int32))
+    c = ops.propose(
+        anchors,
+        deltas[:, :, :].transpose(0, 1).contiguous().transpose(0, 1),
+        objectness.t().contiguous().t(),
+        torch.tensor(sizes, dtype=torch.float32),
+    )
+    for x, y, z in zip(a, b, c, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+        torch.testing.assert_close(x, z, rtol=0, atol=0)
+
+
+# ---- gradients ----
+
+
+@pytest.mark.parametrize(
+    "seed,height,width,fast", [(0, 2, 2, False), (1, 3, 4, True), (2, 3, 4, True)]
+)
+def test_propose_gradcheck(seed, height, width, fast):
+    anchors, deltas, objectness, sizes = _propose_inputs(
+        seed, 2, height, width, torch.float64, spread=0.2
+    )
+    deltas.requires_grad_(True)
+    anchors.requires_grad_(True)
+
+    def boxes(d, a):
+        return ops.propose(
+            a,
+            d,
+            objectness,
+            sizes,
+            pre_nms_top_n=60,
+            post_nms_top_n=12,
+            iou_threshold=0.6,
+            append_whole_image=True,
+        )[0]
+
+    assert (boxes(deltas, anchors) != 0).any()
+    assert torch.autograd.gradcheck(boxes, (deltas, anchors), fast_mode=fast)
+
+
+def test_propose_gradient_matches_reference_autograd():
+    anchors, deltas, objectness, sizes = _propose_inputs(11, 3, 5, 5, torch.float64, spread=1.0)
+    kw = dict(pre_nms_top_n=150, post_nms_top_n=30, weights=(2.0, 2.0, 1.0, 1.0))
+    d1, a1 = deltas.clone().requires_grad_(), anchors.clone().requires_grad_()
+    d2, a2 = deltas.clone().requires_grad_(), anchors.clone().requires_grad_()
+    out1 = ops.propose(a1, d1, objectness, sizes, **kw)
+    out2 = reference.propose(a2, d2, objectness, sizes, **kw)
+    grad = torch.randn_like(out1[0])
+    (out1[0] * grad).sum().backward()
+    (out2[0] * grad).sum().backward()
+    torch.testing.assert_close(d1.grad, d2.grad)
+    torch.testing.assert_close(a1.grad, a2.grad)
+    assert (d1.grad != 0).any(dim=-1).sum() <= 3 * 30  # only kept boxes get a gradient
+    assert not out1[1].requires_grad and not out1[2].requires_grad
+
+
+def test_propose_backward_emulated_matches_reference_autograd():
+    anchors, deltas, objectness, sizes = _propose_inputs(12, 2, 5, 5, torch.float64, spread=1.0)
+    size_t = torch.tensor(sizes, dtype=torch.float64)
+    out = emulated.propose(
+        anchors, deltas, objectness, size_t, 200, 40, 0.7, 1e-3, 0.0, [1.0] * 4, CLAMP, True
+    )
+    grad = torch.randn_like(out[0])
+    got = emulated.propose_backward(grad, anchors, deltas, out[3], size_t, [1.0] * 4, CLAMP)
+    d, a = deltas.clone().requires_grad_(), anchors.clone().requires_grad_()
+    boxes = reference.propose(
+        a, d, objectness, sizes, pre_nms_top_n=200, post_nms_top_n=40, append_whole_image=True
+    )[0]
+    expected = torch.autograd.grad(boxes, (d, a), grad)
+    assert (expected[0] != 0).any()
+    for e, o in zip(expected, got, strict=True):
+        torch.testing.assert_close(o, e)
+
+
+# ---- empty inputs ----
+
+
+@pytest.mark.parametrize("device", devices())
+def test_empty_inputs(device):
+    empty = torch.zeros(0, 4, device=device)
+    none = torch.zeros(0, device=device)
+    assert ops.nms(empty, none, 0.5).shape == (0,)
+    assert ops.nms(empty, none, 0.5).dtype == torch.int64
+    assert ops.batched_nms(empty, none, none.long(), 0.5).shape == (0,)
+    anchors = ops.generate_anchors((2, 2), 16, device=device)
+    a = anchors.shape[0]
+    # no images
+    out = ops.propose(
+        anchors, torch.zeros(0, a, 4, device=device), torch.zeros(0, a, device=device), []
+    )
+    assert [t.shape for t in out] == [(0, 256, 4), (0, 256), (0,)]
+    # no anchors, pre_nms_top_n = 0, post_nms_top_n = 0
+    for anc, pre, post in ((anchors[:0], 10, 5), (anchors, 0, 5), (anchors, 10, 0)):
+        d = torch.randn(2, anc.shape[0], 4, device=device)
+        o = torch.randn(2, anc.shape[0], device=device)
+        boxes, scores, counts = ops.propose(
+            anc,
+            d,
+            o,
+            [(32, 32), (20, 30)],
+            pre_nms_top_n=pre,
+            post_nms_top_n=post,
+            append_whole_image=True,
+        )
+        assert boxes.shape == (2, post + 1, 4) and counts.tolist() == [1, 1]
+        assert boxes[1, 0].tolist() == [0.0, 0.0, 30.0, 20.0] and scores[:, 0].tolist() == [1, 1]
+        if device == "cpu":
+            em = emulated.propose(
+                anc,
+                d,
+                o,
+                torch.tensor([[32, 32], [20, 30]]),
+                pre,
+                post,
+                0.7,
+                1e-3,
+                0.0,
+                [1.0] * 4,
+                CLAMP,
+                True,
+            )
+            _assert_proposals_equal(em, (boxes, scores, counts), exact=True)
+
+
+# ---- opcheck ----
+
+
+def _opcheck_samples():
+    boxes, scores = _nms_inputs(1, 40, torch.float64, ties=True)
+    yield "nms", (boxes, scores, 0.5)
+    yield "nms", (boxes[:0], scores[:0], 0.5)
+    yield "batched_nms", (boxes, scores, torch.arange(40) % 3, 0.3)
+    anchors, deltas, objectness, sizes = _propose_inputs(2, 2, 3, 3, torch.float64, spread=0.2)
+    size_t = torch.tensor(sizes, dtype=torch.float64)
+    args = (size_t, 50, 10, 0.7, 1e-3, 0.0, [1.0, 1.0, 1.0, 1.0], CLAMP)
+    yield "propose", (anchors, deltas.clone().requires_grad_(), objectness, *args, True)
+    yield "propose", (anchors, deltas, objectness, *args, False)
+    out = torch.ops.mlkernels.propose(anchors, deltas, objectness, *args, True)
+    yield (
+        "propose_backward",
+        (torch.randn_like(out[0]), anchors, deltas, out[3], size_t, [1.0] * 4, CLAMP),
+    )
+
+
+@pytest.mark.parametrize(
+    "name,args", list(_opcheck_samples()), ids=lambda x: x if isinstance(x, str) else ""
+)
+def test_opcheck(name, args):
+    torch.library.opcheck(getattr(torch.ops.mlkernels, name), args)
+
+
+def test_torch_compile_propose():
+    anchors, deltas, objectness, sizes = _propose_inputs(3, 2, 3, 3, torch.float32)
+    size_t = torch.tensor(sizes)
+
+    def fn(d, o):
+        return ops.propose(anchors, d, o, size_t, pre_nms_top_n=50, post_nms_top_n=10)[0] * 2
+
+    compiled = torch.compile(fn, fullgraph=True)
+    torch.testing.assert_close(compiled(deltas, objectness), fn(deltas, objectness))
+
+
+def test_torch_compile_nms_with_its_data_dependent_size():
+    boxes, scores = _nms_inputs(6, 80, torch.float32)
+    idxs = torch.arange(80) % 3
+
+    def fn(b, s, i):
+        return ops.nms(b, s, 0.5) * 2, ops.batched_nms(b, s, i, 0.5) + 1
+
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(fn, fullgraph=True)
+        for got, want in zip(compiled(boxes, scores, idxs), fn(boxes, scores, idxs), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# ---- bad input: clear errors, the same from the fake kernels ----
+
+_b4 = torch.zeros(5, 4)
+_anch = torch.zeros(6, 4)
+BAD_CASES = [
+    (
+        "nms",
+        (torch.zeros(5, 3), torch.zeros(5), 0.5),
+        RuntimeError,
+        r"nms: boxes must be Tensor\[N, 4\], got Tensor\[5, 3\]",
+    ),
+    (
+        "nms",
+        (_b4, torch.zeros(4), 0.5),
+        RuntimeError,
+        r"nms: scores must be Tensor\[N\] with N = 5 \(one per box\), got Tensor\[4\]",
+    ),
+    (
+        "nms",
+        (_b4, torch.zeros(5, dtype=torch.float64), 0.5),
+        RuntimeError,
+        r"nms: scores must have the dtype of boxes \(float32\), got float64",
+    ),
+    (
+        "nms",
+        (_b4.long(), torch.zeros(5).long(), 0.5),
+        RuntimeError,
+        "nms: boxes must be float32 or float64, got int64",
+    ),
+    (
+        "nms",
+        (_b4, torch.zeros(5), -0.1),
+        ValueError,
+        "nms: iou_threshold must be a non-negative number, got -0.1",
+    ),
+    (
+        "nms",
+        (_b4, torch.zeros(5), float("nan")),
+        ValueError,
+        "nms: iou_threshold must be a non-negative number, got nan",
+    ),
+    (
+        "batched_nms",
+        (_b4, torch.zeros(5), torch.zeros(5), 0.5),
+        RuntimeError,
+        "batched_nms: idxs must be an integer tensor, got float32",
+    ),
+    (
+        "batched_nms",
+        (_b4, torch.zeros(5), torch.zeros(6, dtype=torch.int64), 0.5),
+        RuntimeError,
+        r"batched_nms: idxs must be Tensor\[N\] with N = 5 \(one per box\), got Tensor\[6\]",
+    ),
+    (
+        "propose",
+        (torch.zeros(6, 5), torch.zeros(2, 6, 4), torch.zeros(2, 6), [(8, 8)] * 2),
+        RuntimeError,
+        r"propose: anchors must be Tensor\[A, 4\], got Tensor\[6, 5\]",
+    ),
+    (
+        "propose",
+        (_anch, torch.zeros(2, 7, 4), torch.zeros(2, 6), [(8, 8)] * 2),
+        RuntimeError,
+        r"propose: deltas must be Tensor\[N, A, 4\] with A = 6, got Tensor\[2, 7, 4\]",
+    ),
+    (
+        "propose",
+        (_anch, torch.zeros(2, 6, 4), torch.zeros(3, 6), [(8, 8)] * 2),
+        RuntimeError,
+        r"propose: objectness must be Tensor\[N, A\] = Tensor\[2, 6\], got Tensor\[3, 6\]",
+    ),
+    (
+        "propose",
+        (_anch, torch.zeros(2, 6, 4), torch.zeros(2, 6), [(8, 8)] * 3),
+        RuntimeError,
+        r"propose: image_sizes must be Tensor\[N, 2\] = Tensor\[2, 2\] \(height, width\), "
+        r"got Tensor\[3, 2\]",
+    ),
+    (
+        "propose",
+        (_anch, torch.zeros(2, 6, 4, dtype=torch.float64), torch.zeros(2, 6), [(8, 8)] * 2),
+        RuntimeError,
+        r"propose: deltas must have the dtype of anchors \(float32\), got float64",
+    ),
+    (
+        "propose",
+        (_anch, torch.zeros(2, 6, 4), torch.zeros(2, 6), torch.ones(2, 2, dtype=torch.bool)),
+        RuntimeError,
+        "propose: image_sizes must be an integer or floating tensor, got bool",
+    ),
+]
+
+
+@pytest.mark.parametrize("name,args,error,message", BAD_CASES)
+@pytest.mark.parametrize("mode", ["eager", "fake"])
+def test_bad_input_messages(name, args, error, message, mode):
+    fn = getattr(ops, name)
+    if name == "propose" and not isinstance(args[3], torch.Tensor):
+        args = (*args[:3], torch.tensor(args[3]))
+    assert_raises(fn, args, error, message, mode)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(pre_nms_top_n=-1), "propose: pre_nms_top_n must be >= 0, got -1"),
+        (dict(post_nms_top_n=-2), "propose: post_nms_top_n must be >= 0, got -2"),
+        (dict(iou_threshold=float("nan")), "propose: iou_threshold must be a non-negative number"),
+        (dict(min_size=float("nan")), "propose: min_size must be a number, got nan"),
+        (dict(score_threshold=float("nan")), "propose: score_threshold must be a number, got nan"),
+        (dict(weights=(1.0, 0.0, 1.0, 1.0)), "propose: weights must be finite and positive"),
+    ],
+)
+def test_propose_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ops.propose(_anch, torch.zeros(2, 6, 4), torch.zeros(2, 6), [(8, 8)] * 2, **kwargs)
+
+
+def test_bad_types():
+    with pytest.raises(TypeError, match="nms: scores must be a Tensor, got list"):
+        ops.nms(_b4, [0.0] * 5, 0.5)
+
+
+# ---- CUDA (skipped without a GPU) ----
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu():
+    boxes, scores = _nms_inputs(13, 5000, torch.float32, size=600.0)
+    torch.testing.assert_close(
+        ops.nms(boxes.cuda(), scores.cuda(), 0.5).cpu(), ops.nms(boxes, scores, 0.5)
+    )
+    idxs = torch.arange(5000) % 7
+    torch.testing.assert_close(
+        ops.batched_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), 0.5).cpu(),
+        ops.batched_nms(boxes, scores, idxs, 0.5),
+    )
+    anchors, deltas, objectness, sizes = _propose_inputs(14, 4, 38, 50, torch.float32)
+    cpu = ops.propose(anchors, deltas, objectness, sizes, append_whole_image=True)
+    gpu = ops.propose(
+        anchors.cuda(), deltas.cuda(), objectness.cuda(), sizes, append_whole_image=True
+    )
+    _assert_proposals_equal([t.cpu() for t in gpu], cpu)

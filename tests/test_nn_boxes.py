@@ -1,0 +1,101 @@
+"""mlkernels.nn.AnchorGenerator and ProposalLayer: against torchvision's AnchorGenerator and RPN
+pieces, shapes, gradients to the head, repr."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TvAnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+
+import mlkernels
+from mlkernels import nn, reference
+
+
+def test_anchor_generator_matches_torchvision_and_derives_stride():
+    sizes, ratios = (32, 64, 128, 256), (0.5, 1.0, 2.0)
+    features = torch.zeros(2, 8, 5, 7)
+    image_size = (5 * 16, 7 * 16)
+    tv = TvAnchorGenerator(sizes=(sizes,), aspect_ratios=(ratios,))
+    images = ImageList(torch.zeros(2, 3, *image_size), [image_size] * 2)
+    expected = tv(images, [features])[0]
+    ours = nn.AnchorGenerator(sizes, ratios)
+    assert ours.num_anchors_per_location == 12
+    torch.testing.assert_close(ours(features, image_size), expected, rtol=0, atol=0)
+    fixed = nn.AnchorGenerator(sizes, ratios, stride=16)
+    torch.testing.assert_close(fixed(features), expected, rtol=0, atol=0)
+    assert fixed(features) is fixed(features)  # cached per geometry
+    assert fixed(features.double()).dtype == torch.float64
+    with pytest.raises(ValueError, match="AnchorGenerator: image_size must be given"):
+        ours(features)
+    assert "aspect_ratios=(0.5, 1.0, 2.0)" in repr(ours)
+
+
+def _layer(**kwargs):
+    torch.manual_seed(0)
+    layer = nn.ProposalLayer(8, sizes=(16, 32), aspect_ratios=(0.5, 1.0, 2.0), stride=8, **kwargs)
+    with torch.no_grad():  # larger weights than the 0.01-std init, so proposals move and differ
+        layer.predict.weight.normal_(std=0.2)
+        layer.predict.bias.normal_(std=0.5)
+    return layer
+
+
+def test_proposal_layer_head_layout_and_propose():
+    layer = _layer(post_nms_top_n=20, append_whole_image=True)
+    features = torch.randn(2, 8, 4, 5)
+    sizes = [(32, 40), (30, 36)]
+    out = layer(features, sizes)
+    a = 4 * 5 * 6
+    assert out.anchors.shape == (a, 4)
+    assert out.objectness.shape == (2, a) and out.deltas.shape == (2, a, 4)
+    assert out.boxes.shape == (2, 21, 4) and out.scores.shape == (2, 21)
+    # The head's channels: k objectness maps, then (dx, dy, dw, dh) per anchor, cell-major.
+    raw = layer.predict(torch.relu(layer.conv(features)))
+    cell, anchor = 2 * 5 + 3, 4  # row 2, column 3, anchor 4
+    assert out.objectness[1, cell * 6 + anchor] == raw[1, anchor, 2, 3]
+    torch.testing.assert_close(out.deltas[1, cell * 6 + anchor], raw[1, 6 + 4 * anchor :][:4, 2, 3])
+    expected = reference.propose(
+        out.anchors,
+        out.deltas.detach(),
+        out.objectness.detach(),
+        sizes,
+        post_nms_top_n=20,
+        append_whole_image=True,
+    )
+    for ours, theirs in zip(out[:3], expected, strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_proposal_layer_gradients_reach_the_head():
+    layer = _layer(post_nms_top_n=10)
+    features = torch.randn(2, 8, 4, 4, requires_grad=True)
+    out = layer(features, torch.tensor([[32, 32], [32, 32]]))
+    out.boxes.sum().backward()
+    assert layer.predict.weight.grad is not None and layer.predict.weight.grad.abs().sum() > 0
+    assert layer.conv.weight.grad.abs().sum() > 0 and features.grad.abs().sum() > 0
+
+
+def test_proposal_layer_half_precision_head_proposes_in_float32():
+    layer = _layer(post_nms_top_n=10)
+    features = torch.randn(1, 8, 4, 4)
+    expected = layer(features, [(32, 32)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(features, [(32, 32)])
+    assert out.deltas.dtype == torch.float32 and out.boxes.dtype == torch.float32
+    assert out.anchors.dtype == torch.float32
+    torch.testing.assert_close(out.anchors, expected.anchors, rtol=0, atol=0)
+    assert out.counts.item() > 0
+
+
+def test_proposal_layer_repr_names_its_settings():
+    text = repr(_layer(pre_nms_top_n=1000, iou_threshold=0.6))
+    for part in (
+        "k=6",
+        "pre_nms_top_n=1000",
+        "post_nms_top_n=256",
+        "iou_threshold=0.6",
+        "clamp=log(1000/16)",
+        "AnchorGenerator(sizes=(16.0, 32.0)",
+    ):
+        assert part in text
+    assert mlkernels.nn.Proposals._fields[:3] == ("boxes", "scores", "counts")
