@@ -715,6 +715,22 @@ def test_propose_bad_arguments(kwargs, message):
         ops.propose(_anch, torch.zeros(2, 6, 4), torch.zeros(2, 6), [(8, 8)] * 2, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "sizes,message",
+    [
+        ([(8, 8), (-5, 8)], r"image_sizes must be finite and >= 0, got \(-5, 8\) for image 1"),
+        ([(float("nan"), 8), (8, 8)], r"image_sizes must be finite and >= 0, got \(nan, 8\)"),
+        (
+            torch.tensor([[8.0, 8.0], [8.0, float("inf")]]),
+            r"image_sizes must be finite and >= 0, got \(8, inf\) for image 1",
+        ),
+    ],
+)
+def test_propose_bad_image_sizes(sizes, message):
+    with pytest.raises(ValueError, match="propose: " + message):
+        ops.propose(_anch, torch.zeros(2, 6, 4), torch.zeros(2, 6), sizes)
+
+
 def test_bad_types():
     with pytest.raises(TypeError, match="nms: scores must be a Tensor, got list"):
         ops.nms(_b4, [0.0] * 5, 0.5)

@@ -125,6 +125,17 @@ inline ProposeInputs prepare_propose(const at::Tensor& anchors, const at::Tensor
   in.objectness = objectness.contiguous();
   // torchvision clamps with Python numbers, which the comparison converts to the boxes' dtype.
   in.sizes = image_sizes.to(anchors.scalar_type()).contiguous();
+  // A negative or NaN size would clip every box to nonsense rather than fail; one reduction (a
+  // host sync on CUDA) rules it out. Fake tensors have no values, so only eager calls check.
+  if (n > 0 && !in.sizes.is_meta()) {
+    const auto ok = at::isfinite(in.sizes) & (in.sizes >= 0);
+    if (!ok.all().item<bool>()) {
+      const int64_t row = (~ok.all(1)).nonzero().select(0, 0).item<int64_t>();
+      const auto bad = in.sizes.select(0, row).to(at::kDouble).cpu();
+      TORCH_CHECK_VALUE(false, op, ": image_sizes must be finite and >= 0, got (",
+                        bad[0].item<double>(), ", ", bad[1].item<double>(), ") for image ", row);
+    }
+  }
   in.images = n;
   in.num_anchors = a;
   in.k = std::min(args.pre_nms_top_n, a);

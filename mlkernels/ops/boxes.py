@@ -307,7 +307,8 @@ def propose(
         anchors (Tensor[A, 4]): (x1, y1, x2, y2), e.g. from :func:`generate_anchors`.
         deltas (Tensor[N, A, 4]): (dx, dy, dw, dh) per image and anchor.
         objectness (Tensor[N, A]): logits.
-        image_sizes (Tensor[N, 2] or list of (height, width)).
+        image_sizes (Tensor[N, 2] or list of (height, width)): finite and >= 0; boxes are
+            clipped to them (checked in eager mode, which costs one host sync on CUDA).
         append_whole_image: add the box (0, 0, width, height) with score 1 after the kept ones.
 
     Returns:
