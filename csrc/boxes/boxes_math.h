@@ -37,18 +37,39 @@ MLK_HOST_DEVICE T clamp_min(T v, T lo) {
   return v < lo ? lo : v;
 }
 
+// a * b rounded on its own. nvcc contracts a product followed by an add into one FMA by default
+// (-fmad=true), which rounds once instead of twice; torchvision's CPU ops (and its CUDA
+// elementwise ops, one kernel per operation) round twice. Products that feed an add or a
+// subtraction go through mul() so that the CUDA kernels give the CPU kernels' results to the bit
+// (an IoU one ulp off flips an NMS decision at the threshold). g++ on x86-64 has no FMA to
+// contract into unless -mfma is given, so the host side is a plain product.
+MLK_HOST_DEVICE float mul(float a, float b) {
+#if MLK_ON_DEVICE
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+MLK_HOST_DEVICE double mul(double a, double b) {
+#if MLK_ON_DEVICE
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // deltas that turn `anchor` into `box` (torchvision encode_boxes).
 template <typename T>
 MLK_HOST_DEVICE void encode_box(const T* box, const T* anchor, const Weights<T>& wt, T* delta) {
   const T half = T(0.5);
   const T ex_w = anchor[2] - anchor[0];
   const T ex_h = anchor[3] - anchor[1];
-  const T ex_cx = anchor[0] + half * ex_w;
-  const T ex_cy = anchor[1] + half * ex_h;
+  const T ex_cx = anchor[0] + mul(half, ex_w);
+  const T ex_cy = anchor[1] + mul(half, ex_h);
   const T gt_w = box[2] - box[0];
   const T gt_h = box[3] - box[1];
-  const T gt_cx = box[0] + half * gt_w;
-  const T gt_cy = box[1] + half * gt_h;
+  const T gt_cx = box[0] + mul(half, gt_w);
+  const T gt_cy = box[1] + mul(half, gt_h);
   delta[0] = wt.x * (gt_cx - ex_cx) / ex_w;
   delta[1] = wt.y * (gt_cy - ex_cy) / ex_h;
   delta[2] = wt.w * std::log(gt_w / ex_w);
@@ -63,16 +84,16 @@ MLK_HOST_DEVICE void decode_box(const T* delta, const T* anchor, const Weights<T
   const T half = T(0.5);
   const T w = anchor[2] - anchor[0];
   const T h = anchor[3] - anchor[1];
-  const T cx = anchor[0] + half * w;
-  const T cy = anchor[1] + half * h;
+  const T cx = anchor[0] + mul(half, w);
+  const T cy = anchor[1] + mul(half, h);
   const T dx = delta[0] / wt.x;
   const T dy = delta[1] / wt.y;
   const T dw = clamp_max(delta[2] / wt.w, clip);
   const T dh = clamp_max(delta[3] / wt.h, clip);
-  const T pred_cx = dx * w + cx;
-  const T pred_cy = dy * h + cy;
-  const T half_w = half * (std::exp(dw) * w);
-  const T half_h = half * (std::exp(dh) * h);
+  const T pred_cx = mul(dx, w) + cx;
+  const T pred_cy = mul(dy, h) + cy;
+  const T half_w = mul(half, mul(std::exp(dw), w));
+  const T half_h = mul(half, mul(std::exp(dh), h));
   box[0] = pred_cx - half_w;
   box[1] = pred_cy - half_h;
   box[2] = pred_cx + half_w;
@@ -114,7 +135,7 @@ MLK_HOST_DEVICE void decode_box_backward(const T* grad_box, const T* delta, cons
 
 template <typename T>
 MLK_HOST_DEVICE T box_area(const T* b) {
-  return (b[2] - b[0]) * (b[3] - b[1]);
+  return mul(b[2] - b[0], b[3] - b[1]);
 }
 
 // IoU of two boxes whose areas are already known (torchvision box_iou's arithmetic). Takes
@@ -124,7 +145,7 @@ MLK_HOST_DEVICE T box_iou(T ax1, T ay1, T ax2, T ay2, T area_a, T bx1, T by1, T 
                           T area_b) {
   const T iw = clamp_min(nan_min(ax2, bx2) - nan_max(ax1, bx1), T(0));
   const T ih = clamp_min(nan_min(ay2, by2) - nan_max(ay1, by1), T(0));
-  const T inter = iw * ih;
+  const T inter = mul(iw, ih);
   return inter / (area_a + area_b - inter);
 }
 
