@@ -274,6 +274,28 @@ def test_bad_input_messages(name, args, error, message, mode):
     assert_raises(fn, args, error, message, mode)
 
 
+@pytest.mark.parametrize("mode", ["eager", "fake"])
+def test_decode_backward_checks_its_grad(mode):
+    op = torch.ops.mlkernels.decode_boxes_backward
+    deltas, anchors = torch.zeros(3, 4), torch.zeros(1, 4)
+    w = [1.0] * 4
+    assert_raises(
+        op,
+        (torch.zeros(1, 4), deltas, anchors, w, CLAMP),
+        RuntimeError,
+        r"decode_boxes_backward: grad must be Tensor\[3, 4\] \(the broadcast shape of deltas "
+        r"and anchors\), got Tensor\[1, 4\]",
+        mode,
+    )
+    assert_raises(
+        op,
+        (torch.zeros(3, 4, dtype=torch.float64), deltas, anchors, w, CLAMP),
+        RuntimeError,
+        r"decode_boxes_backward: grad must have the dtype of deltas \(float32\), got float64",
+        mode,
+    )
+
+
 @pytest.mark.parametrize(
     "weights,message",
     [

@@ -23,13 +23,19 @@ from mlkernels import ops, reference
 emulated = torch.ops.mlkernels_emulated
 CLAMP = math.log(1000.0 / 16)
 DTYPES = [torch.float32, torch.float64]
-THRESHOLDS = [0.0, 0.3, 0.5, 0.7, 1.0]
+THRESHOLDS = [0.0, 0.25, 0.3, 0.5, 0.7, 1.0]
 
 
-def _nms_inputs(seed, n, dtype, *, degenerate=False, ties=False, offset=-50.0, size=100.0):
+def _nms_inputs(
+    seed, n, dtype, *, degenerate=False, ties=False, grid=False, offset=-50.0, size=100.0
+):
     g = torch.Generator().manual_seed(seed)
     min_side = -5.0 if degenerate else 0.5
     boxes = random_boxes(n, generator=g, dtype=dtype, min_side=min_side, offset=offset, size=size)
+    if grid:  # small integer boxes around the origin: IoUs of exactly 0, 1/4, 1/2, 1 are common
+        boxes = (boxes / (size / 8)).round()
+        if not degenerate:  # rounding must not make empty boxes
+            boxes[:, 2:] = torch.maximum(boxes[:, 2:], boxes[:, :2] + 1)
     if ties:  # few distinct values: many equal scores
         scores = torch.randint(0, 4, (n,), generator=g).to(dtype) / 4
     else:
@@ -86,11 +92,12 @@ def test_generate_anchors_rectangular_stride_and_empty():
     threshold=st.sampled_from(THRESHOLDS),
     degenerate=st.booleans(),
     ties=st.booleans(),
+    grid=st.booleans(),
 )
 def test_nms_matches_torchvision_reference_and_emulated(
-    seed, n, dtype, threshold, degenerate, ties
+    seed, n, dtype, threshold, degenerate, ties, grid
 ):
-    boxes, scores = _nms_inputs(seed, n, dtype, degenerate=degenerate, ties=ties)
+    boxes, scores = _nms_inputs(seed, n, dtype, degenerate=degenerate, ties=ties, grid=grid)
     expected = torchvision.ops.nms(boxes, scores, threshold)
     ours = ops.nms(boxes, scores, threshold)
     assert ours.dtype == torch.int64
@@ -104,11 +111,12 @@ def test_nms_matches_torchvision_reference_and_emulated(
     n=st.integers(0, 200),
     threshold=st.sampled_from(THRESHOLDS),
     ties=st.booleans(),
+    grid=st.booleans(),
 )
-def test_nms_satisfies_its_definition(seed, n, threshold, ties):
+def test_nms_satisfies_its_definition(seed, n, threshold, ties, grid):
     # Independent of any implementation: kept indices in processing order, no kept box overlaps
     # an earlier kept box by more than the threshold, and every dropped box does overlap one.
-    boxes, scores = _nms_inputs(seed, n, torch.float64, ties=ties)
+    boxes, scores = _nms_inputs(seed, n, torch.float64, ties=ties, grid=grid)
     kept = ops.nms(boxes, scores, threshold).tolist()
     rank = {int(i): r for r, i in enumerate(torch.sort(scores, descending=True, stable=True)[1])}
     assert [rank[i] for i in kept] == sorted(rank[i] for i in kept)
@@ -119,6 +127,16 @@ def test_nms_satisfies_its_definition(seed, n, threshold, ties):
     for j in range(n):
         if j not in kept_set:
             assert any(iou[i, j] > threshold and rank[i] < rank[j] for i in kept)
+
+
+def test_grid_inputs_put_ious_exactly_on_the_thresholds():
+    # The property tests' `grid` boxes must really produce the adversarial cases they stand for.
+    boxes, _ = _nms_inputs(0, 80, torch.float32, grid=True)
+    iou = ops.box_iou(boxes, boxes)
+    off_diagonal = ~torch.eye(80, dtype=torch.bool)
+    for value in (0.0, 0.25, 0.5, 1.0):
+        assert (iou[off_diagonal] == value).any(), value
+    assert (boxes < 0).any()
 
 
 def test_nms_iou_exactly_at_threshold_is_not_suppressed():
@@ -187,9 +205,12 @@ def test_nms_nan_and_inf_are_safe_and_match_torchvision(dtype):
     dtype=st.sampled_from(DTYPES),
     threshold=st.sampled_from(THRESHOLDS),
     ties=st.booleans(),
+    grid=st.booleans(),
 )
-def test_batched_nms_matches_reference_and_torchvision(seed, n, groups, dtype, threshold, ties):
-    boxes, scores = _nms_inputs(seed, n, dtype, ties=ties)  # negative coordinates too
+def test_batched_nms_matches_reference_and_torchvision(
+    seed, n, groups, dtype, threshold, ties, grid
+):
+    boxes, scores = _nms_inputs(seed, n, dtype, ties=ties, grid=grid)  # negative coordinates too
     idxs = torch.randint(-2, groups - 2, (n,), generator=torch.Generator().manual_seed(seed))
     expected = reference.batched_nms(boxes, scores, idxs, threshold)
     ours = ops.batched_nms(boxes, scores, idxs, threshold)
@@ -250,12 +271,14 @@ def test_batched_nms_many_boxes_matches_torchvision():
 # ---- propose ----
 
 
-def _propose_inputs(seed, images, height, width, dtype, *, spread=0.5):
+def _propose_inputs(seed, images, height, width, dtype, *, spread=0.5, ties=False):
     g = torch.Generator().manual_seed(seed)
     anchors = ops.generate_anchors((height, width), 16, (16, 32, 64), (0.5, 1.0, 2.0), dtype=dtype)
     a = anchors.shape[0]
     deltas = (torch.randn(images, a, 4, generator=g, dtype=torch.float64) * spread).to(dtype)
     objectness = torch.randn(images, a, generator=g, dtype=torch.float64).to(dtype) * 3
+    if ties:  # few distinct logits: the top-k and the NMS order are decided by anchor index
+        objectness = objectness.round()
     sizes = [
         (
             int(torch.randint(height * 8, height * 16 + 1, (1,), generator=g)),
@@ -286,11 +309,25 @@ def _assert_proposals_equal(ours, expected, exact=False):
     score_threshold=st.sampled_from([0.0, 0.3]),
     append=st.booleans(),
     dtype=st.sampled_from(DTYPES),
+    ties=st.booleans(),
 )
 def test_propose_matches_reference_and_emulated(
-    seed, images, height, width, pre, post, threshold, min_size, score_threshold, append, dtype
+    seed,
+    images,
+    height,
+    width,
+    pre,
+    post,
+    threshold,
+    min_size,
+    score_threshold,
+    append,
+    dtype,
+    ties,
 ):
-    anchors, deltas, objectness, sizes = _propose_inputs(seed, images, height, width, dtype)
+    anchors, deltas, objectness, sizes = _propose_inputs(
+        seed, images, height, width, dtype, ties=ties
+    )
     kwargs = dict(
         pre_nms_top_n=pre,
         post_nms_top_n=post,
@@ -729,6 +766,72 @@ def test_propose_bad_arguments(kwargs, message):
 def test_propose_bad_image_sizes(sizes, message):
     with pytest.raises(ValueError, match="propose: " + message):
         ops.propose(_anch, torch.zeros(2, 6, 4), torch.zeros(2, 6), sizes)
+
+
+@pytest.mark.parametrize("mode", ["eager", "fake"])
+def test_propose_backward_bad_input_messages(mode):
+    op = torch.ops.mlkernels.propose_backward
+    d, kept, sizes, w = (
+        torch.zeros(2, 6, 4),
+        torch.zeros(2, 3, dtype=torch.int64),
+        _b4[:2, :2],
+        [1.0] * 4,
+    )
+    cases = [
+        (
+            (torch.zeros(2, 4, 4), _anch, d, kept, sizes, w, CLAMP),
+            r"propose_backward: grad_boxes must be Tensor\[N, P, 4\] = Tensor\[2, 3, 4\], "
+            r"got Tensor\[2, 4, 4\]",
+        ),
+        (
+            (torch.zeros(2, 3, 4), _anch, d, kept.int(), sizes, w, CLAMP),
+            r"propose_backward: kept_anchors must be int64 Tensor\[N, P\] with N = 2, "
+            r"got int32 Tensor\[2, 3\]",
+        ),
+        (
+            (torch.zeros(2, 3, 4), _anch, d, kept, sizes[:1], w, CLAMP),
+            r"propose_backward: image_sizes must be Tensor\[N, 2\] = Tensor\[2, 2\], "
+            r"got Tensor\[1, 2\]",
+        ),
+        (
+            (torch.zeros(2, 3, 4), _anch[:5], d, kept, sizes, w, CLAMP),
+            r"propose_backward: deltas must be Tensor\[N, A, 4\] with A = 5, got Tensor\[2, 6, 4\]",
+        ),
+    ]
+    for args, message in cases:
+        assert_raises(op, args, RuntimeError, message, mode)
+
+
+@pytest.mark.parametrize("runner", ["cpu", "emulated"])
+def test_propose_backward_out_of_range_kept_anchors(runner):
+    # A hand-made call with an anchor index propose cannot have written: refused on CPU tensors
+    # (on CUDA, where checking would cost a sync, the kernel skips it: no out-of-range write).
+    op = torch.ops.mlkernels if runner == "cpu" else emulated
+    grad, d, sizes, w = (
+        torch.ones(2, 3, 4),
+        torch.zeros(2, 6, 4),
+        torch.full((2, 2), 8.0),
+        [1.0] * 4,
+    )
+    bad = torch.tensor([[0, 6, -1], [1, -1, -1]])
+    message = (
+        r"propose_backward: kept_anchors must lie in \[-1, A\) with A = 6, got values in \[-1, 6\]"
+    )
+    with pytest.raises(RuntimeError, match=message):
+        op.propose_backward(grad, _anch, d, bad, sizes, w, CLAMP)
+
+
+def test_generate_anchors_and_propose_argument_errors():
+    with pytest.raises(ValueError, match="generate_anchors: stride must be finite and positive"):
+        ops.generate_anchors((2, 2), 0)
+    with pytest.raises(ValueError, match="generate_anchors: stride must be finite and positive"):
+        ops.generate_anchors((2, 2), (16, float("nan")))
+    with pytest.raises(ValueError, match="generate_anchors: feature_size must be non-negative"):
+        ops.generate_anchors((2.5, 2), 16)
+    with pytest.raises(ValueError, match="generate_anchors: sizes and aspect_ratios must be"):
+        ops.generate_anchors((2, 2), 16, sizes=(32, float("nan")))
+    with pytest.raises(ValueError, match=r"propose: image_sizes must be Tensor\[N, 2\] or a list"):
+        ops.propose(_anch, torch.zeros(2, 6, 4), torch.zeros(2, 6), [(8, 8), (8,)])
 
 
 def test_bad_types():

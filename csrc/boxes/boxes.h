@@ -2,8 +2,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/StringUtil.h>
 
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "../common/checks.h"
@@ -67,6 +69,27 @@ Weights<T> to_weights(at::ArrayRef<double> weights) {
 
 inline void check_clamp(const char* op, double clamp) {
   TORCH_CHECK_VALUE(!std::isnan(clamp), op, ": clamp must be a number, got nan");
+}
+
+// Checks for decode_boxes_backward: deltas and anchors as pair_boxes, and grad in their broadcast
+// shape (what decode_boxes returned). Returns the pair and grad, contiguous.
+inline std::pair<PairedBoxes, at::Tensor> prepare_decode_backward(const at::Tensor& grad,
+                                                                  const at::Tensor& deltas,
+                                                                  const at::Tensor& anchors,
+                                                                  at::ArrayRef<double> weights,
+                                                                  double clamp) {
+  const char* op = "decode_boxes_backward";
+  check_weights(op, weights);
+  check_clamp(op, clamp);
+  auto in = pair_boxes(op, "deltas", deltas, "anchors", anchors);
+  check_defined(op, "grad", grad);
+  check_same_dtype(op, "deltas", deltas, "grad", grad);
+  check_same_device(op, "deltas", deltas, "grad", grad);
+  TORCH_CHECK(grad.sizes().vec() == in.shape, op, ": grad must be Tensor[",
+              c10::Join(", ", in.shape), "] (the broadcast shape of deltas and anchors), got ",
+              shape_str(grad));
+  auto g = grad.contiguous();
+  return {std::move(in), std::move(g)};
 }
 
 // Checks for box_iou; returns both inputs contiguous.

@@ -53,12 +53,9 @@ std::tuple<at::Tensor, at::Tensor> decode_boxes_backward_cpu(const at::Tensor& g
                                                              const at::Tensor& anchors,
                                                              at::ArrayRef<double> weights,
                                                              double clamp) {
-  const char* op = "decode_boxes_backward";
-  check_weights(op, weights);
-  check_clamp(op, clamp);
-  auto in = pair_boxes(op, "deltas", deltas, "anchors", anchors);
-  check_same_dtype(op, "deltas", deltas, "grad", grad);
-  auto g = grad.expand(in.shape).contiguous();
+  auto prepared = prepare_decode_backward(grad, deltas, anchors, weights, clamp);
+  const PairedBoxes& in = prepared.first;
+  const at::Tensor& g = prepared.second;
   auto grad_deltas = at::empty(in.shape, in.first.options());
   auto grad_anchors = at::empty(in.shape, in.first.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "decode_boxes_backward", [&] {

@@ -54,13 +54,9 @@ template <typename Runner>
 std::tuple<at::Tensor, at::Tensor> decode_boxes_backward_kernel(
     const Runner& run, const at::Tensor& grad, const at::Tensor& deltas,
     const at::Tensor& anchors, at::ArrayRef<double> weights, double clamp) {
-  const char* op = "decode_boxes_backward";
-  check_weights(op, weights);
-  check_clamp(op, clamp);
-  auto in = pair_boxes(op, "deltas", deltas, "anchors", anchors);
-  check_same_dtype(op, "deltas", deltas, "grad", grad);
-  check_same_device(op, "deltas", deltas, "grad", grad);
-  auto g = grad.expand(in.shape).contiguous();
+  auto prepared = prepare_decode_backward(grad, deltas, anchors, weights, clamp);
+  const PairedBoxes& in = prepared.first;
+  const at::Tensor& g = prepared.second;
   auto grad_deltas = at::empty(in.shape, in.first.options());
   auto grad_anchors = at::empty(in.shape, in.first.options());
   if (in.rows == 0) return {grad_deltas, grad_anchors};

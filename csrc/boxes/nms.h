@@ -159,26 +159,51 @@ inline ProposeOutputs empty_propose_outputs(const ProposeInputs& in) {
   return out;
 }
 
-// Checks for propose_backward; returns grad_boxes, kept_anchors and sizes contiguous.
+// Checks for propose_backward. kept_anchors comes from propose; its values are checked against
+// [-1, A) where that costs no host sync (CPU), and the kernel skips any other value anyway, so a
+// hand-made kernel call can never index out of range.
 inline void check_propose_backward(const at::Tensor& grad_boxes, const at::Tensor& anchors,
                                    const at::Tensor& deltas, const at::Tensor& kept_anchors,
                                    const at::Tensor& sizes) {
   const char* op = "propose_backward";
-  TORCH_CHECK(anchors.dim() == 2 && anchors.size(1) == 4 && deltas.dim() == 3 &&
-                  deltas.size(1) == anchors.size(0) && deltas.size(2) == 4,
-              op, ": deltas must be Tensor[N, A, 4] with A = ", anchors.size(0), ", got ",
+  check_defined(op, "grad_boxes", grad_boxes);
+  check_defined(op, "anchors", anchors);
+  check_defined(op, "deltas", deltas);
+  check_defined(op, "kept_anchors", kept_anchors);
+  check_defined(op, "image_sizes", sizes);
+  TORCH_CHECK(anchors.dim() == 2 && anchors.size(1) == 4, op,
+              ": anchors must be Tensor[A, 4], got ", shape_str(anchors));
+  TORCH_CHECK(deltas.dim() == 3 && deltas.size(1) == anchors.size(0) && deltas.size(2) == 4, op,
+              ": deltas must be Tensor[N, A, 4] with A = ", anchors.size(0), ", got ",
               shape_str(deltas));
+  check_floating(op, "deltas", deltas);
   TORCH_CHECK(kept_anchors.dim() == 2 && kept_anchors.size(0) == deltas.size(0) &&
                   kept_anchors.scalar_type() == at::kLong,
-              op, ": kept_anchors must be int64 Tensor[N, P], got ", shape_str(kept_anchors));
+              op, ": kept_anchors must be int64 Tensor[N, P] with N = ", deltas.size(0), ", got ",
+              dtype_str(kept_anchors.scalar_type()), " ", shape_str(kept_anchors));
   TORCH_CHECK(grad_boxes.dim() == 3 && grad_boxes.size(0) == kept_anchors.size(0) &&
                   grad_boxes.size(1) == kept_anchors.size(1) && grad_boxes.size(2) == 4,
               op, ": grad_boxes must be Tensor[N, P, 4] = Tensor[", kept_anchors.size(0), ", ",
               kept_anchors.size(1), ", 4], got ", shape_str(grad_boxes));
   TORCH_CHECK(sizes.dim() == 2 && sizes.size(0) == deltas.size(0) && sizes.size(1) == 2, op,
-              ": image_sizes must be Tensor[N, 2], got ", shape_str(sizes));
+              ": image_sizes must be Tensor[N, 2] = Tensor[", deltas.size(0), ", 2], got ",
+              shape_str(sizes));
   check_same_dtype(op, "deltas", deltas, "grad_boxes", grad_boxes);
   check_same_dtype(op, "deltas", deltas, "anchors", anchors);
+  TORCH_CHECK(sizes.scalar_type() != at::kBool && !sizes.is_complex(), op,
+              ": image_sizes must be an integer or floating tensor, got ",
+              dtype_str(sizes.scalar_type()));
+  check_same_device(op, "deltas", deltas, "grad_boxes", grad_boxes);
+  check_same_device(op, "deltas", deltas, "anchors", anchors);
+  check_same_device(op, "deltas", deltas, "kept_anchors", kept_anchors);
+  check_same_device(op, "deltas", deltas, "image_sizes", sizes);
+  if (kept_anchors.is_cpu() && kept_anchors.numel() > 0) {
+    const int64_t low = kept_anchors.min().item<int64_t>();
+    const int64_t high = kept_anchors.max().item<int64_t>();
+    TORCH_CHECK(low >= -1 && high < anchors.size(0), op,
+                ": kept_anchors must lie in [-1, A) with A = ", anchors.size(0),
+                ", got values in [", low, ", ", high, "]");
+  }
 }
 
 }  // namespace boxes

@@ -77,10 +77,17 @@ struct NmsReduceBlock {
 // valid). Returns the kept positions [images, max_keep] (-1 past the count) and the counts
 // [images], both left on the device.
 template <typename Runner>
-std::pair<at::Tensor, at::Tensor> bitmask_nms(const Runner& run, const at::Tensor& boxes,
-                                              const at::Tensor& groups, const at::Tensor& valid,
-                                              double iou_threshold, int64_t max_keep) {
+std::pair<at::Tensor, at::Tensor> bitmask_nms(const Runner& run, const char* op,
+                                              const at::Tensor& boxes, const at::Tensor& groups,
+                                              const at::Tensor& valid, double iou_threshold,
+                                              int64_t max_keep) {
   const int64_t images = boxes.size(0), n = boxes.size(1), words = mask_words(n);
+  // The mask grid is (words, words, images), and CUDA caps a grid's y and z at 65535.
+  constexpr int64_t kMaxGridYZ = 65535;
+  TORCH_CHECK(words <= kMaxGridYZ, op, ": the CUDA NMS takes at most ", kMaxGridYZ * kMaskBits,
+              " boxes per list, got ", n);
+  TORCH_CHECK(images <= kMaxGridYZ, op, ": the CUDA NMS takes at most ", kMaxGridYZ,
+              " images, got ", images);
   const auto long_opts = boxes.options().dtype(at::kLong);
   auto kept = at::empty({images, max_keep}, long_opts);
   auto counts = at::empty({images}, long_opts);
@@ -122,7 +129,7 @@ at::Tensor nms_family_kernel(const Runner& run, const char* op, const at::Tensor
   const at::Tensor groups =
       idxs != nullptr ? in.groups.index_select(0, order).unsqueeze(0).contiguous() : at::Tensor();
   const std::pair<at::Tensor, at::Tensor> kept =
-      bitmask_nms(run, sorted, groups, at::Tensor(), iou_threshold, in.n);
+      bitmask_nms(run, op, sorted, groups, at::Tensor(), iou_threshold, in.n);
   const int64_t count = kept.second.item<int64_t>();  // the output size is data-dependent
   return order.index_select(0, kept.first[0].narrow(0, 0, count));
 }
@@ -161,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose_kernel(
     });
   });
   const std::pair<at::Tensor, at::Tensor> kept =
-      bitmask_nms(run, cand_boxes, at::Tensor(), valid, iou_threshold, post_nms_top_n);
+      bitmask_nms(run, "propose", cand_boxes, at::Tensor(), valid, iou_threshold, post_nms_top_n);
   AT_DISPATCH_FLOATING_TYPES(in.deltas.scalar_type(), "propose_output", [&] {
     const scalar_t* b = cand_boxes.data_ptr<scalar_t>();
     const scalar_t* s = scores.data_ptr<scalar_t>();

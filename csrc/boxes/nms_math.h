@@ -222,7 +222,8 @@ MLK_HOST_DEVICE void propose_output_thread(const ThreadIndex& t, int64_t images,
 }
 
 // One output row per loop step: the gradient of a kept proposal to its delta and (per image) its
-// anchor. An anchor appears at most once per image, so the writes never collide.
+// anchor. An anchor appears at most once per image, so the writes never collide. Values outside
+// [0, num_anchors) pass nothing (propose writes -1 for rows without an anchor).
 template <typename T>
 MLK_HOST_DEVICE void propose_backward_thread(const ThreadIndex& t, int64_t images, int64_t rows,
                                              int64_t num_anchors, const T* grad_boxes,
@@ -232,7 +233,7 @@ MLK_HOST_DEVICE void propose_backward_thread(const ThreadIndex& t, int64_t image
                                              T* grad_anchors) {
   for (int64_t q = t.global_x(); q < images * rows; q += t.grid_stride_x()) {
     const int64_t image = q / rows, a = kept_anchors[q];
-    if (a < 0) continue;
+    if (a < 0 || a >= num_anchors) continue;  // -1: no anchor; others cannot come from propose
     const int64_t d = 4 * (image * num_anchors + a);
     proposal_backward(grad_boxes + 4 * q, deltas + d, anchors + 4 * a, wt, clip,
                       sizes[2 * image], sizes[2 * image + 1], grad_deltas + d, grad_anchors + d);

@@ -111,6 +111,12 @@ def _decode_boxes_backward_fake(grad, deltas, anchors, weights, clamp):
     C.check_clamp(op, clamp)
     shape = C.paired_boxes_shape(op, "deltas", deltas, "anchors", anchors)
     C.check_same_dtype(op, "deltas", deltas, "grad", grad)
+    C.check_same_device(op, "deltas", deltas, "grad", grad)
+    C.check(
+        grad.shape == shape,
+        f"{op}: grad must be Tensor[{', '.join(str(s) for s in shape)}] "
+        f"(the broadcast shape of deltas and anchors), got {C.shape_str(grad)}",
+    )
     return deltas.new_empty(shape), deltas.new_empty(shape)
 
 
@@ -208,15 +214,22 @@ def generate_anchors(
 
     Equivalent PyTorch code: :func:`mlkernels.reference.generate_anchors`.
     """
-    height, width = (int(s) for s in _pair(feature_size, "feature_size"))
-    stride_h, stride_w = _pair(stride, "stride")
-    if height < 0 or width < 0:
+    fh, fw = _pair(feature_size, "feature_size")
+    if not (fh.is_integer() and fw.is_integer() and fh >= 0 and fw >= 0):
         raise ValueError(
-            f"generate_anchors: feature_size must be non-negative, got {(height, width)}"
+            f"generate_anchors: feature_size must be non-negative integers, got {feature_size!r}"
         )
-    if not sizes or not aspect_ratios or min(sizes) <= 0 or min(aspect_ratios) <= 0:
+    height, width = int(fh), int(fw)
+    stride_h, stride_w = _pair(stride, "stride")
+    if not all(math.isfinite(s) and s > 0 for s in (stride_h, stride_w)):
+        raise ValueError(f"generate_anchors: stride must be finite and positive, got {stride!r}")
+    if (
+        not sizes
+        or not aspect_ratios
+        or not all(math.isfinite(v) and v > 0 for v in (*sizes, *aspect_ratios))
+    ):
         raise ValueError(
-            "generate_anchors: sizes and aspect_ratios must be non-empty and positive, "
+            "generate_anchors: sizes and aspect_ratios must be non-empty, finite and positive, "
             f"got sizes={tuple(sizes)}, aspect_ratios={tuple(aspect_ratios)}"
         )
     # torchvision computes the base anchors in float32 whatever the output dtype; so do we.
@@ -324,7 +337,13 @@ def propose(
     C.check_tensor("propose", "deltas", deltas)
     C.check_tensor("propose", "objectness", objectness)
     if not isinstance(image_sizes, torch.Tensor):
-        image_sizes = torch.as_tensor(image_sizes, dtype=torch.float64, device=deltas.device)
+        try:
+            image_sizes = torch.as_tensor(image_sizes, dtype=torch.float64, device=deltas.device)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(
+                f"propose: image_sizes must be Tensor[N, 2] or a list of (height, width) pairs, "
+                f"got {image_sizes!r} ({error})"
+            ) from None
         if image_sizes.numel() == 0:
             image_sizes = image_sizes.reshape(0, 2)
     boxes, scores, counts, _ = _ops.propose(
@@ -461,14 +480,50 @@ def _propose_fake(anchors, deltas, objectness, image_sizes, pre_nms_top_n, post_
 
 @torch.library.register_fake("mlkernels::propose_backward")
 def _propose_backward_fake(grad_boxes, anchors, deltas, kept_anchors, image_sizes, weights, clamp):
+    """The checks of check_propose_backward (csrc/boxes/nms.h), but the values of kept_anchors."""
     op = "propose_backward"
     C.check(
-        deltas.dim() == 3 and anchors.dim() == 2 and deltas.shape[1] == anchors.shape[0],
-        f"{op}: deltas must be Tensor[N, A, 4] with A = {anchors.shape[0]}, "
-        f"got {C.shape_str(deltas)}",
+        anchors.dim() == 2 and anchors.shape[1] == 4,
+        f"{op}: anchors must be Tensor[A, 4], got {C.shape_str(anchors)}",
+    )
+    a = anchors.shape[0]
+    C.check(
+        deltas.dim() == 3 and deltas.shape[1] == a and deltas.shape[2] == 4,
+        f"{op}: deltas must be Tensor[N, A, 4] with A = {a}, got {C.shape_str(deltas)}",
+    )
+    C.check_floating(op, "deltas", deltas)
+    n = deltas.shape[0]
+    C.check(
+        kept_anchors.dim() == 2
+        and kept_anchors.shape[0] == n
+        and kept_anchors.dtype == torch.int64,
+        f"{op}: kept_anchors must be int64 Tensor[N, P] with N = {n}, "
+        f"got {C.dtype_str(kept_anchors.dtype)} {C.shape_str(kept_anchors)}",
+    )
+    p = kept_anchors.shape[1]
+    C.check(
+        grad_boxes.dim() == 3 and tuple(grad_boxes.shape) == (n, p, 4),
+        f"{op}: grad_boxes must be Tensor[N, P, 4] = Tensor[{n}, {p}, 4], "
+        f"got {C.shape_str(grad_boxes)}",
+    )
+    C.check(
+        image_sizes.dim() == 2 and image_sizes.shape[0] == n and image_sizes.shape[1] == 2,
+        f"{op}: image_sizes must be Tensor[N, 2] = Tensor[{n}, 2], got {C.shape_str(image_sizes)}",
     )
     C.check_same_dtype(op, "deltas", deltas, "grad_boxes", grad_boxes)
     C.check_same_dtype(op, "deltas", deltas, "anchors", anchors)
+    C.check(
+        image_sizes.dtype != torch.bool and not image_sizes.dtype.is_complex,
+        f"{op}: image_sizes must be an integer or floating tensor, "
+        f"got {C.dtype_str(image_sizes.dtype)}",
+    )
+    for name, t in (
+        ("grad_boxes", grad_boxes),
+        ("anchors", anchors),
+        ("kept_anchors", kept_anchors),
+        ("image_sizes", image_sizes),
+    ):
+        C.check_same_device(op, "deltas", deltas, name, t)
     return torch.empty_like(deltas), torch.empty_like(anchors)
 
 
