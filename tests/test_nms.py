@@ -195,6 +195,21 @@ def test_nms_nan_and_inf_are_safe_and_match_torchvision(dtype):
     assert 3 in ops.nms(boxes, scores, 0.5).tolist()  # a NaN box is never suppressed
 
 
+def test_nms_non_contiguous_inputs():
+    boxes, scores = _nms_inputs(14, 120, torch.float32, ties=True)
+    strided_boxes = boxes.t().contiguous().t()
+    strided_scores = torch.stack([scores, scores], dim=1)[:, 0]
+    idxs = (torch.arange(240) % 3)[::2]
+    assert not strided_boxes.is_contiguous() and not strided_scores.is_contiguous()
+    expected = torchvision.ops.nms(boxes, scores, 0.5)
+    for fn in (ops.nms, emulated.nms):
+        torch.testing.assert_close(fn(strided_boxes, strided_scores, 0.5), expected, rtol=0, atol=0)
+    expected = reference.batched_nms(boxes, scores, idxs.contiguous(), 0.5)
+    for fn in (ops.batched_nms, emulated.batched_nms):
+        got = fn(strided_boxes, strided_scores, idxs, 0.5)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 # ---- batched_nms ----
 
 

@@ -29,6 +29,9 @@ def test_anchor_generator_matches_torchvision_and_derives_stride():
     with pytest.raises(ValueError, match="AnchorGenerator: image_size must be given"):
         ours(features)
     assert "aspect_ratios=(0.5, 1.0, 2.0)" in repr(ours)
+    with pytest.raises(ValueError, match="AnchorGenerator: image_size must be at least"):
+        ours(features, (4, 100))
+    assert ours(torch.zeros(1, 8, 0, 7), image_size).shape == (0, 4)
 
 
 def _layer(**kwargs):

@@ -55,6 +55,11 @@ class AnchorGenerator(nn.Module):
         *,
         dtype: torch.dtype | None = None,
     ) -> Tensor:
+        if features.dim() < 2:
+            raise ValueError(
+                "AnchorGenerator: features must be Tensor[..., H, W], "
+                f"got Tensor[{', '.join(str(d) for d in features.shape)}]"
+            )
         height, width = features.shape[-2:]
         dtype = dtype or features.dtype
         stride = self.stride
@@ -63,7 +68,14 @@ class AnchorGenerator(nn.Module):
                 raise ValueError(
                     "AnchorGenerator: image_size must be given when stride is None, got None"
                 )
-            stride = (int(image_size[0]) // height, int(image_size[1]) // width)
+            image_h, image_w = int(image_size[0]), int(image_size[1])
+            if image_h < height or image_w < width:
+                raise ValueError(
+                    f"AnchorGenerator: image_size must be at least the feature map's size "
+                    f"({height}, {width}) to derive a stride, got {(image_h, image_w)}"
+                )
+            # max(.., 1): an empty map has no anchors whatever the stride.
+            stride = (image_h // max(height, 1), image_w // max(width, 1))
         stride_key = tuple(stride) if isinstance(stride, Sequence) else stride
         key = (height, width, stride_key, dtype, features.device)
         if key not in self._cache:  # anchors depend only on the map's geometry
