@@ -56,17 +56,27 @@ def test_decode_matches_torchvision_and_reference(seed, n, weights, dtype):
     n=st.integers(0, 300),
     weights=weights_st,
     dtype=st.sampled_from(DTYPES),
+    degenerate=st.booleans(),
 )
-def test_encode_matches_torchvision_and_reference(seed, n, weights, dtype):
+def test_encode_matches_torchvision_and_reference(seed, n, weights, dtype, degenerate):
     g = torch.Generator().manual_seed(seed)
     anchors = random_boxes(n, generator=g, dtype=dtype, offset=-30.0)
     boxes = random_boxes(n, generator=g, dtype=dtype, offset=-30.0)
+    if degenerate and n:  # empty and inverted boxes and anchors: inf/NaN exactly as torchvision
+        boxes[::3, 2] = boxes[::3, 0]
+        boxes[1::3, 3] = boxes[1::3, 1] - 1
+        anchors[::4, 2] = anchors[::4, 0]
     ours = ops.encode_boxes(boxes, anchors, weights)
-    torch.testing.assert_close(ours, BoxCoder(weights).encode_single(boxes, anchors))
-    torch.testing.assert_close(ours, reference.encode_boxes(boxes, anchors, weights))
+    expected = BoxCoder(weights).encode_single(boxes, anchors)
+    torch.testing.assert_close(ours, expected, equal_nan=True)
     torch.testing.assert_close(
-        emulated.encode_boxes(boxes, anchors, list(weights)), ours, rtol=0, atol=0
+        ours, reference.encode_boxes(boxes, anchors, weights), equal_nan=True
     )
+    torch.testing.assert_close(
+        emulated.encode_boxes(boxes, anchors, list(weights)), ours, rtol=0, atol=0, equal_nan=True
+    )
+    if degenerate and n:
+        assert not torch.isfinite(ours).all()
 
 
 @given(
