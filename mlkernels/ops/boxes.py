@@ -263,7 +263,8 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     coordinate has NaN IoU with every box, so it is kept (in its score order) and suppresses
     nothing; Inf coordinates follow IEEE arithmetic exactly as torchvision's kernel. Indices are
     always valid. CPU: sorted structure-of-arrays candidates, a vectorized IoU of each kept box
-    against the survivors; CUDA: bitmask NMS reduced on the device.
+    against the survivors; CUDA: bitmask NMS reduced on the device, whose mask takes N * N / 8
+    bytes of GPU memory (as torchvision's; 50 MB at N = 20000) and N at most 65535 * 64.
     Equivalent PyTorch code: :func:`mlkernels.reference.nms`.
     """
     C.check_tensor("nms", "boxes", boxes)
@@ -284,7 +285,8 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         Tensor[K] int64: the kept indices of all groups, by decreasing score (stable).
 
     No coordinate-offset trick: coordinates may be negative or huge. Groups run in parallel on
-    CPU. NaN/Inf as :func:`nms`.
+    CPU; CUDA runs one bitmask NMS over all N boxes (memory as :func:`nms`). NaN/Inf as
+    :func:`nms`.
     Equivalent PyTorch code: :func:`mlkernels.reference.batched_nms`.
     """
     C.check_tensor("batched_nms", "boxes", boxes)
@@ -322,6 +324,12 @@ def propose(
         objectness (Tensor[N, A]): logits.
         image_sizes (Tensor[N, 2] or list of (height, width)): finite and >= 0; boxes are
             clipped to them (checked in eager mode, which costs one host sync on CUDA).
+        pre_nms_top_n: candidates per image before NMS (>= 0; at most A are taken).
+        post_nms_top_n: proposals kept per image after NMS (>= 0).
+        iou_threshold: as :func:`nms` (non-negative).
+        min_size: a clipped box with a side below this is dropped.
+        score_threshold: a box whose ``sigmoid(objectness)`` is below this is dropped.
+        weights, clamp: as :func:`decode_boxes`.
         append_whole_image: add the box (0, 0, width, height) with score 1 after the kept ones.
 
     Returns:
