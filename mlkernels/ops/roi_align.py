@@ -87,7 +87,9 @@ def roi_align(
     box gradient is exact almost everywhere: at a sample on a pixel border the bilinear
     interpolation has a kink. With adaptive sampling the sample count, which jumps with the box
     size, is held constant (its derivative is zero between jumps). A coordinate clamped to the
-    map border, and a width clamped to 1, pass no gradient.
+    map border, and a width clamped to 1, pass no gradient. A box with a NaN coordinate gets
+    NaN bins and a NaN box gradient (torchvision's kernels read out of bounds there); infinite
+    coordinates give finite results (0 where no sample reaches the map).
 
     CPU forward and backward are deterministic (bitwise identical run to run and at any thread
     count on a given machine). On CUDA, ``torch.use_deterministic_algorithms(True)`` selects a
