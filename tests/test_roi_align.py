@@ -490,6 +490,25 @@ def test_low_precision_error_within_twice_torchvisions(dtype, ratio):
         assert (err <= 2 * rounding + 1e-4 * exact.abs().max()).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_mixes_dtypes_as_torchvision(dtype):
+    """Under autocast a conv gives a low-precision map while the boxes stay float32; torchvision
+    computes in float32 and returns the map's dtype. So must a drop-in."""
+    x = _map(40, (2, 3, 10, 12), torch.float32)
+    conv = torch.nn.Conv2d(3, 4, 1)
+    rois = _rois(40, 7, 2, 10, 12, "outside", torch.float32).requires_grad_()
+    with torch.autocast("cpu", dtype=dtype):
+        feat = conv(x)
+        assert feat.dtype == dtype and rois.dtype == torch.float32
+        theirs = torchvision.ops.roi_align(feat, rois, 3, 1.0, 2, True)
+        ours = ops.roi_align(feat, rois, 3, 1.0, 2, True)
+    assert ours.dtype == theirs.dtype == dtype
+    torch.testing.assert_close(ours, theirs)
+    ours.float().sum().backward()
+    assert rois.grad is not None and rois.grad.dtype == torch.float32
+    assert rois.grad[:, 1:].abs().sum() > 0
+
+
 # ---- empty inputs ----
 
 

@@ -91,6 +91,9 @@ def roi_align(
     NaN bins and a NaN box gradient (torchvision's kernels read out of bounds there); infinite
     coordinates give finite results (0 where no sample reaches the map).
 
+    Under ``torch.autocast`` it computes in float32 and returns ``input``'s dtype, as
+    torchvision does, so a bfloat16/float16 map and float32 boxes mix there.
+
     CPU forward and backward are deterministic (bitwise identical run to run and at any thread
     count on a given machine). On CUDA, ``torch.use_deterministic_algorithms(True)`` selects a
     deterministic (slower) input-gradient kernel instead of atomics.
@@ -102,7 +105,17 @@ def roi_align(
     if not isinstance(boxes, Tensor) and len(boxes) == 0:
         rois = rois.to(dtype=input.dtype, device=input.device)
     oh, ow = output_pair(op, output_size)
-    return _ops.roi_align(input, rois, float(spatial_scale), oh, ow, int(sampling_ratio), aligned)
+    args = (float(spatial_scale), oh, ow, int(sampling_ratio), aligned)
+    device_type = input.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        # As torchvision's autocast kernel: inputs below float32 (a bfloat16 map from an
+        # autocast conv, float32 boxes) are computed in float32; the result has input's dtype.
+        def up(t: Tensor) -> Tensor:
+            return t if t.dtype == torch.float64 else t.float()
+
+        with torch.autocast(device_type, enabled=False):
+            return _ops.roi_align(up(input), up(rois), *args).to(input.dtype)
+    return _ops.roi_align(input, rois, *args)
 
 
 # ---- fake kernels: the C++ checks, repeated, and the output shapes ----
