@@ -372,6 +372,18 @@ def test_nan_box_coordinate_gives_nan(aligned, column):
             assert torch.isfinite(gb[keep]).all()
 
 
+def test_double_backward_raises_instead_of_returning_zeros():
+    x = _map(41, (1, 2, 6, 6)).requires_grad_()
+    rois = torch.tensor([[0, 1.0, 1, 4, 4]], dtype=torch.float64, requires_grad=True)
+    out = ops.roi_align(x, rois, 2, 1.0, 2, True)
+    (gb,) = torch.autograd.grad(out.square().sum(), rois, create_graph=True)
+    with pytest.raises(RuntimeError, match="roi_align: second derivatives"):
+        torch.autograd.grad(gb.sum(), x)
+    # first derivatives are unaffected by create_graph
+    (plain,) = torch.autograd.grad(ops.roi_align(x, rois, 2, 1.0, 2, True).square().sum(), rois)
+    torch.testing.assert_close(gb.detach(), plain)
+
+
 # ---- determinism ----
 
 

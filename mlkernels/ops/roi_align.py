@@ -188,3 +188,18 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("mlkernels::roi_align", _backward, setup_context=_setup)
+
+
+def _setup_double(ctx, inputs, output):
+    pass
+
+
+def _double_backward(ctx, grad_input, grad_boxes):
+    # Without this, autograd only warns and treats the backward as constant: second derivatives
+    # (create_graph=True, gradient penalties) would come out as silent zeros.
+    raise RuntimeError("roi_align: second derivatives (double backward) are not implemented")
+
+
+torch.library.register_autograd(
+    "mlkernels::roi_align_backward", _double_backward, setup_context=_setup_double
+)
