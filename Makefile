@@ -8,9 +8,12 @@ export MLKERNELS_CUDA ?= auto
 
 DEPS := $(VENV)/.deps-installed
 BUILT := $(VENV)/.mlkernels-built
+# Holds the MLKERNELS_CUDA of the last build and changes only with it, so that
+# `MLKERNELS_CUDA=1 make test` after a build without CUDA (or the reverse) rebuilds.
+CUDA_MODE := $(VENV)/.mlkernels-cuda-mode
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
-.PHONY: install build test bench bench-quick lint format demo clean
+.PHONY: install build test bench bench-quick lint format demo clean FORCE
 
 install: $(BUILT)
 
@@ -19,8 +22,12 @@ $(DEPS): requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
+$(CUDA_MODE): FORCE
+	@mkdir -p $(VENV)
+	@echo "$(MLKERNELS_CUDA)" | cmp -s - $@ || echo "$(MLKERNELS_CUDA)" > $@
+
 # First build: the editable install users do. Later builds: ninja in build/, only what changed.
-$(BUILT): $(DEPS) $(CSRC) setup.py pyproject.toml
+$(BUILT): $(DEPS) $(CSRC) setup.py pyproject.toml $(CUDA_MODE)
 	@if $(PY) -m pip show -q mlkernels >/dev/null 2>&1 && [ -f mlkernels/_build_config.py ]; then \
 	  $(PY) setup.py -q build_ext --inplace; \
 	else \
@@ -51,4 +58,4 @@ demo: $(BUILT)
 	$(PY) benchmarks/run.py --quick
 
 clean:
-	rm -rf build *.egg-info mlkernels/*.so mlkernels/_build_config.py $(BUILT)
+	rm -rf build *.egg-info mlkernels/*.so mlkernels/_build_config.py $(BUILT) $(CUDA_MODE)

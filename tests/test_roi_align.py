@@ -303,6 +303,87 @@ def test_degenerate_and_outside_boxes_have_finite_gradients():
     assert torch.isfinite(torch.autograd.grad(out.sum(), huge)[0]).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size,output_size,ratio", [(1e9, 2, -1), (2.0**32, 1, 2**32)])
+def test_huge_boxes_and_sample_grids(dtype, size, output_size, ratio):
+    """Boxes and sample grids far beyond the map: adaptive grids of 5 * 10^8 samples a side, and
+    an explicit grid of 2^32 (2^64 samples a bin, past int64). On a map of ones a bin is a mean
+    of samples worth 1 or 0, so it lies in [0, 1]; each of these bins reaches the map, so > 0."""
+    ones = torch.ones(1, 2, 6, 6, dtype=dtype)
+    box = torch.tensor([[0, -size, -size, size, size]], dtype=dtype)
+    for fn in (ops.roi_align, emulated.roi_align):
+        if fn is ops.roi_align:
+            out = fn(ones, box, output_size, 1.0, ratio, True)
+        else:
+            out = fn(ones, box, 1.0, output_size, output_size, ratio, True)
+        assert ((out > 0) & (out <= 1)).all(), out
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_infinite_box_coordinates_give_zero(aligned):
+    """An infinite coordinate puts every sample at +-inf or NaN: the bins are 0 (a mean over an
+    infinite box), gradients finite, and the call returns at once (the adaptive grid of an
+    infinite box is capped, never looped over)."""
+    inf = float("inf")
+    x = _map(32, (1, 2, 6, 7))
+    rois = torch.tensor(
+        [[0, 1, 1, inf, 3], [0, -inf, -inf, inf, inf], [0, inf, inf, inf, inf], [0, 1, -inf, 3, 2]],
+        dtype=torch.float64,
+    )
+    grad = _map(33, (4, 2, 2, 2))
+    for ratio in (-1, 8):
+        for out in (
+            ops.roi_align(x, rois, 2, 1.0, ratio, aligned),
+            emulated.roi_align(x, rois, 1.0, 2, 2, ratio, aligned),
+        ):
+            assert (out == 0).all()
+        for gi, gb in (
+            torch.ops.mlkernels.roi_align_backward(grad, x, rois, 1.0, 2, 2, ratio, aligned),
+            emulated.roi_align_backward(grad, x, rois, 1.0, 2, 2, ratio, aligned),
+        ):
+            assert (gi == 0).all() and (gb == 0).all()
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("column", [1, 2, 3, 4])
+def test_nan_box_coordinate_gives_nan(aligned, column):
+    """A NaN coordinate has no sample position: its RoI's bins and box gradient are NaN (not 0,
+    not the bins of a width clamped to 1); the other RoIs are untouched. torchvision crashes."""
+    x = _map(30, (2, 3, 6, 7))
+    rois = _rois(30, 4, 2, 6, 7, "inside")
+    rois[1, column] = float("nan")
+    grad = _map(31, (4, 3, 2, 2))
+    keep = torch.tensor([0, 2, 3])
+    expected = torchvision.ops.roi_align(x, rois[keep], 2, 1.0, 2, aligned)
+    for ratio in (-1, 2):
+        for out in (
+            ops.roi_align(x, rois, 2, 1.0, ratio, aligned),
+            emulated.roi_align(x, rois, 1.0, 2, 2, ratio, aligned),
+            reference.roi_align(x, rois, 2, 1.0, ratio, aligned),
+        ):
+            assert out[1].isnan().all()
+            if ratio == 2:
+                torch.testing.assert_close(out[keep], expected)
+        for gb in (
+            torch.ops.mlkernels.roi_align_backward(grad, x, rois, 1.0, 2, 2, ratio, aligned)[1],
+            emulated.roi_align_backward(grad, x, rois, 1.0, 2, 2, ratio, aligned)[1],
+        ):
+            assert gb[1, 1:].isnan().all() and gb[1, 0] == 0
+            assert torch.isfinite(gb[keep]).all()
+
+
+def test_double_backward_raises_instead_of_returning_zeros():
+    x = _map(41, (1, 2, 6, 6)).requires_grad_()
+    rois = torch.tensor([[0, 1.0, 1, 4, 4]], dtype=torch.float64, requires_grad=True)
+    out = ops.roi_align(x, rois, 2, 1.0, 2, True)
+    (gb,) = torch.autograd.grad(out.square().sum(), rois, create_graph=True)
+    with pytest.raises(RuntimeError, match="roi_align: second derivatives"):
+        torch.autograd.grad(gb.sum(), x)
+    # first derivatives are unaffected by create_graph
+    (plain,) = torch.autograd.grad(ops.roi_align(x, rois, 2, 1.0, 2, True).square().sum(), rois)
+    torch.testing.assert_close(gb.detach(), plain)
+
+
 # ---- determinism ----
 
 
@@ -359,9 +440,11 @@ def test_emulated_backward_matches_reference(seed, k, ratio, aligned, kind, dete
 
 
 def test_emulated_deterministic_and_atomic_variants_agree():
-    x = _map(8, (2, 5, 10, 10), torch.float32)
+    # 40 channels x 9 bins: more (channel, bin) elements than the box-gradient block's 256
+    # threads, so its threads loop (the strided share of box_grad_partial_phase)
+    x = _map(8, (2, 40, 10, 10), torch.float32)
     rois = _rois(8, 20, 2, 10, 10, "outside", torch.float32)
-    grad = _map(9, (20, 5, 3, 3), torch.float32)
+    grad = _map(9, (20, 40, 3, 3), torch.float32)
     previous = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(False)
@@ -417,6 +500,25 @@ def test_low_precision_error_within_twice_torchvisions(dtype, ratio):
         err = (ours.float() - exact).abs()
         rounding = (exact.to(dtype).float() - exact).abs()
         assert (err <= 2 * rounding + 1e-4 * exact.abs().max()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_mixes_dtypes_as_torchvision(dtype):
+    """Under autocast a conv gives a low-precision map while the boxes stay float32; torchvision
+    computes in float32 and returns the map's dtype. So must a drop-in."""
+    x = _map(40, (2, 3, 10, 12), torch.float32)
+    conv = torch.nn.Conv2d(3, 4, 1)
+    rois = _rois(40, 7, 2, 10, 12, "outside", torch.float32).requires_grad_()
+    with torch.autocast("cpu", dtype=dtype):
+        feat = conv(x)
+        assert feat.dtype == dtype and rois.dtype == torch.float32
+        theirs = torchvision.ops.roi_align(feat, rois, 3, 1.0, 2, True)
+        ours = ops.roi_align(feat, rois, 3, 1.0, 2, True)
+    assert ours.dtype == theirs.dtype == dtype
+    torch.testing.assert_close(ours, theirs)
+    ours.float().sum().backward()
+    assert rois.grad is not None and rois.grad.dtype == torch.float32
+    assert rois.grad[:, 1:].abs().sum() > 0
 
 
 # ---- empty inputs ----
@@ -604,3 +706,13 @@ def test_cuda_matches_cpu(deterministic):
     cpu = torch.ops.mlkernels.roi_align_backward(grad, x, rois, 0.25, 7, 7, 2, False)
     for a, b in zip(got, cpu, strict=True):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-4)
+    if deterministic:  # the promise of use_deterministic_algorithms: bitwise, run to run
+        try:
+            torch.use_deterministic_algorithms(True)
+            again = torch.ops.mlkernels.roi_align_backward(
+                grad.cuda(), x.cuda(), rois.cuda(), 0.25, 7, 7, 2, False
+            )
+        finally:
+            torch.use_deterministic_algorithms(previous)
+        for a, b in zip(got, again, strict=True):
+            assert torch.equal(a, b)

@@ -39,13 +39,17 @@ class Block {
  public:
   Block(const LaunchConfig& config, Dim3 block_index)
       : config_(config), index_(block_index),
-        shared_(static_cast<size_t>(config.shared_bytes) / sizeof(double) + 1, 0.0) {}
+        shared_(static_cast<size_t>(config.shared_bytes) / sizeof(double) + 1, 0.0) {
+    // All bits set: NaN as float or double, -1 as an integer. A kernel that reads shared memory
+    // before writing it gets garbage on a GPU; here it gets values that show.
+    std::memset(shared_.data(), 0xff, shared_.size() * sizeof(double));
+  }
 
   int64_t num_threads() const { return config_.block.count(); }
   const Dim3& index() const { return index_; }
 
-  // The block's dynamic shared memory (config.shared_bytes bytes, zero at block start on the
-  // emulator; CUDA gives no such guarantee, so kernels must not rely on it).
+  // The block's dynamic shared memory (config.shared_bytes bytes). CUDA leaves it uninitialized;
+  // the emulator fills it with all-ones bytes at block start, so a kernel relying on zeros fails.
   template <typename T>
   T* shared() {
     return reinterpret_cast<T*>(shared_.data());

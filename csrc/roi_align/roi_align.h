@@ -42,14 +42,17 @@ inline void check_args(const char* op, const at::Tensor& input, const at::Tensor
 }
 
 // The batch-index column must hold integers in [0, N): a kernel indexes the map with it. On CUDA
-// this reads two numbers back to the host (one synchronization per call).
+// this reads three numbers back to the host in one copy (one synchronization per valid call).
 inline void check_batch_index(const char* op, const at::Tensor& boxes, int64_t batch_size) {
   if (boxes.size(0) == 0) return;
   const auto index = boxes.select(1, 0).to(at::kDouble);
-  const bool integral = index.eq(index.floor()).all().item<bool>();
-  TORCH_CHECK(integral, op, ": boxes[:, 0] (batch index) must be integers, got ",
-              index.masked_select(index.ne(index.floor())).cpu()[0].item<double>());
-  const double lo = index.min().item<double>(), hi = index.max().item<double>();
+  const auto fractional = index.ne(index.floor());  // NaN too
+  const auto stats =
+      at::stack({fractional.any().to(at::kDouble), index.min(), index.max()}).cpu();
+  const double* s = stats.data_ptr<double>();
+  TORCH_CHECK(s[0] == 0, op, ": boxes[:, 0] (batch index) must be integers, got ",
+              index.masked_select(fractional).cpu()[0].item<double>());
+  const double lo = s[1], hi = s[2];
   TORCH_CHECK(lo >= 0 && hi < static_cast<double>(batch_size), op,
               ": boxes[:, 0] (batch index) must be in [0, ", batch_size, "), got ",
               lo < 0 ? lo : hi);

@@ -47,6 +47,22 @@ struct RoiGeometry {
   T scale;
 };
 
+template <typename T>
+MLK_HOST_DEVICE bool is_nan(T v) {
+  return !(v == v);
+}
+
+// Adaptive samples per bin, ceil(size / bins), as an integer without undefined conversions:
+// 0 for a NaN or non-positive size (no samples, as torchvision's empty loops), capped at 2^62 for
+// sizes beyond int64 (boxes ~10^18 pixels; their samples are tested in sample_range's window).
+template <typename T>
+MLK_HOST_DEVICE int64_t adaptive_grid(T size, int64_t bins) {
+  const T grid = std::ceil(size / static_cast<T>(bins));
+  if (!(grid > T(0))) return 0;
+  const T cap = T(4611686018427387904.0);  // 2^62
+  return grid < cap ? static_cast<int64_t>(grid) : static_cast<int64_t>(cap);
+}
+
 template <typename T, typename S>
 MLK_HOST_DEVICE RoiGeometry<T> roi_geometry(const S* roi, const Params<T>& p) {
   RoiGeometry<T> g;
@@ -66,14 +82,17 @@ MLK_HOST_DEVICE RoiGeometry<T> roi_geometry(const S* roi, const Params<T>& p) {
   if (!g.free_h) roi_h = T(1);
   g.bin_w = roi_w / static_cast<T>(p.pooled_width);
   g.bin_h = roi_h / static_cast<T>(p.pooled_height);
-  g.grid_w = p.sampling_ratio > 0
-                 ? p.sampling_ratio
-                 : static_cast<int64_t>(std::ceil(roi_w / static_cast<T>(p.pooled_width)));
-  g.grid_h = p.sampling_ratio > 0
-                 ? p.sampling_ratio
-                 : static_cast<int64_t>(std::ceil(roi_h / static_cast<T>(p.pooled_height)));
-  const int64_t n = g.grid_h * g.grid_w;
-  g.count = static_cast<T>(n > 1 ? n : 1);
+  g.grid_w = p.sampling_ratio > 0 ? p.sampling_ratio : adaptive_grid(roi_w, p.pooled_width);
+  g.grid_h = p.sampling_ratio > 0 ? p.sampling_ratio : adaptive_grid(roi_h, p.pooled_height);
+  // In floating point: grid_h * grid_w overflows int64 for boxes ~10^10 times the bins. Below
+  // 2^24 (float) it rounds as torchvision's integer product does: not at all.
+  const T n = static_cast<T>(g.grid_h) * static_cast<T>(g.grid_w);
+  g.count = n > T(1) ? n : T(1);
+  // A NaN coordinate makes the RoI's bins NaN (and its box gradient, box_grad_from_moments):
+  // its samples have no position, and averaging none of them into 0 would hide the NaN.
+  if (is_nan(g.start_x) || is_nan(g.start_y) || is_nan(end_x) || is_nan(end_y)) {
+    g.count = static_cast<T>(NAN);
+  }
   return g;
 }
 
@@ -155,7 +174,14 @@ MLK_HOST_DEVICE void sample_range(T base, T bin, int64_t grid, int64_t size, int
   lo = 0;
   hi = grid > 0 ? grid : 0;
   const T step = bin / static_cast<T>(grid);
-  if (grid <= 4 || !(step > T(0))) return;
+  if (grid <= 4) return;
+  // A NaN base, or an infinite or NaN step, puts every sample at NaN or +-infinity: none is valid
+  // (the grid of an infinite box is 2^62 samples: looping over it would never end).
+  if (is_nan(base) || is_nan(step - step)) {
+    hi = lo;
+    return;
+  }
+  if (!(step > T(0))) return;
   // sample i lies at base + (i + 0.5) * step
   // widened by 2 samples plus a relative margin for float32 rounding of large indices
   T first = (T(-1) - base) / step - T(0.5);
@@ -172,8 +198,8 @@ MLK_HOST_DEVICE void for_each_sample(const RoiGeometry<T>& g, const Params<T>& p
                                      int64_t pw, Fn&& fn) {
   Sample<T> s;
   int64_t iy_lo, iy_hi, ix_lo, ix_hi;
-  const T inv_y = T(1) / static_cast<T>(g.grid_h * p.pooled_height);
-  const T inv_x = T(1) / static_cast<T>(g.grid_w * p.pooled_width);
+  const T inv_y = T(1) / (static_cast<T>(g.grid_h) * static_cast<T>(p.pooled_height));
+  const T inv_x = T(1) / (static_cast<T>(g.grid_w) * static_cast<T>(p.pooled_width));
   sample_range(g.start_y + static_cast<T>(ph) * g.bin_h, g.bin_h, g.grid_h, p.height, iy_lo,
                iy_hi);
   sample_range(g.start_x + static_cast<T>(pw) * g.bin_w, g.bin_w, g.grid_w, p.width, ix_lo,
@@ -182,12 +208,16 @@ MLK_HOST_DEVICE void for_each_sample(const RoiGeometry<T>& g, const Params<T>& p
     const T y = g.start_y + static_cast<T>(ph) * g.bin_h +
                 static_cast<T>(iy + .5f) * g.bin_h / static_cast<T>(g.grid_h);
     // (ph + (iy + 0.5) / grid_h) / pooled_height, with the division hoisted out of the loops
-    s.frac_y = (static_cast<T>(ph * g.grid_h + iy) + T(0.5)) * inv_y;
+    // rows outside [-1, H] hold no valid sample: skip them before the loop over columns
+    if (!(y >= T(-1) && y <= static_cast<T>(p.height))) continue;
+    s.frac_y =
+        (static_cast<T>(ph) * static_cast<T>(g.grid_h) + static_cast<T>(iy) + T(0.5)) * inv_y;
     for (int64_t ix = ix_lo; ix < ix_hi; ++ix) {
       const T x = g.start_x + static_cast<T>(pw) * g.bin_w +
                   static_cast<T>(ix + .5f) * g.bin_w / static_cast<T>(g.grid_w);
       if (!bilinear_sample(y, x, p.height, p.width, s)) continue;
-      s.frac_x = (static_cast<T>(pw * g.grid_w + ix) + T(0.5)) * inv_x;
+      s.frac_x =
+          (static_cast<T>(pw) * static_cast<T>(g.grid_w) + static_cast<T>(ix) + T(0.5)) * inv_x;
       fn(s);
     }
   }
@@ -214,11 +244,12 @@ MLK_HOST_DEVICE void box_grad_from_moments(const RoiGeometry<T>& g, const Moment
                                            S* grad_roi) {
   const T fw = g.free_w ? T(1) : T(0);
   const T fh = g.free_h ? T(1) : T(0);
-  grad_roi[0] = S(0);  // the batch index gets no gradient
-  grad_roi[1] = static_cast<S>(g.scale * (mo.m[0] - fw * mo.m[1]));
-  grad_roi[2] = static_cast<S>(g.scale * (mo.m[2] - fh * mo.m[3]));
-  grad_roi[3] = static_cast<S>(g.scale * fw * mo.m[1]);
-  grad_roi[4] = static_cast<S>(g.scale * fh * mo.m[3]);
+  const T nan = g.count - g.count;  // 0, or NaN for a box with a NaN coordinate
+  grad_roi[0] = S(0);               // the batch index gets no gradient
+  grad_roi[1] = static_cast<S>(g.scale * (mo.m[0] - fw * mo.m[1]) + nan);
+  grad_roi[2] = static_cast<S>(g.scale * (mo.m[2] - fh * mo.m[3]) + nan);
+  grad_roi[3] = static_cast<S>(g.scale * fw * mo.m[1] + nan);
+  grad_roi[4] = static_cast<S>(g.scale * fh * mo.m[3] + nan);
 }
 
 // atomicAdd on the device; a plain add on the emulator, which runs one thread at a time.

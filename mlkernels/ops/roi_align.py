@@ -87,7 +87,12 @@ def roi_align(
     box gradient is exact almost everywhere: at a sample on a pixel border the bilinear
     interpolation has a kink. With adaptive sampling the sample count, which jumps with the box
     size, is held constant (its derivative is zero between jumps). A coordinate clamped to the
-    map border, and a width clamped to 1, pass no gradient.
+    map border, and a width clamped to 1, pass no gradient. A box with a NaN coordinate gets
+    NaN bins and a NaN box gradient (torchvision's kernels read out of bounds there); infinite
+    coordinates give finite results (0 where no sample reaches the map).
+
+    Under ``torch.autocast`` it computes in float32 and returns ``input``'s dtype, as
+    torchvision does, so a bfloat16/float16 map and float32 boxes mix there.
 
     CPU forward and backward are deterministic (bitwise identical run to run and at any thread
     count on a given machine). On CUDA, ``torch.use_deterministic_algorithms(True)`` selects a
@@ -100,7 +105,17 @@ def roi_align(
     if not isinstance(boxes, Tensor) and len(boxes) == 0:
         rois = rois.to(dtype=input.dtype, device=input.device)
     oh, ow = output_pair(op, output_size)
-    return _ops.roi_align(input, rois, float(spatial_scale), oh, ow, int(sampling_ratio), aligned)
+    args = (float(spatial_scale), oh, ow, int(sampling_ratio), aligned)
+    device_type = input.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        # As torchvision's autocast kernel: inputs below float32 (a bfloat16 map from an
+        # autocast conv, float32 boxes) are computed in float32; the result has input's dtype.
+        def up(t: Tensor) -> Tensor:
+            return t if t.dtype == torch.float64 else t.float()
+
+        with torch.autocast(device_type, enabled=False):
+            return _ops.roi_align(up(input), up(rois), *args).to(input.dtype)
+    return _ops.roi_align(input, rois, *args)
 
 
 # ---- fake kernels: the C++ checks, repeated, and the output shapes ----
@@ -173,3 +188,18 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("mlkernels::roi_align", _backward, setup_context=_setup)
+
+
+def _setup_double(ctx, inputs, output):
+    pass
+
+
+def _double_backward(ctx, grad_input, grad_boxes):
+    # Without this, autograd only warns and treats the backward as constant: second derivatives
+    # (create_graph=True, gradient penalties) would come out as silent zeros.
+    raise RuntimeError("roi_align: second derivatives (double backward) are not implemented")
+
+
+torch.library.register_autograd(
+    "mlkernels::roi_align_backward", _double_backward, setup_context=_setup_double
+)

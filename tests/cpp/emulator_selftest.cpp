@@ -1,5 +1,6 @@
 // Checks the CPU grid emulator itself (csrc/common/emulator.h): grid-stride coverage, barriers
-// between phases, shared memory, per-thread state, and that a missing barrier shows up.
+// between phases, shared memory, per-thread state, that a missing barrier shows up, and that
+// shared memory is not silently zero at block start.
 // Built and run by tests/test_emulator.py; prints one line per check and exits non-zero on failure.
 #include <cstdio>
 #include <vector>
@@ -90,6 +91,21 @@ int main() {
     });
   });
   expect(safe[7] == 7 && racy[7] != 7, "a missing barrier changes the result");
+
+  // Shared memory is not zero at block start (CUDA leaves it uninitialized): a kernel that sums
+  // into it without first writing it gets NaN, not a plausible answer.
+  mlk::LaunchConfig acc_config;
+  acc_config.block.x = 4;
+  acc_config.shared_bytes = 4 * sizeof(float);
+  float unset = 0.0f;
+  run.blocks(acc_config, [&](mlk::EmulatorRunner::Block& block) {
+    float* s = block.shared<float>();
+    block.phase([&](const mlk::ThreadIndex& t) { s[t.thread.x] += 1.0f; });
+    block.phase([&](const mlk::ThreadIndex& t) {
+      if (t.thread.x == 0) unset = s[0] + s[1] + s[2] + s[3];
+    });
+  });
+  expect(unset != unset, "shared memory starts poisoned (NaN), not zero");
 
   return failures == 0 ? 0 : 1;
 }
