@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -671,11 +672,20 @@ def test_bad_batch_index(index, message):
         emulated.roi_align(X, boxes, 1.0, 2, 2, 2, False)
 
 
+def test_output_size_accepts_any_integer_type():
+    # torchvision takes numpy and tensor integers (e.g. sizes read from a config array).
+    expected = ops.roi_align(X, BOX, (2, 3))
+    for size in [(np.int64(2), 3), (torch.tensor(2), np.int32(3))]:
+        torch.testing.assert_close(ops.roi_align(X, BOX, size), expected, rtol=0, atol=0)
+    assert ops.roi_align(X, BOX, np.int64(2)).shape[-2:] == (2, 2)
+
+
 def test_bad_argument_types():
     with pytest.raises(TypeError, match="roi_align: input must be a Tensor, got list"):
         ops.roi_align([[1.0]], BOX, 2)
-    with pytest.raises(TypeError, match=r"roi_align: output_size must be an int or a pair"):
-        ops.roi_align(X, BOX, (2, 2, 2))
+    for bad in [(2, 2, 2), 2.0, True, (2, 2.5), torch.tensor(2.0)]:
+        with pytest.raises(TypeError, match=r"roi_align: output_size must be an int or a pair"):
+            ops.roi_align(X, BOX, bad)
     with pytest.raises(TypeError, match=r"roi_align: boxes must be Tensor\[K, 5\] or list"):
         ops.roi_align(X, "boxes", 2)
     with pytest.raises(

@@ -6,6 +6,7 @@ Kernels: csrc/roi_align (CPU, CUDA); pure-PyTorch equivalent: mlkernels.referenc
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -43,15 +44,27 @@ def boxes_to_rois(op: str, boxes: Tensor | Sequence[Tensor]) -> Tensor:
 
 
 def output_pair(op: str, output_size: int | Sequence[int]) -> tuple[int, int]:
-    """(height, width) of ``output_size`` given as an int or a pair of ints."""
-    if isinstance(output_size, int) and not isinstance(output_size, bool):
-        return output_size, output_size
-    if (
-        isinstance(output_size, (list, tuple))
-        and len(output_size) == 2
-        and all(isinstance(s, int) and not isinstance(s, bool) for s in output_size)
-    ):
-        return int(output_size[0]), int(output_size[1])
+    """(height, width) of ``output_size`` given as an int or a pair of ints. Any integer type
+    (Python, numpy, a 0-d integer tensor) is accepted, as torchvision does; bools and floats
+    are not."""
+
+    def as_int(value: object) -> int | None:
+        if isinstance(value, bool) or (
+            isinstance(value, torch.Tensor) and value.dtype == torch.bool
+        ):
+            return None
+        try:
+            return operator.index(value)
+        except TypeError:
+            return None
+
+    single = as_int(output_size)
+    if single is not None:
+        return single, single
+    if isinstance(output_size, (list, tuple)) and len(output_size) == 2:
+        pair = [as_int(s) for s in output_size]
+        if None not in pair:
+            return pair[0], pair[1]
     raise TypeError(f"{op}: output_size must be an int or a pair of ints, got {output_size!r}")
 
 
