@@ -125,7 +125,9 @@ def extensions():
         sources += sorted(glob.glob("csrc/*/*.cu"))
     torch_version = torch.__version__
     define = [f'-DMLK_TORCH_VERSION="{torch_version}"', f'-DMLK_CUDA_ARCHS="{archs}"']
-    cxx = ["-O3", "-fopenmp", *define]
+    # -ffp-contract=off: no fused multiply-adds where the CPU has them (aarch64, the AVX2+FMA
+    # clones), so CPU results keep torchvision's rounding, which computes a*b+c in two steps.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", *define]
     if with_cuda:
         cxx.append("-DMLK_WITH_CUDA")
     kwargs = dict(
