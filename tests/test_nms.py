@@ -805,8 +805,8 @@ def test_propose_backward_bad_input_messages(mode):
         ),
         (
             (torch.zeros(2, 3, 4), _anch, d, kept, sizes[:1], w, CLAMP),
-            r"propose_backward: image_sizes must be Tensor\[N, 2\] = Tensor\[2, 2\], "
-            r"got Tensor\[1, 2\]",
+            r"propose_backward: image_sizes must be Tensor\[N, 2\] = Tensor\[2, 2\] "
+            r"\(height, width\), got Tensor\[1, 2\]",
         ),
         (
             (torch.zeros(2, 3, 4), _anch[:5], d, kept, sizes, w, CLAMP),

@@ -82,14 +82,12 @@ inline void check_count(const char* op, const char* arg, int64_t value) {
   TORCH_CHECK_VALUE(value >= 0, op, ": ", arg, " must be >= 0, got ", value);
 }
 
-inline ProposeInputs prepare_propose(const at::Tensor& anchors, const at::Tensor& deltas,
-                                     const at::Tensor& objectness, const at::Tensor& image_sizes,
-                                     const ProposeArgs& args, at::ArrayRef<double> weights,
-                                     double clamp) {
-  const char* op = "propose";
+// The checks propose and propose_backward share: anchors Tensor[A, 4] and deltas Tensor[N, A, 4]
+// of one floating dtype, image_sizes Tensor[N, 2] of a real dtype, all on one device.
+inline void check_anchors_deltas_sizes(const char* op, const at::Tensor& anchors,
+                                       const at::Tensor& deltas, const at::Tensor& image_sizes) {
   check_defined(op, "anchors", anchors);
   check_defined(op, "deltas", deltas);
-  check_defined(op, "objectness", objectness);
   check_defined(op, "image_sizes", image_sizes);
   TORCH_CHECK(anchors.dim() == 2 && anchors.size(1) == 4, op,
               ": anchors must be Tensor[A, 4], got ", shape_str(anchors));
@@ -98,20 +96,31 @@ inline ProposeInputs prepare_propose(const at::Tensor& anchors, const at::Tensor
   TORCH_CHECK(deltas.dim() == 3 && deltas.size(1) == a && deltas.size(2) == 4, op,
               ": deltas must be Tensor[N, A, 4] with A = ", a, ", got ", shape_str(deltas));
   const int64_t n = deltas.size(0);
-  TORCH_CHECK(objectness.dim() == 2 && objectness.size(0) == n && objectness.size(1) == a, op,
-              ": objectness must be Tensor[N, A] = Tensor[", n, ", ", a, "], got ",
-              shape_str(objectness));
   TORCH_CHECK(image_sizes.dim() == 2 && image_sizes.size(0) == n && image_sizes.size(1) == 2, op,
               ": image_sizes must be Tensor[N, 2] = Tensor[", n, ", 2] (height, width), got ",
               shape_str(image_sizes));
   check_same_dtype(op, "anchors", anchors, "deltas", deltas);
-  check_same_dtype(op, "anchors", anchors, "objectness", objectness);
   TORCH_CHECK(image_sizes.scalar_type() != at::kBool && !image_sizes.is_complex(), op,
               ": image_sizes must be an integer or floating tensor, got ",
               dtype_str(image_sizes.scalar_type()));
   check_same_device(op, "anchors", anchors, "deltas", deltas);
-  check_same_device(op, "anchors", anchors, "objectness", objectness);
   check_same_device(op, "anchors", anchors, "image_sizes", image_sizes);
+}
+
+inline ProposeInputs prepare_propose(const at::Tensor& anchors, const at::Tensor& deltas,
+                                     const at::Tensor& objectness, const at::Tensor& image_sizes,
+                                     const ProposeArgs& args, at::ArrayRef<double> weights,
+                                     double clamp) {
+  const char* op = "propose";
+  check_anchors_deltas_sizes(op, anchors, deltas, image_sizes);
+  check_defined(op, "objectness", objectness);
+  const int64_t a = anchors.size(0);
+  const int64_t n = deltas.size(0);
+  TORCH_CHECK(objectness.dim() == 2 && objectness.size(0) == n && objectness.size(1) == a, op,
+              ": objectness must be Tensor[N, A] = Tensor[", n, ", ", a, "], got ",
+              shape_str(objectness));
+  check_same_dtype(op, "anchors", anchors, "objectness", objectness);
+  check_same_device(op, "anchors", anchors, "objectness", objectness);
   check_count(op, "pre_nms_top_n", args.pre_nms_top_n);
   check_count(op, "post_nms_top_n", args.post_nms_top_n);
   check_iou_threshold(op, args.iou_threshold);
@@ -166,17 +175,9 @@ inline void check_propose_backward(const at::Tensor& grad_boxes, const at::Tenso
                                    const at::Tensor& deltas, const at::Tensor& kept_anchors,
                                    const at::Tensor& sizes) {
   const char* op = "propose_backward";
+  check_anchors_deltas_sizes(op, anchors, deltas, sizes);
   check_defined(op, "grad_boxes", grad_boxes);
-  check_defined(op, "anchors", anchors);
-  check_defined(op, "deltas", deltas);
   check_defined(op, "kept_anchors", kept_anchors);
-  check_defined(op, "image_sizes", sizes);
-  TORCH_CHECK(anchors.dim() == 2 && anchors.size(1) == 4, op,
-              ": anchors must be Tensor[A, 4], got ", shape_str(anchors));
-  TORCH_CHECK(deltas.dim() == 3 && deltas.size(1) == anchors.size(0) && deltas.size(2) == 4, op,
-              ": deltas must be Tensor[N, A, 4] with A = ", anchors.size(0), ", got ",
-              shape_str(deltas));
-  check_floating(op, "deltas", deltas);
   TORCH_CHECK(kept_anchors.dim() == 2 && kept_anchors.size(0) == deltas.size(0) &&
                   kept_anchors.scalar_type() == at::kLong,
               op, ": kept_anchors must be int64 Tensor[N, P] with N = ", deltas.size(0), ", got ",
@@ -185,18 +186,9 @@ inline void check_propose_backward(const at::Tensor& grad_boxes, const at::Tenso
                   grad_boxes.size(1) == kept_anchors.size(1) && grad_boxes.size(2) == 4,
               op, ": grad_boxes must be Tensor[N, P, 4] = Tensor[", kept_anchors.size(0), ", ",
               kept_anchors.size(1), ", 4], got ", shape_str(grad_boxes));
-  TORCH_CHECK(sizes.dim() == 2 && sizes.size(0) == deltas.size(0) && sizes.size(1) == 2, op,
-              ": image_sizes must be Tensor[N, 2] = Tensor[", deltas.size(0), ", 2], got ",
-              shape_str(sizes));
   check_same_dtype(op, "deltas", deltas, "grad_boxes", grad_boxes);
-  check_same_dtype(op, "deltas", deltas, "anchors", anchors);
-  TORCH_CHECK(sizes.scalar_type() != at::kBool && !sizes.is_complex(), op,
-              ": image_sizes must be an integer or floating tensor, got ",
-              dtype_str(sizes.scalar_type()));
   check_same_device(op, "deltas", deltas, "grad_boxes", grad_boxes);
-  check_same_device(op, "deltas", deltas, "anchors", anchors);
   check_same_device(op, "deltas", deltas, "kept_anchors", kept_anchors);
-  check_same_device(op, "deltas", deltas, "image_sizes", sizes);
   if (kept_anchors.is_cpu() && kept_anchors.numel() > 0) {
     const int64_t low = kept_anchors.min().item<int64_t>();
     const int64_t high = kept_anchors.max().item<int64_t>();

@@ -427,11 +427,8 @@ def _batched_nms_fake(boxes, scores, idxs, iou_threshold):
     return _nms_fake_output(boxes)
 
 
-def _check_propose(
-    anchors, deltas, objectness, image_sizes, pre, post, thr, min_size, score_thr, weights, clamp
-) -> None:
-    """The checks of prepare_propose (csrc/boxes/nms.h)."""
-    op = "propose"
+def _check_anchors_deltas_sizes(op: str, anchors, deltas, image_sizes) -> None:
+    """The checks of check_anchors_deltas_sizes (csrc/boxes/nms.h)."""
     C.check(
         anchors.dim() == 2 and anchors.shape[1] == 4,
         f"{op}: anchors must be Tensor[A, 4], got {C.shape_str(anchors)}",
@@ -444,24 +441,33 @@ def _check_propose(
     )
     n = deltas.shape[0]
     C.check(
-        objectness.dim() == 2 and objectness.shape[0] == n and objectness.shape[1] == a,
-        f"{op}: objectness must be Tensor[N, A] = Tensor[{n}, {a}], got {C.shape_str(objectness)}",
-    )
-    C.check(
         image_sizes.dim() == 2 and image_sizes.shape[0] == n and image_sizes.shape[1] == 2,
         f"{op}: image_sizes must be Tensor[N, 2] = Tensor[{n}, 2] (height, width), "
         f"got {C.shape_str(image_sizes)}",
     )
     C.check_same_dtype(op, "anchors", anchors, "deltas", deltas)
-    C.check_same_dtype(op, "anchors", anchors, "objectness", objectness)
     C.check(
         image_sizes.dtype != torch.bool and not image_sizes.dtype.is_complex,
         f"{op}: image_sizes must be an integer or floating tensor, "
         f"got {C.dtype_str(image_sizes.dtype)}",
     )
     C.check_same_device(op, "anchors", anchors, "deltas", deltas)
-    C.check_same_device(op, "anchors", anchors, "objectness", objectness)
     C.check_same_device(op, "anchors", anchors, "image_sizes", image_sizes)
+
+
+def _check_propose(
+    anchors, deltas, objectness, image_sizes, pre, post, thr, min_size, score_thr, weights, clamp
+) -> None:
+    """The checks of prepare_propose (csrc/boxes/nms.h)."""
+    op = "propose"
+    _check_anchors_deltas_sizes(op, anchors, deltas, image_sizes)
+    n, a = deltas.shape[0], anchors.shape[0]
+    C.check(
+        objectness.dim() == 2 and objectness.shape[0] == n and objectness.shape[1] == a,
+        f"{op}: objectness must be Tensor[N, A] = Tensor[{n}, {a}], got {C.shape_str(objectness)}",
+    )
+    C.check_same_dtype(op, "anchors", anchors, "objectness", objectness)
+    C.check_same_device(op, "anchors", anchors, "objectness", objectness)
     for name, value in (("pre_nms_top_n", pre), ("post_nms_top_n", post)):
         C.check(value >= 0, f"{op}: {name} must be >= 0, got {value}", ValueError)
     _check_iou_threshold(op, thr)
@@ -490,16 +496,7 @@ def _propose_fake(anchors, deltas, objectness, image_sizes, pre_nms_top_n, post_
 def _propose_backward_fake(grad_boxes, anchors, deltas, kept_anchors, image_sizes, weights, clamp):
     """The checks of check_propose_backward (csrc/boxes/nms.h), but the values of kept_anchors."""
     op = "propose_backward"
-    C.check(
-        anchors.dim() == 2 and anchors.shape[1] == 4,
-        f"{op}: anchors must be Tensor[A, 4], got {C.shape_str(anchors)}",
-    )
-    a = anchors.shape[0]
-    C.check(
-        deltas.dim() == 3 and deltas.shape[1] == a and deltas.shape[2] == 4,
-        f"{op}: deltas must be Tensor[N, A, 4] with A = {a}, got {C.shape_str(deltas)}",
-    )
-    C.check_floating(op, "deltas", deltas)
+    _check_anchors_deltas_sizes(op, anchors, deltas, image_sizes)
     n = deltas.shape[0]
     C.check(
         kept_anchors.dim() == 2
@@ -514,24 +511,9 @@ def _propose_backward_fake(grad_boxes, anchors, deltas, kept_anchors, image_size
         f"{op}: grad_boxes must be Tensor[N, P, 4] = Tensor[{n}, {p}, 4], "
         f"got {C.shape_str(grad_boxes)}",
     )
-    C.check(
-        image_sizes.dim() == 2 and image_sizes.shape[0] == n and image_sizes.shape[1] == 2,
-        f"{op}: image_sizes must be Tensor[N, 2] = Tensor[{n}, 2], got {C.shape_str(image_sizes)}",
-    )
     C.check_same_dtype(op, "deltas", deltas, "grad_boxes", grad_boxes)
-    C.check_same_dtype(op, "deltas", deltas, "anchors", anchors)
-    C.check(
-        image_sizes.dtype != torch.bool and not image_sizes.dtype.is_complex,
-        f"{op}: image_sizes must be an integer or floating tensor, "
-        f"got {C.dtype_str(image_sizes.dtype)}",
-    )
-    for name, t in (
-        ("grad_boxes", grad_boxes),
-        ("anchors", anchors),
-        ("kept_anchors", kept_anchors),
-        ("image_sizes", image_sizes),
-    ):
-        C.check_same_device(op, "deltas", deltas, name, t)
+    C.check_same_device(op, "deltas", deltas, "grad_boxes", grad_boxes)
+    C.check_same_device(op, "deltas", deltas, "kept_anchors", kept_anchors)
     return torch.empty_like(deltas), torch.empty_like(anchors)
 
 
