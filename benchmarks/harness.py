@@ -102,9 +102,9 @@ def markdown_table(rows: list[dict], info: dict) -> str:
     return "\n".join(lines)
 
 
-def save(rows: list[dict], info: dict, directory: Path) -> Path:
+def save(rows: list[dict], info: dict, directory: Path, name: str = "latest.json") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     payload = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": info, "rows": rows}
-    path = directory / "latest.json"
+    path = directory / name
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -5,7 +5,9 @@
     python benchmarks/run.py --only boxes
 
 Prints a markdown table (median times, anchor/ours ratio) and writes
-benchmarks/results/latest.json. Each bench_<family>.py defines ``cases(quick) -> list[Case]``.
+benchmarks/results/latest.json (latest-quick.json for --quick, so a quick run never replaces
+the full results that are kept in git). Each bench_<family>.py defines
+``cases(quick) -> list[Case]``.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += harness.run_cases(module.cases(args.quick), min_run_time)
     print()
     print(harness.markdown_table(rows, info))
-    path = harness.save(rows, info, args.out)
+    name = "latest-quick.json" if args.quick else "latest.json"
+    path = harness.save(rows, info, args.out, name)
     print(f"\nresults: {path}")
     return 0
 
