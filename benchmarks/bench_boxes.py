@@ -1,5 +1,4 @@
-"""Box ops vs torchvision: BoxCoder decode/encode, ops.box_iou, ops.nms, ops.batched_nms, and the
-RPN's per-image proposal pipeline."""
+"""Box coding and IoU vs torchvision: BoxCoder decode/encode and ops.box_iou."""
 
 from __future__ import annotations
 
@@ -7,10 +6,9 @@ import torch
 import torchvision
 from harness import Case
 from torchvision.models.detection._utils import BoxCoder
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
 import mlkernels
+from mlkernels.testing import assert_coords_close
 
 
 def _boxes(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -21,94 +19,6 @@ def _boxes(n: int, generator: torch.Generator) -> torch.Tensor:
 
 def _close(ours, anchor):
     torch.testing.assert_close(ours, anchor)
-
-
-def _equal(ours, anchor):
-    torch.testing.assert_close(ours, anchor, rtol=0, atol=0)
-
-
-def _nms_cases(quick: bool, g: torch.Generator) -> list[Case]:
-    cases = []
-    for n in (1000, 6000) if quick else (1000, 6000, 20000):
-        boxes, scores = _boxes(n, g), torch.rand(n, generator=g)
-        cases.append(
-            Case(
-                "boxes",
-                "nms",
-                f"N={n}, iou 0.5",
-                lambda b=boxes, s=scores: mlkernels.ops.nms(b, s, 0.5),
-                lambda b=boxes, s=scores: torchvision.ops.nms(b, s, 0.5),
-                "torchvision.ops.nms",
-                _equal,
-                target_ratio=5.0 if n == 6000 else None,
-            )
-        )
-    images = 2 if quick else 8
-    boxes = _boxes(images * 6000, g)
-    # Distinct scores: torchvision's per-group path orders equal scores with an unstable sort.
-    scores = torch.randperm(images * 6000, generator=g).float()
-    idxs = torch.arange(images).repeat_interleave(6000)
-    cases.append(
-        Case(
-            "boxes",
-            "batched_nms",
-            f"{images}x6000, iou 0.7",
-            lambda: mlkernels.ops.batched_nms(boxes, scores, idxs, 0.7),
-            lambda: torchvision.ops.batched_nms(boxes, scores, idxs, 0.7),
-            "torchvision.ops.batched_nms",
-            _equal,
-        )
-    )
-    return cases
-
-
-def _propose_case(quick: bool, g: torch.Generator) -> Case:
-    """RLSD's shape: 12 anchors on a 38x50 map (22,800 per image), pre 6000, post 256."""
-    images, height, width, stride = (2 if quick else 8), 38, 50, 16
-    anchors = mlkernels.ops.generate_anchors((height, width), stride)
-    deltas = torch.randn(images, anchors.shape[0], 4, generator=g) * 0.3
-    objectness = torch.randn(images, anchors.shape[0], generator=g)
-    sizes = [(height * stride, width * stride)] * images
-    rpn = RegionProposalNetwork(
-        AnchorGenerator(),
-        RPNHead(1, 12),
-        0.7,
-        0.3,
-        256,
-        0.5,
-        pre_nms_top_n=dict(training=6000, testing=6000),
-        post_nms_top_n=dict(training=256, testing=256),
-        nms_thresh=0.7,
-    ).eval()
-
-    def torchvision_pipeline():
-        # What torchvision's RPN does after its head: decode every anchor, then filter per image.
-        proposals = rpn.box_coder.decode(deltas.reshape(-1, 4), [anchors] * images)
-        proposals = proposals.view(images, -1, 4)
-        return rpn.filter_proposals(proposals, objectness, sizes, [anchors.shape[0]])
-
-    def ours():
-        return mlkernels.ops.propose(
-            anchors, deltas, objectness, sizes, pre_nms_top_n=6000, post_nms_top_n=256
-        )
-
-    def check(result, anchor):
-        boxes, scores, counts = result
-        for i, (tv_boxes, tv_scores) in enumerate(zip(*anchor, strict=True)):
-            assert counts[i] == len(tv_boxes)
-            torch.testing.assert_close(boxes[i, : counts[i]], tv_boxes)
-            torch.testing.assert_close(scores[i, : counts[i]], tv_scores)
-
-    return Case(
-        "boxes",
-        "propose",
-        f"{images}x{anchors.shape[0]} anchors, pre 6000, post 256",
-        ours,
-        torchvision_pipeline,
-        "torchvision RPN decode + filter_proposals",
-        check,
-        target_ratio=20.0 if images == 8 else None,
-    )
 
 
 def cases(quick: bool) -> list[Case]:
@@ -127,7 +37,8 @@ def cases(quick: bool) -> list[Case]:
             lambda: mlkernels.ops.decode_boxes(deltas, anchors),
             lambda: coder.decode_single(deltas, anchors),
             "BoxCoder.decode_single",
-            _close,
+            # exp differs from torch's vectorized one by an ulp on some CPUs (see README)
+            assert_coords_close,
         ),
         Case(
             "boxes",
@@ -136,7 +47,7 @@ def cases(quick: bool) -> list[Case]:
             lambda: mlkernels.ops.encode_boxes(targets, anchors),
             lambda: coder.encode_single(targets, anchors),
             "BoxCoder.encode_single",
-            _close,
+            assert_coords_close,
         ),
         Case(
             "boxes",
@@ -147,6 +58,4 @@ def cases(quick: bool) -> list[Case]:
             "torchvision.ops.box_iou",
             _close,
         ),
-        *_nms_cases(quick, g),
-        _propose_case(quick, g),
     ]

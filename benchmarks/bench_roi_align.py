@@ -69,10 +69,19 @@ def cases(quick: bool) -> list[Case]:
                 target_ratio=2.0 if rlsd else None,
             ),
         ]
-        # ours always gives the box gradient; the anchors with and without one
-        for name, anchor, anchor_name, box_grad, target in (
+        # (name, ours with box gradients?, anchor, its name, anchor with box gradients?, target)
+        for name, box_grad, anchor, anchor_name, anchor_box_grad, target in (
+            (
+                "fwd+bwd, no box grads",
+                False,
+                torchvision.ops.roi_align,
+                "torchvision.ops.roi_align",
+                False,
+                10.0 if rlsd else None,
+            ),
             (
                 "fwd+bwd (ours: +box grads)",
+                True,
                 torchvision.ops.roi_align,
                 "torchvision.ops.roi_align (no box grads)",
                 False,
@@ -80,6 +89,7 @@ def cases(quick: bool) -> list[Case]:
             ),
             (
                 "fwd+bwd, box grads both",
+                True,
                 roi_align_grid_sample,
                 "affine_grid + grid_sample",
                 True,
@@ -91,8 +101,8 @@ def cases(quick: bool) -> list[Case]:
                     "roi_align",
                     name,
                     shape,
-                    _forward_backward(mlkernels.ops.roi_align, feat, boxes, grad, box_grad=True),
-                    _forward_backward(anchor, feat, boxes, grad, box_grad=box_grad),
+                    _forward_backward(mlkernels.ops.roi_align, feat, boxes, grad, box_grad),
+                    _forward_backward(anchor, feat, boxes, grad, anchor_box_grad),
                     anchor_name,
                     _close,
                     target_ratio=target,

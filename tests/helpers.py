@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from mlkernels.testing import assert_coords_close  # noqa: F401  (re-exported for the tests)
+
 
 def random_boxes(
     n: int,
@@ -21,20 +23,6 @@ def random_boxes(
     sides = torch.rand(n, 2, generator=generator, dtype=torch.float64)
     sides = sides * (max_side - min_side) + min_side
     return torch.cat([x1y1, x1y1 + sides], dim=1).to(dtype)
-
-
-def assert_coords_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Box coordinates from two implementations agree to a few ulps of the largest coordinate.
-
-    x1 = cx - w/2 cancels: a one-ulp difference in exp() (torch's vectorized exp vs the C
-    library's) moves a small x1 by an ulp of cx, not of x1, so the absolute tolerance scales
-    with the largest magnitude present; the relative tolerance is torch's default for the dtype.
-    """
-    finite = expected[torch.isfinite(expected)]
-    scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
-    rtol = {torch.float32: 1.3e-6, torch.float64: 1e-7}[expected.dtype]
-    atol = 8 * torch.finfo(expected.dtype).eps * scale
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True)
 
 
 def assert_raises(fn, args: tuple, error: type[Exception], message: str, mode: str) -> None:

@@ -1,81 +1,23 @@
-// CPU kernels of the box ops: rows split across threads with at::parallel_for; the per-box math
-// is the host+device code of boxes_math.h.
+// CPU kernels of the box ops: box coding is the runner kernels of boxes_kernels.h on
+// CpuParallelRunner; box_iou is CPU-tuned (structure-of-arrays, vectorized), over the same
+// host+device math of boxes_math.h.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "boxes.h"
+#include "../common/cpu_runner.h"
+#include "boxes_kernels.h"
 
 namespace mlk {
 namespace boxes {
 namespace {
 
-// Rows per task: a row is a few dozen flops, so small inputs stay on one thread.
+// The family's kernels on the CPU: box coding runs its runner kernels on CpuParallelRunner (a row
+// is a few dozen flops, the same code serves); box_iou has a CPU-tuned kernel.
+// IoUs per parallel task: a pair is a few flops, so small inputs stay on one thread.
 constexpr int64_t kGrain = 2048;
 
-at::Tensor encode_boxes_cpu(const at::Tensor& boxes, const at::Tensor& anchors,
-                            at::ArrayRef<double> weights) {
-  check_weights("encode_boxes", weights);
-  auto in = pair_boxes("encode_boxes", "boxes", boxes, "anchors", anchors);
-  auto out = at::empty(in.shape, in.first.options());
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "encode_boxes", [&] {
-    const auto wt = to_weights<scalar_t>(weights);
-    const scalar_t* b = in.first.data_ptr<scalar_t>();
-    const scalar_t* a = in.second.data_ptr<scalar_t>();
-    scalar_t* d = out.data_ptr<scalar_t>();
-    at::parallel_for(0, in.rows, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) encode_box(b + 4 * i, a + 4 * i, wt, d + 4 * i);
-    });
-  });
-  return out;
-}
-
-at::Tensor decode_boxes_cpu(const at::Tensor& deltas, const at::Tensor& anchors,
-                            at::ArrayRef<double> weights, double clamp) {
-  check_weights("decode_boxes", weights);
-  check_clamp("decode_boxes", clamp);
-  auto in = pair_boxes("decode_boxes", "deltas", deltas, "anchors", anchors);
-  auto out = at::empty(in.shape, in.first.options());
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "decode_boxes", [&] {
-    const auto wt = to_weights<scalar_t>(weights);
-    const auto clip = static_cast<scalar_t>(clamp);
-    const scalar_t* d = in.first.data_ptr<scalar_t>();
-    const scalar_t* a = in.second.data_ptr<scalar_t>();
-    scalar_t* b = out.data_ptr<scalar_t>();
-    at::parallel_for(0, in.rows, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) decode_box(d + 4 * i, a + 4 * i, wt, clip, b + 4 * i);
-    });
-  });
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor> decode_boxes_backward_cpu(const at::Tensor& grad,
-                                                             const at::Tensor& deltas,
-                                                             const at::Tensor& anchors,
-                                                             at::ArrayRef<double> weights,
-                                                             double clamp) {
-  auto prepared = prepare_decode_backward(grad, deltas, anchors, weights, clamp);
-  const PairedBoxes& in = prepared.first;
-  const at::Tensor& g = prepared.second;
-  auto grad_deltas = at::empty(in.shape, in.first.options());
-  auto grad_anchors = at::empty(in.shape, in.first.options());
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "decode_boxes_backward", [&] {
-    const auto wt = to_weights<scalar_t>(weights);
-    const auto clip = static_cast<scalar_t>(clamp);
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    const scalar_t* d = in.first.data_ptr<scalar_t>();
-    const scalar_t* a = in.second.data_ptr<scalar_t>();
-    scalar_t* gd = grad_deltas.data_ptr<scalar_t>();
-    scalar_t* ga = grad_anchors.data_ptr<scalar_t>();
-    at::parallel_for(0, in.rows, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        decode_box_backward(gp + 4 * i, d + 4 * i, a + 4 * i, wt, clip, gd + 4 * i, ga + 4 * i);
-      }
-    });
-  });
-  return {grad_deltas, grad_anchors};
-}
-
-at::Tensor box_iou_cpu(const at::Tensor& boxes1, const at::Tensor& boxes2) {
+struct CpuKernels : Kernels<CpuParallelRunner> {
+static at::Tensor box_iou(const at::Tensor& boxes1, const at::Tensor& boxes2) {
   auto [a, b] = prepare_iou(boxes1, boxes2);
   const int64_t n = a.size(0), m = b.size(0);
   auto out = at::empty({n, m}, a.options());
@@ -102,21 +44,19 @@ at::Tensor box_iou_cpu(const at::Tensor& boxes1, const at::Tensor& boxes2) {
         const scalar_t area_a = box_area(a_i);
         scalar_t* row = po + i * m;
         for (int64_t j = 0; j < m; ++j) {
-          row[j] = box_iou(ax1, ay1, ax2, ay2, area_a, x1[j], y1[j], x2[j], y2[j], area[j]);
+          row[j] = boxes::box_iou(ax1, ay1, ax2, ay2, area_a, x1[j], y1[j], x2[j], y2[j], area[j]);
         }
       }
     });
   });
   return out;
 }
+};
 
 }  // namespace
 }  // namespace boxes
 }  // namespace mlk
 
 TORCH_LIBRARY_IMPL(mlkernels, CPU, m) {
-  m.impl("encode_boxes", &mlk::boxes::encode_boxes_cpu);
-  m.impl("decode_boxes", &mlk::boxes::decode_boxes_cpu);
-  m.impl("decode_boxes_backward", &mlk::boxes::decode_boxes_backward_cpu);
-  m.impl("box_iou", &mlk::boxes::box_iou_cpu);
+  mlk::boxes::register_boxes<mlk::boxes::CpuKernels>(m);
 }

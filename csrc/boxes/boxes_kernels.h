@@ -1,6 +1,11 @@
-// The CUDA kernels of the box ops, written once over a Runner: CudaRunner (boxes_cuda.cu) launches
-// them on a GPU, EmulatorRunner (boxes_emulated.cpp) runs the same code on the CPU grid emulator.
+// The kernels of the box ops, written once over a Runner: CudaRunner (boxes_cuda.cu) launches them
+// on a GPU, EmulatorRunner (boxes_emulated.cpp) runs the same code on the CPU grid emulator, and
+// CpuParallelRunner (boxes_cpu.cpp) runs it on the CPU's threads.
 #pragma once
+
+#include <torch/library.h>
+
+#include <array>
 
 #include "boxes.h"
 
@@ -50,24 +55,27 @@ at::Tensor decode_boxes_kernel(const Runner& run, const at::Tensor& deltas,
   return out;
 }
 
+// Only the gradients in `mask` (deltas, anchors) are computed; the others are empty Tensor[0].
 template <typename Runner>
 std::tuple<at::Tensor, at::Tensor> decode_boxes_backward_kernel(
     const Runner& run, const at::Tensor& grad, const at::Tensor& deltas,
-    const at::Tensor& anchors, at::ArrayRef<double> weights, double clamp) {
+    const at::Tensor& anchors, at::ArrayRef<double> weights, double clamp,
+    std::array<bool, 2> mask) {
   auto prepared = prepare_decode_backward(grad, deltas, anchors, weights, clamp);
   const PairedBoxes& in = prepared.first;
   const at::Tensor& g = prepared.second;
-  auto grad_deltas = at::empty(in.shape, in.first.options());
-  auto grad_anchors = at::empty(in.shape, in.first.options());
-  if (in.rows == 0) return {grad_deltas, grad_anchors};
+  const auto options = in.first.options();
+  auto grad_deltas = mask[0] ? at::empty(in.shape, options) : at::empty({0}, options);
+  auto grad_anchors = mask[1] ? at::empty(in.shape, options) : at::empty({0}, options);
+  if (in.rows == 0 || !(mask[0] || mask[1])) return {grad_deltas, grad_anchors};
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "decode_boxes_backward", [&] {
     const auto wt = to_weights<scalar_t>(weights);
     const auto clip = static_cast<scalar_t>(clamp);
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const scalar_t* d = in.first.data_ptr<scalar_t>();
     const scalar_t* a = in.second.data_ptr<scalar_t>();
-    scalar_t* gd = grad_deltas.data_ptr<scalar_t>();
-    scalar_t* ga = grad_anchors.data_ptr<scalar_t>();
+    scalar_t* gd = mask[0] ? grad_deltas.data_ptr<scalar_t>() : nullptr;
+    scalar_t* ga = mask[1] ? grad_anchors.data_ptr<scalar_t>() : nullptr;
     const int64_t rows = in.rows;
     run.threads(launch_config_1d(rows), [=] MLK_LAMBDA(const ThreadIndex& t) {
       decode_boxes_backward_thread(t, rows, gp, d, a, wt, clip, gd, ga);
@@ -91,6 +99,39 @@ at::Tensor box_iou_kernel(const Runner& run, const at::Tensor& boxes1, const at:
     });
   });
   return out;
+}
+
+// Every op of the family over one Runner, with the dispatcher's signatures. CUDA (CudaRunner) and
+// the emulator (EmulatorRunner) register it as it is; the CPU's registration (boxes_cpu.cpp) uses
+// it with CpuParallelRunner and replaces the ops it has CPU-tuned kernels for.
+template <typename Runner>
+struct Kernels {
+  static at::Tensor encode_boxes(const at::Tensor& boxes, const at::Tensor& anchors,
+                                 at::ArrayRef<double> weights) {
+    return encode_boxes_kernel(Runner::on(boxes), boxes, anchors, weights);
+  }
+  static at::Tensor decode_boxes(const at::Tensor& deltas, const at::Tensor& anchors,
+                                 at::ArrayRef<double> weights, double clamp) {
+    return decode_boxes_kernel(Runner::on(deltas), deltas, anchors, weights, clamp);
+  }
+  static std::tuple<at::Tensor, at::Tensor> decode_boxes_backward(
+      const at::Tensor& grad, const at::Tensor& deltas, const at::Tensor& anchors,
+      at::ArrayRef<double> weights, double clamp, std::array<bool, 2> output_mask) {
+    return decode_boxes_backward_kernel(Runner::on(deltas), grad, deltas, anchors, weights, clamp,
+                                        output_mask);
+  }
+  static at::Tensor box_iou(const at::Tensor& boxes1, const at::Tensor& boxes2) {
+    return box_iou_kernel(Runner::on(boxes1), boxes1, boxes2);
+  }
+};
+
+// The family's registration, written once: op names and the kernels behind them.
+template <typename K>
+void register_boxes(torch::Library& m) {
+  m.impl("encode_boxes", &K::encode_boxes);
+  m.impl("decode_boxes", &K::decode_boxes);
+  m.impl("decode_boxes_backward", &K::decode_boxes_backward);
+  m.impl("box_iou", &K::box_iou);
 }
 
 }  // namespace boxes

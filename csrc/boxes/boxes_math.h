@@ -101,7 +101,8 @@ MLK_HOST_DEVICE void decode_box(const T* delta, const T* anchor, const Weights<T
 }
 
 // Gradients of decode_box w.r.t. delta and anchor, given the gradient w.r.t. the box. Where the
-// clamp is active (dw > clip) dw gets no gradient, as torch.clamp's backward.
+// clamp is active (dw > clip) dw gets no gradient, as torch.clamp's backward. A null grad_delta
+// or grad_anchor is a gradient nobody asked for: it is not computed.
 template <typename T>
 MLK_HOST_DEVICE void decode_box_backward(const T* grad_box, const T* delta, const T* anchor,
                                          const Weights<T>& wt, T clip, T* grad_delta,
@@ -120,10 +121,13 @@ MLK_HOST_DEVICE void decode_box_backward(const T* grad_box, const T* delta, cons
   const T g_cy = grad_box[1] + grad_box[3];
   const T g_pw = half * (grad_box[2] - grad_box[0]);
   const T g_ph = half * (grad_box[3] - grad_box[1]);
-  grad_delta[0] = g_cx * w / wt.x;
-  grad_delta[1] = g_cy * h / wt.y;
-  grad_delta[2] = raw_dw <= clip ? g_pw * exp_dw * w / wt.w : T(0);
-  grad_delta[3] = raw_dh <= clip ? g_ph * exp_dh * h / wt.h : T(0);
+  if (grad_delta != nullptr) {
+    grad_delta[0] = g_cx * w / wt.x;
+    grad_delta[1] = g_cy * h / wt.y;
+    grad_delta[2] = raw_dw <= clip ? g_pw * exp_dw * w / wt.w : T(0);
+    grad_delta[3] = raw_dh <= clip ? g_ph * exp_dh * h / wt.h : T(0);
+  }
+  if (grad_anchor == nullptr) return;
   // cx' = dx * w + (x1 + w / 2) and w' = exp(dw) * w, with w = x2 - x1.
   const T g_w = g_cx * dx + g_pw * exp_dw + half * g_cx;
   const T g_h = g_cy * dy + g_ph * exp_dh + half * g_cy;
@@ -172,6 +176,7 @@ MLK_HOST_DEVICE void decode_boxes_thread(const ThreadIndex& t, int64_t rows, con
   }
 }
 
+// grad_deltas or grad_anchors null: not asked for (see decode_box_backward).
 template <typename T>
 MLK_HOST_DEVICE void decode_boxes_backward_thread(const ThreadIndex& t, int64_t rows,
                                                   const T* grad, const T* deltas,
@@ -179,7 +184,8 @@ MLK_HOST_DEVICE void decode_boxes_backward_thread(const ThreadIndex& t, int64_t 
                                                   T* grad_deltas, T* grad_anchors) {
   for (int64_t i = t.global_x(); i < rows; i += t.grid_stride_x()) {
     decode_box_backward(grad + 4 * i, deltas + 4 * i, anchors + 4 * i, wt, clip,
-                        grad_deltas + 4 * i, grad_anchors + 4 * i);
+                        grad_deltas ? grad_deltas + 4 * i : nullptr,
+                        grad_anchors ? grad_anchors + 4 * i : nullptr);
   }
 }
 

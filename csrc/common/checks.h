@@ -56,4 +56,20 @@ inline void check_same_device(const char* op, const char* arg_a, const at::Tenso
               " (", a.device().str(), "), got ", b.device().str());
 }
 
+// at::empty(sizes, options) for an op's output, with an allocation failure (an output far larger
+// than memory, say from a huge output_size) reported with the op's name and the output's shape.
+inline at::Tensor allocate_output(const char* op, at::IntArrayRef sizes,
+                                  const at::TensorOptions& options) {
+  try {
+    return at::empty(sizes, options);
+  } catch (const c10::Error& error) {
+    std::ostringstream shape;
+    shape << "Tensor[";
+    for (size_t d = 0; d < sizes.size(); ++d) shape << (d ? ", " : "") << sizes[d];
+    shape << "]";
+    TORCH_CHECK(false, op, ": the output ", shape.str(), " could not be allocated (",
+                error.what_without_backtrace(), ")");
+  }
+}
+
 }  // namespace mlk

@@ -2,6 +2,7 @@
 // Included only from .cu files. The emulator counterpart is EmulatorRunner in emulator.h.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -60,6 +61,8 @@ class CudaRunner {
   using Block = DeviceBlock;
 
   explicit CudaRunner(const c10::Device& device) : guard_(device) {}
+  // The runner for an op whose tensors live on `t`'s device.
+  static CudaRunner on(const at::Tensor& t) { return CudaRunner(t.device()); }
 
   template <typename ThreadFn>
   void threads(const LaunchConfig& config, ThreadFn fn) const {

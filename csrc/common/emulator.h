@@ -107,6 +107,12 @@ void launch(const LaunchConfig& config, ThreadFn&& thread_fn) {
 // Runs a family's kernels (its *_kernels.h, written over a Runner) on the emulator. The CUDA
 // counterpart is CudaRunner in cuda_runner.cuh: the same host code drives both.
 struct EmulatorRunner {
+  // The runner for an op's tensors (all on the CPU here); a template, so that this header needs
+  // no ATen (the emulator's self-test compiles without torch).
+  template <typename Tensor>
+  static EmulatorRunner on(const Tensor&) {
+    return {};
+  }
   // What a cooperative kernel's lambda takes: `[=] MLK_LAMBDA(typename Runner::Block& block)`.
   using Block = emulate::Block;
   template <typename ThreadFn>

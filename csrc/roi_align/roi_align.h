@@ -11,10 +11,20 @@
 namespace mlk {
 namespace roi_align {
 
+// A fixed sampling_ratio above this is refused: a bin would average more than a million samples,
+// a loop that runs for hours (adaptive sampling is bounded by the map, see sample_range).
+constexpr int64_t kMaxSamplingRatio = 1024;
+
 struct Args {
   double spatial_scale;
   int64_t pooled_height, pooled_width, sampling_ratio;
   bool aligned;
+};
+
+// Which gradients a backward computes (the autograd context's needs_input_grad): an output not
+// asked for is returned as an empty Tensor[0] and costs nothing.
+struct OutputMask {
+  bool input, boxes;
 };
 
 template <typename T>
@@ -39,6 +49,9 @@ inline void check_args(const char* op, const at::Tensor& input, const at::Tensor
                     a.pooled_width, ")");
   TORCH_CHECK_VALUE(std::isfinite(a.spatial_scale) && a.spatial_scale > 0, op,
                     ": spatial_scale must be finite and positive, got ", a.spatial_scale);
+  TORCH_CHECK_VALUE(a.sampling_ratio <= kMaxSamplingRatio, op, ": sampling_ratio must be at most ",
+                    kMaxSamplingRatio, " (samples per bin each way; <= 0 for adaptive), got ",
+                    a.sampling_ratio);
 }
 
 // The batch-index column must hold integers in [0, N): a kernel indexes the map with it. On CUDA

@@ -17,7 +17,8 @@
 #include <atomic>
 #include <vector>
 
-#include "roi_align.h"
+#include "../common/cpu_runner.h"
+#include "roi_align_kernels.h"
 
 namespace mlk {
 namespace roi_align {
@@ -32,7 +33,7 @@ namespace {
 #define MLK_CHANNEL_LOOP
 #endif
 
-// acc[c] += the sample's bilinear value of channel c (torchvision's operation order).
+// acc[c] += the sample's bilinear value of channel c.
 template <typename T>
 inline void add_sample(T* __restrict__ acc, const T* img, int64_t stride, const Sample<T>& s,
                        int64_t n) {
@@ -40,32 +41,34 @@ inline void add_sample(T* __restrict__ acc, const T* img, int64_t stride, const 
   const T* __restrict__ r1 = img + s.pixel[1] * stride;
   const T* __restrict__ r2 = img + s.pixel[2] * stride;
   const T* __restrict__ r3 = img + s.pixel[3] * stride;
-  const T w0 = s.w[0], w1 = s.w[1], w2 = s.w[2], w3 = s.w[3];
-  for (int64_t c = 0; c < n; ++c) acc[c] += w0 * r0[c] + w1 * r1[c] + w2 * r2[c] + w3 * r3[c];
+  for (int64_t c = 0; c < n; ++c) acc[c] += corner_sum(s.w, r0[c], r1[c], r2[c], r3[c]);
 }
 
-// One sample's backward over n channels: gs (grad / count) into the four corners of grad_img,
-// and the sample's share of the box-gradient moments into the per-channel sums ax..by.
+// The input gradient of one sample over n channels: gs (grad / count) into its four corners.
 template <typename T>
-inline void sample_backward(T* grad_img, const T* img, int64_t stride, const Sample<T>& s,
-                            const T* __restrict__ gs, T* __restrict__ ax, T* __restrict__ bx,
-                            T* __restrict__ ay, T* __restrict__ by, int64_t n) {
+inline void scatter_sample(T* grad_img, int64_t stride, const Sample<T>& s,
+                           const T* __restrict__ gs, int64_t n) {
   // One loop per corner: two corners are the same pixel on the map's last row or column.
   for (int q = 0; q < 4; ++q) {
     T* __restrict__ gi = grad_img + s.pixel[q] * stride;
     const T w = s.w[q];
     for (int64_t c = 0; c < n; ++c) gi[c] += w * gs[c];
   }
+}
+
+// The sample's share of the box-gradient moments (roi_align_math.h) in per-channel sums ax..by.
+template <typename T>
+inline void sample_moments(const T* img, int64_t stride, const Sample<T>& s,
+                           const T* __restrict__ gs, T* __restrict__ ax, T* __restrict__ bx,
+                           T* __restrict__ ay, T* __restrict__ by, int64_t n) {
   const T* __restrict__ r0 = img + s.pixel[0] * stride;
   const T* __restrict__ r1 = img + s.pixel[1] * stride;
   const T* __restrict__ r2 = img + s.pixel[2] * stride;
   const T* __restrict__ r3 = img + s.pixel[3] * stride;
-  const T dx0 = s.dx[0], dx1 = s.dx[1], dx2 = s.dx[2], dx3 = s.dx[3];
-  const T dy0 = s.dy[0], dy1 = s.dy[1], dy2 = s.dy[2], dy3 = s.dy[3];
   const T fx = s.frac_x, fy = s.frac_y;
   for (int64_t c = 0; c < n; ++c) {
-    const T tx = gs[c] * (dx0 * r0[c] + dx1 * r1[c] + dx2 * r2[c] + dx3 * r3[c]);
-    const T ty = gs[c] * (dy0 * r0[c] + dy1 * r1[c] + dy2 * r2[c] + dy3 * r3[c]);
+    const T tx = gs[c] * corner_sum(s.dx, r0[c], r1[c], r2[c], r3[c]);
+    const T ty = gs[c] * corner_sum(s.dy, r0[c], r1[c], r2[c], r3[c]);
     ax[c] += tx;
     bx[c] += fx * tx;
     ay[c] += ty;
@@ -81,15 +84,23 @@ MLK_CHANNEL_LOOP void channel_forward(double* acc, const double* img, int64_t st
                                       const Sample<double>& s, int64_t n) {
   add_sample(acc, img, stride, s, n);
 }
-MLK_CHANNEL_LOOP void channel_backward(float* grad_img, const float* img, int64_t stride,
-                                       const Sample<float>& s, const float* gs, float* ax,
-                                       float* bx, float* ay, float* by, int64_t n) {
-  sample_backward(grad_img, img, stride, s, gs, ax, bx, ay, by, n);
+MLK_CHANNEL_LOOP void channel_scatter(float* grad_img, int64_t stride, const Sample<float>& s,
+                                      const float* gs, int64_t n) {
+  scatter_sample(grad_img, stride, s, gs, n);
 }
-MLK_CHANNEL_LOOP void channel_backward(double* grad_img, const double* img, int64_t stride,
-                                       const Sample<double>& s, const double* gs, double* ax,
-                                       double* bx, double* ay, double* by, int64_t n) {
-  sample_backward(grad_img, img, stride, s, gs, ax, bx, ay, by, n);
+MLK_CHANNEL_LOOP void channel_scatter(double* grad_img, int64_t stride, const Sample<double>& s,
+                                      const double* gs, int64_t n) {
+  scatter_sample(grad_img, stride, s, gs, n);
+}
+MLK_CHANNEL_LOOP void channel_moments(const float* img, int64_t stride, const Sample<float>& s,
+                                      const float* gs, float* ax, float* bx, float* ay, float* by,
+                                      int64_t n) {
+  sample_moments(img, stride, s, gs, ax, bx, ay, by, n);
+}
+MLK_CHANNEL_LOOP void channel_moments(const double* img, int64_t stride, const Sample<double>& s,
+                                      const double* gs, double* ax, double* bx, double* ay,
+                                      double* by, int64_t n) {
+  sample_moments(img, stride, s, gs, ax, bx, ay, by, n);
 }
 
 // Hands tasks [0, n) out one at a time to ATen's threads, so a thread slowed down (say by another
@@ -160,10 +171,10 @@ void forward_impl(const at::Tensor& map, const at::Tensor& rois, const Args& a, 
 }
 
 // grad: [K, C, oh, ow] contiguous; map and grad_map: [N, H, W, C] contiguous (grad_map zeroed);
-// grad_rois: [K, 5].
+// grad_rois: [K, 5]. Only the gradients in `mask` are computed (the other output is not touched).
 template <typename T>
 void backward_impl(const at::Tensor& grad, const at::Tensor& map, const at::Tensor& rois,
-                   const Args& a, at::Tensor& grad_map, at::Tensor& grad_rois) {
+                   const Args& a, OutputMask mask, at::Tensor& grad_map, at::Tensor& grad_rois) {
   const Params<T> p = to_params<T>(a, map.permute({0, 3, 1, 2}));
   const int64_t num_rois = rois.size(0), batch = map.size(0), channels = p.channels;
   const int64_t oh = p.pooled_height, ow = p.pooled_width, bins = oh * ow;
@@ -173,7 +184,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& map, const at::Tens
   const T* map_p = map.data_ptr<T>();
   const T* rois_p = rois.data_ptr<T>();
   const T* grad_p = grad.data_ptr<T>();
-  T* grad_map_p = grad_map.data_ptr<T>();
+  T* grad_map_p = mask.input ? grad_map.data_ptr<T>() : nullptr;
 
   // The RoIs of each image, in index order (a counting sort on the batch index).
   std::vector<int64_t> first(static_cast<size_t>(batch + 1), 0), order(num_rois);
@@ -197,7 +208,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& map, const at::Tens
       const int64_t n = task / blocks, blk = task % blocks, c0 = blk * block;
       const int64_t m = std::min(block, channels - c0);
       const T* img = map_p + n * hwc + c0;
-      T* grad_img = grad_map_p + n * hwc + c0;
+      T* grad_img = mask.input ? grad_map_p + n * hwc + c0 : nullptr;
       for (int64_t i = first[n]; i < first[n + 1]; ++i) {
         const int64_t k = order[i];
         const RoiGeometry<T> g = roi_geometry(rois_p + 5 * k, p);
@@ -209,7 +220,8 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& map, const at::Tens
             const T* gk = grad_p + (k * channels + c0) * bins + ph * ow + pw;
             for (int64_t c = 0; c < m; ++c) gs[c] = gk[c * bins] / g.count;
             for_each_sample(g, p, ph, pw, [&](const Sample<T>& s) {
-              channel_backward(grad_img, img, channels, s, gs, ax, bx, ay, by, m);
+              if (mask.input) channel_scatter(grad_img, channels, s, gs, m);
+              if (mask.boxes) channel_moments(img, channels, s, gs, ax, bx, ay, by, m);
             });
           }
         }
@@ -224,6 +236,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& map, const at::Tens
       }
     }
   });
+  if (!mask.boxes) return;
 
   T* grad_rois_p = grad_rois.data_ptr<T>();
   at::parallel_for(0, num_rois, 256, [&](int64_t begin, int64_t end) {
@@ -237,57 +250,60 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& map, const at::Tens
   });
 }
 
-Args make_args(double spatial_scale, int64_t pooled_height, int64_t pooled_width,
-               int64_t sampling_ratio, bool aligned) {
-  return Args{spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned};
-}
-
-at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& boxes, double spatial_scale,
-                         int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio,
-                         bool aligned) {
-  const Args a = make_args(spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
-  check_forward(input, boxes, a);
-  const auto acc_type = accumulation_type(input.scalar_type());
-  auto out = at::empty({boxes.size(0), input.size(1), pooled_height, pooled_width},
-                       input.options().dtype(acc_type));
-  if (out.numel() > 0) {
-    const auto map = input.to(acc_type).contiguous(at::MemoryFormat::ChannelsLast);
-    const auto rois = boxes.to(acc_type).contiguous();
-    AT_DISPATCH_FLOATING_TYPES(acc_type, "roi_align", [&] {
-      forward_impl<scalar_t>(map, rois, a, out);
-    });
+// The family's kernels on the CPU: the CPU-tuned forward and backward above (the runner kernels
+// of the base are not used for this family: its box gradient is a cooperative kernel).
+struct CpuKernels : Kernels<CpuParallelRunner> {
+  static at::Tensor roi_align(const at::Tensor& input, const at::Tensor& boxes,
+                              double spatial_scale, int64_t pooled_height, int64_t pooled_width,
+                              int64_t sampling_ratio, bool aligned) {
+    const Args a{spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned};
+    check_forward(input, boxes, a);
+    const auto acc_type = accumulation_type(input.scalar_type());
+    auto out = allocate_output("roi_align",
+                               {boxes.size(0), input.size(1), pooled_height, pooled_width},
+                               input.options().dtype(acc_type));
+    if (out.numel() > 0) {
+      const auto map = input.to(acc_type).contiguous(at::MemoryFormat::ChannelsLast);
+      const auto rois = boxes.to(acc_type).contiguous();
+      AT_DISPATCH_FLOATING_TYPES(acc_type, "roi_align", [&] {
+        forward_impl<scalar_t>(map, rois, a, out);
+      });
+    }
+    return out.to(input.scalar_type());
   }
-  return out.to(input.scalar_type());
-}
 
-std::tuple<at::Tensor, at::Tensor> roi_align_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& input, const at::Tensor& boxes,
-    double spatial_scale, int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio,
-    bool aligned) {
-  const Args a = make_args(spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
-  check_backward(grad, input, boxes, a);
-  const auto acc_type = accumulation_type(input.scalar_type());
-  // [N, H, W, C] in memory: the task slices are channel runs of every pixel.
-  auto grad_map = at::zeros({input.size(0), input.size(2), input.size(3), input.size(1)},
-                            input.options().dtype(acc_type));
-  auto grad_rois = at::zeros({boxes.size(0), 5}, input.options().dtype(acc_type));
-  if (grad.numel() > 0) {
-    const auto map = input.to(acc_type).permute({0, 2, 3, 1}).contiguous();
-    const auto rois = boxes.to(acc_type).contiguous();
-    const auto grad_acc = grad.to(acc_type).contiguous();
-    AT_DISPATCH_FLOATING_TYPES(acc_type, "roi_align_backward", [&] {
-      backward_impl<scalar_t>(grad_acc, map, rois, a, grad_map, grad_rois);
-    });
+  static std::tuple<at::Tensor, at::Tensor> roi_align_backward(
+      const at::Tensor& grad, const at::Tensor& input, const at::Tensor& boxes,
+      double spatial_scale, int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio,
+      bool aligned, std::array<bool, 2> output_mask) {
+    const Args a{spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned};
+    const OutputMask mask{output_mask[0], output_mask[1]};
+    check_backward(grad, input, boxes, a);
+    const auto acc_options = input.options().dtype(accumulation_type(input.scalar_type()));
+    // [N, H, W, C] in memory: the task slices are channel runs of every pixel.
+    auto grad_map =
+        mask.input ? at::zeros({input.size(0), input.size(2), input.size(3), input.size(1)},
+                               acc_options)
+                   : at::empty({0}, acc_options);
+    auto grad_rois =
+        mask.boxes ? at::zeros({boxes.size(0), 5}, acc_options) : at::empty({0}, acc_options);
+    if (grad.numel() > 0 && (mask.input || mask.boxes)) {
+      const auto map = input.to(acc_options.dtype()).permute({0, 2, 3, 1}).contiguous();
+      const auto rois = boxes.to(acc_options.dtype()).contiguous();
+      const auto grad_acc = grad.to(acc_options.dtype()).contiguous();
+      AT_DISPATCH_FLOATING_TYPES(grad_acc.scalar_type(), "roi_align_backward", [&] {
+        backward_impl<scalar_t>(grad_acc, map, rois, a, mask, grad_map, grad_rois);
+      });
+    }
+    if (mask.input) grad_map = grad_map.permute({0, 3, 1, 2}).to(input.scalar_type()).contiguous();
+    return {grad_map, grad_rois.to(boxes.scalar_type())};
   }
-  return {grad_map.permute({0, 3, 1, 2}).to(input.scalar_type()).contiguous(),
-          grad_rois.to(boxes.scalar_type())};
-}
+};
 
 }  // namespace
 }  // namespace roi_align
 }  // namespace mlk
 
 TORCH_LIBRARY_IMPL(mlkernels, CPU, m) {
-  m.impl("roi_align", &mlk::roi_align::roi_align_cpu);
-  m.impl("roi_align_backward", &mlk::roi_align::roi_align_backward_cpu);
+  mlk::roi_align::register_roi_align<mlk::roi_align::CpuKernels>(m);
 }

@@ -1,6 +1,6 @@
 // The CUDA kernels of roi_align, written once over a Runner: CudaRunner (roi_align_cuda.cu)
 // launches them on a GPU, EmulatorRunner (roi_align_emulated.cpp) runs the same code on the CPU
-// grid emulator. All arithmetic is in float32 for float16/bfloat16 (at::opmath_type).
+// grid emulator. Kernels<Runner> and register_roi_align below are the family's one registration. All arithmetic is in float32 for float16/bfloat16 (at::opmath_type).
 //
 //  forward:         one thread per output element;
 //  input gradient:  atomics (one thread per grad element), or, when
@@ -12,6 +12,9 @@
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <array>
 
 #include "roi_align.h"
 
@@ -47,8 +50,9 @@ template <typename Runner>
 at::Tensor roi_align_forward_kernel(const Runner& run, const at::Tensor& input,
                                     const at::Tensor& boxes, const Args& a) {
   check_forward(input, boxes, a);
-  auto out = at::empty({boxes.size(0), input.size(1), a.pooled_height, a.pooled_width},
-                       input.options());
+  auto out = allocate_output("roi_align",
+                             {boxes.size(0), input.size(1), a.pooled_height, a.pooled_width},
+                             input.options());
   if (out.numel() == 0) return out;
   const auto map = input.contiguous();
   const auto rois = boxes.contiguous();
@@ -71,12 +75,13 @@ std::tuple<at::Tensor, at::Tensor> roi_align_backward_kernel(const Runner& run,
                                                              const at::Tensor& grad,
                                                              const at::Tensor& input,
                                                              const at::Tensor& boxes,
-                                                             const Args& a) {
+                                                             const Args& a, OutputMask mask) {
   check_backward(grad, input, boxes, a);
   const auto acc_type = accumulation_type(input.scalar_type());
-  auto grad_input = at::zeros(input.sizes(), input.options().dtype(acc_type));
-  auto grad_rois = at::zeros({boxes.size(0), 5}, input.options().dtype(acc_type));
-  if (grad.numel() > 0) {
+  const auto acc_options = input.options().dtype(acc_type);
+  auto grad_input = mask.input ? at::zeros(input.sizes(), acc_options) : at::empty({0}, acc_options);
+  auto grad_rois = mask.boxes ? at::zeros({boxes.size(0), 5}, acc_options) : at::empty({0}, acc_options);
+  if (grad.numel() > 0 && (mask.input || mask.boxes)) {
     const bool deterministic = at::globalContext().deterministicAlgorithms();
     const auto map = input.contiguous();
     const auto rois = boxes.contiguous();
@@ -88,28 +93,60 @@ std::tuple<at::Tensor, at::Tensor> roi_align_backward_kernel(const Runner& run,
           const scalar_t* in_p = map.data_ptr<scalar_t>();
           const scalar_t* rois_p = rois.data_ptr<scalar_t>();
           const scalar_t* g_p = g.data_ptr<scalar_t>();
-          T* gi_p = grad_input.data_ptr<T>();
-          T* gr_p = grad_rois.data_ptr<T>();
           const int64_t num_rois = rois.size(0);
-          if (deterministic) {
-            const int64_t planes = input.size(0) * input.size(1);
-            run.threads(launch_config_1d(planes, 128), [=] MLK_LAMBDA(const ThreadIndex& t) {
-              backward_input_plane_thread(t, planes, num_rois, g_p, rois_p, p, gi_p);
-            });
-          } else {
-            const int64_t total = g.numel();
-            run.threads(launch_config_1d(total), [=] MLK_LAMBDA(const ThreadIndex& t) {
-              backward_input_atomic_thread(t, total, g_p, rois_p, p, gi_p);
-            });
+          if (mask.input) {
+            T* gi_p = grad_input.data_ptr<T>();
+            if (deterministic) {
+              const int64_t planes = input.size(0) * input.size(1);
+              run.threads(launch_config_1d(planes, 128), [=] MLK_LAMBDA(const ThreadIndex& t) {
+                backward_input_plane_thread(t, planes, num_rois, g_p, rois_p, p, gi_p);
+              });
+            } else {
+              const int64_t total = g.numel();
+              run.threads(launch_config_1d(total), [=] MLK_LAMBDA(const ThreadIndex& t) {
+                backward_input_atomic_thread(t, total, g_p, rois_p, p, gi_p);
+              });
+            }
           }
-          LaunchConfig config;
-          config.grid.x = num_rois;
-          config.block.x = kBoxGradThreads;
-          config.shared_bytes = static_cast<int64_t>(4 * kBoxGradThreads * sizeof(T));
-          run.blocks(config, BoxGradBlock<scalar_t, T>{g_p, in_p, rois_p, p, gr_p});
+          if (mask.boxes) {
+            LaunchConfig config;
+            config.grid.x = num_rois;
+            config.block.x = kBoxGradThreads;
+            config.shared_bytes = static_cast<int64_t>(4 * kBoxGradThreads * sizeof(T));
+            run.blocks(config,
+                       BoxGradBlock<scalar_t, T>{g_p, in_p, rois_p, p, grad_rois.data_ptr<T>()});
+          }
         });
   }
   return {grad_input.to(input.scalar_type()), grad_rois.to(boxes.scalar_type())};
+}
+
+// Every op of the family over one Runner, with the dispatcher's signatures. CUDA (CudaRunner) and
+// the emulator (EmulatorRunner) register it as it is; the CPU's registration derives from it and
+// replaces the ops it has CPU-tuned kernels for.
+template <typename Runner>
+struct Kernels {
+  static at::Tensor roi_align(const at::Tensor& input, const at::Tensor& boxes,
+                              double spatial_scale, int64_t pooled_height, int64_t pooled_width,
+                              int64_t sampling_ratio, bool aligned) {
+    const Args a{spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned};
+    return roi_align_forward_kernel(Runner::on(input), input, boxes, a);
+  }
+  static std::tuple<at::Tensor, at::Tensor> roi_align_backward(
+      const at::Tensor& grad, const at::Tensor& input, const at::Tensor& boxes,
+      double spatial_scale, int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio,
+      bool aligned, std::array<bool, 2> output_mask) {
+    const Args a{spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned};
+    return roi_align_backward_kernel(Runner::on(input), grad, input, boxes, a,
+                                     OutputMask{output_mask[0], output_mask[1]});
+  }
+};
+
+// The family's registration, written once: op names and the kernels behind them.
+template <typename K>
+void register_roi_align(torch::Library& m) {
+  m.impl("roi_align", &K::roi_align);
+  m.impl("roi_align_backward", &K::roi_align_backward);
 }
 
 }  // namespace roi_align

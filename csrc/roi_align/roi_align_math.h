@@ -75,9 +75,10 @@ MLK_HOST_DEVICE RoiGeometry<T> roi_geometry(const S* roi, const Params<T>& p) {
   const T end_y = static_cast<T>(roi[4]) * p.spatial_scale - offset;
   T roi_w = end_x - g.start_x;
   T roi_h = end_y - g.start_y;
-  // torch.clamp(min=1) passes the gradient at equality; so does this.
-  g.free_w = p.aligned || roi_w >= T(1);
-  g.free_h = p.aligned || roi_h >= T(1);
+  // The rule at a width of exactly 1 is torch.clamp(min=1)'s (and so the reference's): the
+  // clamp is active at equality and the width passes no gradient.
+  g.free_w = p.aligned || roi_w > T(1);
+  g.free_h = p.aligned || roi_h > T(1);
   if (!g.free_w) roi_w = T(1);
   if (!g.free_h) roi_h = T(1);
   g.bin_w = roi_w / static_cast<T>(p.pooled_width);
@@ -164,10 +165,13 @@ MLK_HOST_DEVICE bool bilinear_sample(T y, T x, int64_t height, int64_t width, Sa
   return true;
 }
 
-// The samples [lo, hi) of one axis of a bin that can fall in [-1, size]. Adaptive sampling of a
-// box much larger than the map gives grids of 10^5 samples a side that all contribute nothing;
-// skipping them bounds the work by the map's size. The bounds are widened so that rounding never
-// drops a sample: each sample in range is still tested exactly by bilinear_sample.
+// The samples [lo, hi) of one axis of a bin that can fall in [-1, size], in closed form: sample i
+// lies at base + (i + 0.5) * step, step = bin / grid. Adaptive sampling of a box much larger than
+// the map gives grids of up to 2^62 samples a side, nearly all off the map; only the window that
+// can reach it is visited. The window is widened by the rounding error of a computed position
+// (a few ulps of the magnitudes involved: the float (i + 0.5f) of torchvision's formula, then
+// four roundings in T), so that no sample that the computed positions put on the map is dropped;
+// each sample in it is still tested exactly by bilinear_sample.
 template <typename T>
 MLK_HOST_DEVICE void sample_range(T base, T bin, int64_t grid, int64_t size, int64_t& lo,
                                   int64_t& hi) {
@@ -181,18 +185,63 @@ MLK_HOST_DEVICE void sample_range(T base, T bin, int64_t grid, int64_t size, int
     hi = lo;
     return;
   }
-  if (!(step > T(0))) return;
-  // sample i lies at base + (i + 0.5) * step
-  // widened by 2 samples plus a relative margin for float32 rounding of large indices
-  T first = (T(-1) - base) / step - T(0.5);
-  T last = (static_cast<T>(size) - base) / step - T(0.5);
-  first -= T(2) + std::fabs(first) * T(1e-4);
-  last += T(2) + std::fabs(last) * T(1e-4);
+  if (!(step > T(0))) return;  // a fixed sampling_ratio (bounded) over a negative-width box
+  const T magnitude = std::fabs(base) + std::fabs(bin) + static_cast<T>(size) + T(1);
+  const T slack = T(4e-7) * magnitude / step + T(2);  // in samples
+  const T first = (T(-1) - base) / step - T(0.5) - slack;
+  const T last = (static_cast<T>(size) - base) / step - T(0.5) + slack;
   if (first > T(0)) lo = first >= static_cast<T>(grid) ? grid : static_cast<int64_t>(first);
   if (last < static_cast<T>(grid)) hi = last <= static_cast<T>(lo) ? lo : static_cast<int64_t>(last);
 }
 
+// The last index j in [i, hi) whose computed position equals `value` = position(i). Positions
+// are non-decreasing in the index (each rounding is monotone), so equal ones form one run; a
+// gallop then a bisection find its end in O(log run) evaluations.
+template <typename T, typename Position>
+MLK_HOST_DEVICE int64_t run_end(int64_t i, int64_t hi, T value, const Position& position) {
+  if (i + 1 >= hi || !(position(i + 1) == value)) return i;
+  int64_t good = i + 1, jump = 1;
+  while (jump < hi - good && position(good + jump) == value) {
+    good += jump;
+    jump *= 2;
+  }
+  int64_t bad = jump < hi - good ? good + jump : hi;  // position(bad) != value, or bad == hi
+  while (bad - good > 1) {
+    const int64_t mid = good + (bad - good) / 2;
+    if (position(mid) == value) {
+      good = mid;
+    } else {
+      bad = mid;
+    }
+  }
+  return good;
+}
+
+// The position of sample i of a bin along one axis, as torchvision computes it.
+template <typename T>
+struct SamplePosition {
+  T base, bin;  // the bin's start and size
+  int64_t grid;
+  MLK_HOST_DEVICE T operator()(int64_t i) const {
+    return base + static_cast<T>(i + .5f) * bin / static_cast<T>(grid);
+  }
+};
+
+// w[0] * v0 + w[1] * v1 + w[2] * v2 + w[3] * v3 in torchvision's order: a sample's bilinear value
+// (w = Sample::w) or its derivative along x or y (w = Sample::dx, Sample::dy). The CPU's channel
+// loops and the CUDA threads all call it, so they round alike.
+template <typename T, typename V>
+MLK_HOST_DEVICE T corner_sum(const T* w, V v0, V v1, V v2, V v3) {
+  return w[0] * static_cast<T>(v0) + w[1] * static_cast<T>(v1) + w[2] * static_cast<T>(v2) +
+         w[3] * static_cast<T>(v3);
+}
+
 // Calls fn(sample) for every valid sample of bin (ph, pw), in torchvision's order (iy, then ix).
+// Where a window holds more samples than the map has pixels (step < 1 pixel, or a huge box whose
+// computed positions round to a few values), samples whose computed positions are equal are
+// visited once, with their weights and derivatives multiplied by their count and their mean
+// position in the box: the work is bounded by the distinct positions, and a run of one (every
+// sample of an ordinary box) is computed exactly as torchvision does.
 template <typename T, typename Fn>
 MLK_HOST_DEVICE void for_each_sample(const RoiGeometry<T>& g, const Params<T>& p, int64_t ph,
                                      int64_t pw, Fn&& fn) {
@@ -200,24 +249,38 @@ MLK_HOST_DEVICE void for_each_sample(const RoiGeometry<T>& g, const Params<T>& p
   int64_t iy_lo, iy_hi, ix_lo, ix_hi;
   const T inv_y = T(1) / (static_cast<T>(g.grid_h) * static_cast<T>(p.pooled_height));
   const T inv_x = T(1) / (static_cast<T>(g.grid_w) * static_cast<T>(p.pooled_width));
-  sample_range(g.start_y + static_cast<T>(ph) * g.bin_h, g.bin_h, g.grid_h, p.height, iy_lo,
-               iy_hi);
-  sample_range(g.start_x + static_cast<T>(pw) * g.bin_w, g.bin_w, g.grid_w, p.width, ix_lo,
-               ix_hi);
+  const SamplePosition<T> pos_y{g.start_y + static_cast<T>(ph) * g.bin_h, g.bin_h, g.grid_h};
+  const SamplePosition<T> pos_x{g.start_x + static_cast<T>(pw) * g.bin_w, g.bin_w, g.grid_w};
+  sample_range(pos_y.base, g.bin_h, g.grid_h, p.height, iy_lo, iy_hi);
+  sample_range(pos_x.base, g.bin_w, g.grid_w, p.width, ix_lo, ix_hi);
+  const bool runs_y = iy_hi - iy_lo > p.height + 8, runs_x = ix_hi - ix_lo > p.width + 8;
   for (int64_t iy = iy_lo; iy < iy_hi; ++iy) {
-    const T y = g.start_y + static_cast<T>(ph) * g.bin_h +
-                static_cast<T>(iy + .5f) * g.bin_h / static_cast<T>(g.grid_h);
-    // (ph + (iy + 0.5) / grid_h) / pooled_height, with the division hoisted out of the loops
+    const T y = pos_y(iy);
+    const int64_t iy_first = iy;
+    if (runs_y) iy = run_end(iy, iy_hi, y, pos_y);
     // rows outside [-1, H] hold no valid sample: skip them before the loop over columns
     if (!(y >= T(-1) && y <= static_cast<T>(p.height))) continue;
-    s.frac_y =
-        (static_cast<T>(ph) * static_cast<T>(g.grid_h) + static_cast<T>(iy) + T(0.5)) * inv_y;
+    // (ph + (iy + 0.5) / grid_h) / pooled_height, with the division hoisted out of the loops
+    s.frac_y = (static_cast<T>(ph) * static_cast<T>(g.grid_h) +
+                (static_cast<T>(iy_first) + static_cast<T>(iy - iy_first) * T(0.5)) + T(0.5)) *
+               inv_y;
     for (int64_t ix = ix_lo; ix < ix_hi; ++ix) {
-      const T x = g.start_x + static_cast<T>(pw) * g.bin_w +
-                  static_cast<T>(ix + .5f) * g.bin_w / static_cast<T>(g.grid_w);
+      const T x = pos_x(ix);
+      const int64_t ix_first = ix;
+      if (runs_x) ix = run_end(ix, ix_hi, x, pos_x);
       if (!bilinear_sample(y, x, p.height, p.width, s)) continue;
-      s.frac_x =
-          (static_cast<T>(pw) * static_cast<T>(g.grid_w) + static_cast<T>(ix) + T(0.5)) * inv_x;
+      s.frac_x = (static_cast<T>(pw) * static_cast<T>(g.grid_w) +
+                  (static_cast<T>(ix_first) + static_cast<T>(ix - ix_first) * T(0.5)) + T(0.5)) *
+                 inv_x;
+      const int64_t count = (iy - iy_first + 1) * (ix - ix_first + 1);
+      if (count > 1) {
+        const T c = static_cast<T>(count);
+        for (int q = 0; q < 4; ++q) {
+          s.w[q] *= c;
+          s.dx[q] *= c;
+          s.dy[q] *= c;
+        }
+      }
       fn(s);
     }
   }
@@ -276,10 +339,8 @@ MLK_HOST_DEVICE void forward_thread(const ThreadIndex& t, int64_t total, const S
     const S* plane = input + (g.batch * p.channels + c) * hw;
     T acc = T(0);
     for_each_sample(g, p, ph, pw, [&](const Sample<T>& s) {
-      acc += s.w[0] * static_cast<T>(plane[s.pixel[0]]) +
-             s.w[1] * static_cast<T>(plane[s.pixel[1]]) +
-             s.w[2] * static_cast<T>(plane[s.pixel[2]]) +
-             s.w[3] * static_cast<T>(plane[s.pixel[3]]);
+      acc += corner_sum(s.w, plane[s.pixel[0]], plane[s.pixel[1]], plane[s.pixel[2]],
+                        plane[s.pixel[3]]);
     });
     out[i] = static_cast<S>(acc / g.count);
   }
@@ -346,13 +407,10 @@ MLK_HOST_DEVICE void box_grad_partial_phase(const ThreadIndex& t, const S* grad,
     const S* plane = input + (g.batch * p.channels + c) * hw;
     const T gv = static_cast<T>(grad[k * p.channels * bins + e]) / g.count;
     for_each_sample(g, p, bin / p.pooled_width, bin % p.pooled_width, [&](const Sample<T>& s) {
-      T vx = T(0), vy = T(0);
-      for (int q = 0; q < 4; ++q) {
-        const T v = static_cast<T>(plane[s.pixel[q]]);
-        vx += s.dx[q] * v;
-        vy += s.dy[q] * v;
-      }
-      add_moments(mo, s, gv * vx, gv * vy);
+      const S v0 = plane[s.pixel[0]], v1 = plane[s.pixel[1]];
+      const S v2 = plane[s.pixel[2]], v3 = plane[s.pixel[3]];
+      add_moments(mo, s, gv * corner_sum(s.dx, v0, v1, v2, v3),
+                  gv * corner_sum(s.dy, v0, v1, v2, v3));
     });
   }
   for (int q = 0; q < 4; ++q) shared[4 * rank + q] = mo.m[q];

@@ -1,6 +1,6 @@
 """nn.Module layers built on mlkernels.ops; drop-in where a torch/torchvision module exists."""
 
-from .boxes import AnchorGenerator, ProposalLayer, Proposals
+from .proposals import AnchorGenerator, ProposalLayer, Proposals
 from .roi_align import RoIAlign
 
 __all__ = ["AnchorGenerator", "ProposalLayer", "Proposals", "RoIAlign"]

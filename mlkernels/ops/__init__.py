@@ -1,18 +1,12 @@
 """The public ops. Each validates its arguments, documents shapes, and dispatches to
 torch.ops.mlkernels.* (CPU or CUDA kernels); each has a pure-PyTorch twin in mlkernels.reference."""
 
-from .boxes import (
-    batched_nms,
-    box_iou,
-    decode_boxes,
-    encode_boxes,
-    generate_anchors,
-    nms,
-    propose,
-)
+from .boxes import box_iou, decode_boxes, encode_boxes
+from .proposals import ProposeConfig, batched_nms, generate_anchors, nms, propose
 from .roi_align import roi_align
 
 __all__ = [
+    "ProposeConfig",
     "batched_nms",
     "box_iou",
     "decode_boxes",

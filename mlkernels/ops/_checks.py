@@ -6,6 +6,7 @@ Messages take one form: "<op>: <argument> must be <expected>, got <what came>".
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -23,7 +24,16 @@ def dtype_str(dtype: torch.dtype) -> str:
 
 
 def check(ok: bool, message: str, error: type[Exception] = RuntimeError) -> None:
-    if not ok:
+    """Raise ``error(message)`` unless ``ok``. Through ``torch._check`` (``_check_value`` for
+    ValueError, ``_check_type`` for TypeError), so that a condition on symbolic sizes under
+    ``torch.compile(dynamic=True)`` becomes a guard or runtime assert instead of failing."""
+    if error is ValueError:
+        torch._check_value(ok, lambda: message)
+    elif error is TypeError:
+        torch._check_type(ok, lambda: message)
+    elif error is RuntimeError:
+        torch._check(ok, lambda: message)
+    elif not ok:
         raise error(message)
 
 
@@ -31,6 +41,33 @@ def check_tensor(op: str, arg: str, value: object) -> None:
     """Public wrappers call this first, so a non-tensor fails with the op's name in the message."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{op}: {arg} must be a Tensor, got {type(value).__name__}")
+
+
+def as_int(op: str, arg: str, value: object) -> int:
+    """``value`` as a Python int (any integer type, not bool), or a TypeError naming op and arg."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{op}: {arg} must be an int, got {value!r}")
+
+
+def as_float(op: str, arg: str, value: object) -> float:
+    """``value`` as a Python float (any real number), or a TypeError naming op and arg."""
+    if not isinstance(value, (bool, str, bytes)) and value is not None:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    raise TypeError(f"{op}: {arg} must be a number, got {value!r}")
+
+
+def as_floats(op: str, arg: str, values: object) -> list[float]:
+    """A sequence of real numbers as a list of Python floats, or a TypeError naming op and arg."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{op}: {arg} must be a sequence of numbers, got {values!r}")
+    return [as_float(op, arg, v) for v in values]
 
 
 def check_floating(op: str, arg: str, t: torch.Tensor, allow_half: bool = False) -> None:
@@ -93,3 +130,30 @@ def paired_boxes_shape(
             f"{op}: {first_name} and {second_name} must broadcast to one shape, "
             f"got {shape_str(first)} and {shape_str(second)}"
         ) from None
+
+
+def masked_outputs(output_mask: Sequence[bool], *likes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A backward op's fake outputs: a contiguous tensor shaped like each input where
+    output_mask asks for its gradient, an empty Tensor[0] where it does not (as the kernels)."""
+    return tuple(
+        like.new_empty(like.shape) if wanted else like.new_empty((0,))
+        for wanted, like in zip(output_mask, likes, strict=True)
+    )
+
+
+def no_double_backward(backward_op: str) -> None:
+    """Make differentiating ``mlkernels::<backward_op>`` raise. Without an autograd kernel,
+    autograd only warns and treats the backward as constant: second derivatives
+    (``create_graph=True``, gradient penalties) would come out as silent zeros."""
+    op = backward_op.removesuffix("_backward")
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{op}: second derivatives (double backward) are not implemented")
+
+    torch.library.register_autograd(
+        f"mlkernels::{backward_op}", backward, setup_context=_no_context
+    )
+
+
+def _no_context(ctx, inputs, output) -> None:
+    pass

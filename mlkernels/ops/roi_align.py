@@ -100,9 +100,13 @@ def roi_align(
     box gradient is exact almost everywhere: at a sample on a pixel border the bilinear
     interpolation has a kink. With adaptive sampling the sample count, which jumps with the box
     size, is held constant (its derivative is zero between jumps). A coordinate clamped to the
-    map border, and a width clamped to 1, pass no gradient. A box with a NaN coordinate gets
-    NaN bins and a NaN box gradient (torchvision's kernels read out of bounds there); infinite
-    coordinates give finite results (0 where no sample reaches the map).
+    map border, and a width clamped to 1 (also one of exactly 1, as ``torch.clamp``), pass no
+    gradient. A box with a NaN coordinate gets NaN bins and a NaN box gradient (torchvision's
+    kernels read out of bounds there); infinite coordinates give finite results (0 where no
+    sample reaches the map). Boxes far larger than the map cost no more than the map: only
+    samples whose computed positions can reach it are visited, and samples whose positions
+    round to the same value (huge boxes) are visited once, weighted by their count.
+    ``sampling_ratio`` is at most 1024.
 
     Under ``torch.autocast`` it computes in float32 and returns ``input``'s dtype, as
     torchvision does, so a bfloat16/float16 map and float32 boxes mix there.
@@ -118,23 +122,28 @@ def roi_align(
     if not isinstance(boxes, Tensor) and len(boxes) == 0:
         rois = rois.to(dtype=input.dtype, device=input.device)
     oh, ow = output_pair(op, output_size)
-    args = (float(spatial_scale), oh, ow, int(sampling_ratio), aligned)
-    device_type = input.device.type
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        # As torchvision's autocast kernel: inputs below float32 (a bfloat16 map from an
-        # autocast conv, float32 boxes) are computed in float32; the result has input's dtype.
-        def up(t: Tensor) -> Tensor:
-            return t if t.dtype == torch.float64 else t.float()
-
-        with torch.autocast(device_type, enabled=False):
-            return _ops.roi_align(up(input), up(rois), *args).to(input.dtype)
-    return _ops.roi_align(input, rois, *args)
+    ratio = C.as_int(op, "sampling_ratio", sampling_ratio)
+    C.check(
+        ratio <= MAX_SAMPLING_RATIO,
+        f"{op}: sampling_ratio must be at most {MAX_SAMPLING_RATIO} (samples per bin each way; "
+        f"<= 0 for adaptive), got {ratio}",
+        ValueError,
+    )
+    # Under torch.autocast the dispatcher's autocast kernel (csrc/roi_align/roi_align.cpp)
+    # computes in float32 and returns input's dtype, as torchvision's.
+    return _ops.roi_align(
+        input, rois, C.as_float(op, "spatial_scale", spatial_scale), oh, ow, ratio, aligned
+    )
 
 
 # ---- fake kernels: the C++ checks, repeated, and the output shapes ----
 
 
-def _check_args(op, input, boxes, spatial_scale, pooled_height, pooled_width):
+# The largest fixed sampling_ratio (csrc/roi_align/roi_align.h kMaxSamplingRatio).
+MAX_SAMPLING_RATIO = 1024
+
+
+def _check_args(op, input, boxes, spatial_scale, pooled_height, pooled_width, sampling_ratio):
     """The checks of csrc/roi_align/roi_align.h check_args (all but the batch-index values)."""
     C.check(input.dim() == 4, f"{op}: input must be Tensor[N, C, H, W], got {C.shape_str(input)}")
     C.check_floating(op, "input", input, allow_half=True)
@@ -154,22 +163,38 @@ def _check_args(op, input, boxes, spatial_scale, pooled_height, pooled_width):
         f"{op}: spatial_scale must be finite and positive, got {spatial_scale:g}",
         ValueError,
     )
+    C.check(
+        sampling_ratio <= MAX_SAMPLING_RATIO,
+        f"{op}: sampling_ratio must be at most {MAX_SAMPLING_RATIO} (samples per bin each way; "
+        f"<= 0 for adaptive), got {sampling_ratio}",
+        ValueError,
+    )
 
 
 @torch.library.register_fake("mlkernels::roi_align")
 def _roi_align_fake(
     input, boxes, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned
 ):
-    _check_args("roi_align", input, boxes, spatial_scale, pooled_height, pooled_width)
+    _check_args(
+        "roi_align", input, boxes, spatial_scale, pooled_height, pooled_width, sampling_ratio
+    )
     return input.new_empty((boxes.shape[0], input.shape[1], pooled_height, pooled_width))
 
 
 @torch.library.register_fake("mlkernels::roi_align_backward")
 def _roi_align_backward_fake(
-    grad, input, boxes, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned
+    grad,
+    input,
+    boxes,
+    spatial_scale,
+    pooled_height,
+    pooled_width,
+    sampling_ratio,
+    aligned,
+    output_mask=(True, True),
 ):
     op = "roi_align_backward"
-    _check_args(op, input, boxes, spatial_scale, pooled_height, pooled_width)
+    _check_args(op, input, boxes, spatial_scale, pooled_height, pooled_width, sampling_ratio)
     expected = (boxes.shape[0], input.shape[1], pooled_height, pooled_width)
     C.check(
         tuple(grad.shape) == expected,
@@ -178,7 +203,7 @@ def _roi_align_backward_fake(
     )
     C.check_same_dtype(op, "input", input, "grad", grad)
     C.check_same_device(op, "input", input, "grad", grad)
-    return input.new_empty(input.shape), boxes.new_empty(boxes.shape)
+    return C.masked_outputs(output_mask, input, boxes)
 
 
 # ---- autograd ----
@@ -192,27 +217,16 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     input, boxes = ctx.saved_tensors
-    grad_input, grad_boxes = _ops.roi_align_backward(grad.contiguous(), input, boxes, *ctx.args)
+    mask = list(ctx.needs_input_grad[:2])
+    grad_input, grad_boxes = _ops.roi_align_backward(
+        grad.contiguous(), input, boxes, *ctx.args, mask
+    )
     return (
-        grad_input if ctx.needs_input_grad[0] else None,
-        grad_boxes if ctx.needs_input_grad[1] else None,
+        grad_input if mask[0] else None,
+        grad_boxes if mask[1] else None,
         *([None] * len(ctx.args)),
     )
 
 
 torch.library.register_autograd("mlkernels::roi_align", _backward, setup_context=_setup)
-
-
-def _setup_double(ctx, inputs, output):
-    pass
-
-
-def _double_backward(ctx, grad_input, grad_boxes):
-    # Without this, autograd only warns and treats the backward as constant: second derivatives
-    # (create_graph=True, gradient penalties) would come out as silent zeros.
-    raise RuntimeError("roi_align: second derivatives (double backward) are not implemented")
-
-
-torch.library.register_autograd(
-    "mlkernels::roi_align_backward", _double_backward, setup_context=_setup_double
-)
+C.no_double_backward("roi_align_backward")

@@ -4,15 +4,8 @@ They are slow and simple on purpose: tests compare the compiled kernels with the
 use them as a baseline, and anyone can read them to see what an op computes.
 """
 
-from .boxes import (
-    batched_nms,
-    box_iou,
-    decode_boxes,
-    encode_boxes,
-    generate_anchors,
-    nms,
-    propose,
-)
+from .boxes import box_iou, decode_boxes, encode_boxes
+from .proposals import batched_nms, generate_anchors, nms, propose
 from .roi_align import roi_align, roi_align_grid_sample
 
 __all__ = [

@@ -1,11 +1,14 @@
 // The CUDA kernels of nms, batched_nms and propose, written once over a Runner: CudaRunner
-// (boxes_cuda.cu) launches them on a GPU, EmulatorRunner (boxes_emulated.cpp) runs the same code
-// on the CPU grid emulator. Sorting, gathering and the sigmoid are ATen calls on the device.
+// (proposals_cuda.cu) launches them on a GPU, EmulatorRunner (proposals_emulated.cpp) runs the
+// same code on the CPU grid emulator. Sorting, gathering and the sigmoid are ATen calls on the device.
 #pragma once
 
+#include <torch/library.h>
+
+#include <array>
 #include <utility>
 
-#include "nms.h"
+#include "proposals.h"
 
 // The block functors below are __host__ __device__ templates over the block type; each
 // instantiation calls only the functions of its own side (DeviceBlock on the device, the
@@ -17,9 +20,9 @@
 #endif
 
 namespace mlk {
-namespace boxes {
+namespace proposals {
 
-// Mask kernel block (see nms_math.h): column boxes to shared memory, then one mask word per row.
+// Mask kernel block (see proposals_math.h): column boxes to shared memory, then one mask word per row.
 template <typename T>
 struct NmsMaskBlock {
   int64_t n;
@@ -134,17 +137,49 @@ at::Tensor nms_family_kernel(const Runner& run, const char* op, const at::Tensor
   return order.index_select(0, kept.first[0].narrow(0, 0, count));
 }
 
+// propose's last step, shared by its CPU and CUDA kernels: the output rows of every image from
+// its candidates (boxes [N, k, 4], scores and anchor order [N, k]) and what NMS kept (positions
+// [N, max_keep] among the candidates, counts [N]): the kept candidates, the whole-image box when
+// asked, then zero rows.
+template <typename Runner>
+void write_propose_outputs(const Runner& run, const ProposeInputs& in, const ProposeArgs& args,
+                           const at::Tensor& cand_boxes, const at::Tensor& scores,
+                           const at::Tensor& order, const at::Tensor& kept,
+                           const at::Tensor& kept_counts, ProposeOutputs& out) {
+  const int64_t images = in.images, k = in.k, rows = in.rows, max_keep = kept.size(1);
+  if (rows == 0) {
+    out.counts.zero_();  // no output rows: the output kernel would set no count
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(in.deltas.scalar_type(), "propose_output", [&] {
+    const scalar_t* b = cand_boxes.data_ptr<scalar_t>();
+    const scalar_t* s = scores.data_ptr<scalar_t>();
+    const int64_t* o = order.data_ptr<int64_t>();
+    const int64_t* kp = kept.data_ptr<int64_t>();
+    const int64_t* kc = kept_counts.data_ptr<int64_t>();
+    const scalar_t* sizes = in.sizes.data_ptr<scalar_t>();
+    scalar_t* ob = out.boxes.data_ptr<scalar_t>();
+    scalar_t* os = out.scores.data_ptr<scalar_t>();
+    int64_t* oc = out.counts.data_ptr<int64_t>();
+    int64_t* oa = out.kept_anchors.data_ptr<int64_t>();
+    const bool append = args.append_whole_image;
+    run.threads(launch_config_1d(images * rows), [=] MLK_LAMBDA(const ThreadIndex& t) {
+      propose_output_thread(t, images, k, max_keep, rows, append, b, s, o, kp, kc, sizes, ob, os,
+                            oc, oa);
+    });
+  });
+}
+
 template <typename Runner>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose_kernel(
     const Runner& run, const at::Tensor& anchors, const at::Tensor& deltas,
-    const at::Tensor& objectness, const at::Tensor& image_sizes, int64_t pre_nms_top_n,
-    int64_t post_nms_top_n, double iou_threshold, double min_size, double score_threshold,
-    at::ArrayRef<double> weights, double clamp, bool append_whole_image) {
-  const ProposeArgs args{pre_nms_top_n, post_nms_top_n, iou_threshold,
-                         min_size,      score_threshold, append_whole_image};
+    const at::Tensor& objectness, const at::Tensor& image_sizes, const ProposeArgs& args,
+    at::ArrayRef<double> weights, double clamp) {
+  const int64_t post_nms_top_n = args.post_nms_top_n;
+  const double iou_threshold = args.iou_threshold;
   auto in = prepare_propose(anchors, deltas, objectness, image_sizes, args, weights, clamp);
   auto out = empty_propose_outputs(in);
-  const int64_t images = in.images, k = in.k, rows = in.rows, num_anchors = in.num_anchors;
+  const int64_t images = in.images, k = in.k, num_anchors = in.num_anchors;
   const at::Tensor order = sorted_order(in.objectness, 1).narrow(1, 0, k).contiguous();
   // The same [N, k] layout as the CPU kernel and torchvision's RPN, so sigmoid agrees bitwise.
   const at::Tensor scores = at::sigmoid(in.objectness.gather(1, order)).contiguous();
@@ -160,51 +195,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose_kernel(
     bool* v = valid.data_ptr<bool>();
     const auto wt = to_weights<scalar_t>(weights);
     const auto clip = static_cast<scalar_t>(clamp);
-    const auto min_sz = static_cast<scalar_t>(min_size);
-    const auto score_thr = static_cast<scalar_t>(score_threshold);
+    const auto min_sz = static_cast<scalar_t>(args.min_size);
+    const auto score_thr = static_cast<scalar_t>(args.score_threshold);
     run.threads(launch_config_1d(images * k), [=] MLK_LAMBDA(const ThreadIndex& t) {
       propose_decode_thread(t, images, k, num_anchors, a, d, o, s, sizes, wt, clip, min_sz,
                             score_thr, b, v);
     });
   });
+  // No image can keep more than its k candidates: the kept list needs no more columns.
   const std::pair<at::Tensor, at::Tensor> kept =
-      bitmask_nms(run, "propose", cand_boxes, at::Tensor(), valid, iou_threshold, post_nms_top_n);
-  AT_DISPATCH_FLOATING_TYPES(in.deltas.scalar_type(), "propose_output", [&] {
-    const scalar_t* b = cand_boxes.data_ptr<scalar_t>();
-    const scalar_t* s = scores.data_ptr<scalar_t>();
-    const int64_t* o = order.data_ptr<int64_t>();
-    const int64_t* kp = kept.first.data_ptr<int64_t>();
-    const int64_t* kc = kept.second.data_ptr<int64_t>();
-    const scalar_t* sizes = in.sizes.data_ptr<scalar_t>();
-    scalar_t* ob = out.boxes.data_ptr<scalar_t>();
-    scalar_t* os = out.scores.data_ptr<scalar_t>();
-    int64_t* oc = out.counts.data_ptr<int64_t>();
-    int64_t* oa = out.kept_anchors.data_ptr<int64_t>();
-    const bool append = append_whole_image;
-    const int64_t max_keep = post_nms_top_n;
-    run.threads(launch_config_1d(images * rows), [=] MLK_LAMBDA(const ThreadIndex& t) {
-      propose_output_thread(t, images, k, max_keep, rows, append, b, s, o, kp, kc, sizes, ob, os,
-                            oc, oa);
-    });
-  });
-  if (rows == 0) out.counts.zero_();  // no output rows: the output kernel set no count
+      bitmask_nms(run, "propose", cand_boxes, at::Tensor(), valid, iou_threshold,
+                  std::min(post_nms_top_n, k));
+  write_propose_outputs(run, in, args, cand_boxes, scores, order, kept.first, kept.second, out);
   return {out.boxes, out.scores, out.counts, out.kept_anchors};
 }
 
+// The gradients of propose's boxes to deltas and anchors, each only where `mask` (deltas,
+// anchors) asks for it (else an empty Tensor[0]). Rows are computed independently, then summed
+// with index_add in row order (deterministic on the CPU; on CUDA rows from propose never share a
+// target, so its atomics never collide).
 template <typename Runner>
 std::tuple<at::Tensor, at::Tensor> propose_backward_kernel(
     const Runner& run, const at::Tensor& grad_boxes, const at::Tensor& anchors,
     const at::Tensor& deltas, const at::Tensor& kept_anchors, const at::Tensor& image_sizes,
-    at::ArrayRef<double> weights, double clamp) {
+    at::ArrayRef<double> weights, double clamp, std::array<bool, 2> mask) {
   check_propose_backward(grad_boxes, anchors, deltas, kept_anchors, image_sizes);
+  check_weights("propose_backward", weights);
+  check_clamp("propose_backward", clamp);
   const auto g = grad_boxes.contiguous();
   const auto d = deltas.contiguous();
   const auto a = anchors.contiguous();
   const auto kept = kept_anchors.contiguous();
   const auto sizes = image_sizes.to(deltas.scalar_type()).contiguous();
   const int64_t images = d.size(0), num_anchors = d.size(1), rows = kept.size(1);
-  auto grad_deltas = at::zeros_like(d);
-  auto grad_anchors = at::zeros_like(d);  // per image, summed below
+  const auto options = d.options();
+  at::Tensor grad_deltas = mask[0] ? at::zeros_like(d) : at::empty({0}, options);
+  at::Tensor grad_anchors = mask[1] ? at::zeros_like(a) : at::empty({0}, options);
+  if (images * rows == 0 || num_anchors == 0 || !(mask[0] || mask[1])) {
+    return {grad_deltas, grad_anchors};
+  }
+  auto row_grad_deltas = mask[0] ? at::empty({images * rows, 4}, options) : at::Tensor();
+  auto row_grad_anchors = mask[1] ? at::empty({images * rows, 4}, options) : at::Tensor();
+  auto target = at::empty({images * rows}, options.dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "propose_backward", [&] {
     const auto wt = to_weights<scalar_t>(weights);
     const auto clip = static_cast<scalar_t>(clamp);
@@ -213,14 +245,66 @@ std::tuple<at::Tensor, at::Tensor> propose_backward_kernel(
     const scalar_t* ap = a.data_ptr<scalar_t>();
     const scalar_t* sp = sizes.data_ptr<scalar_t>();
     const int64_t* kp = kept.data_ptr<int64_t>();
-    scalar_t* gd = grad_deltas.data_ptr<scalar_t>();
-    scalar_t* ga = grad_anchors.data_ptr<scalar_t>();
+    scalar_t* rgd = mask[0] ? row_grad_deltas.data_ptr<scalar_t>() : nullptr;
+    scalar_t* rga = mask[1] ? row_grad_anchors.data_ptr<scalar_t>() : nullptr;
+    int64_t* tp = target.data_ptr<int64_t>();
     run.threads(launch_config_1d(images * rows), [=] MLK_LAMBDA(const ThreadIndex& t) {
-      propose_backward_thread(t, images, rows, num_anchors, gp, ap, dp, kp, sp, wt, clip, gd, ga);
+      propose_backward_thread(t, images, rows, num_anchors, gp, ap, dp, kp, sp, wt, clip, rgd, rga,
+                              tp);
     });
   });
-  return {grad_deltas, grad_anchors.sum(0)};
+  if (mask[0]) grad_deltas.view({images * num_anchors, 4}).index_add_(0, target, row_grad_deltas);
+  if (mask[1]) {
+    // Per (image, anchor) first, as the deltas, then over images in image order.
+    grad_anchors = at::zeros({images * num_anchors, 4}, options)
+                       .index_add_(0, target, row_grad_anchors)
+                       .view({images, num_anchors, 4})
+                       .sum(0);
+  }
+  return {grad_deltas, grad_anchors};
 }
 
-}  // namespace boxes
+// Every op of the family over one Runner, with the dispatcher's signatures. CUDA (CudaRunner) and
+// the emulator (EmulatorRunner) register it as it is; the CPU's registration
+// (proposals_cpu.cpp) uses it with CpuParallelRunner and replaces the ops it has CPU-tuned
+// kernels for.
+template <typename Runner>
+struct Kernels {
+  static at::Tensor nms(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold) {
+    return nms_family_kernel(Runner::on(boxes), "nms", boxes, scores, nullptr, iou_threshold);
+  }
+  static at::Tensor batched_nms(const at::Tensor& boxes, const at::Tensor& scores,
+                                const at::Tensor& idxs, double iou_threshold) {
+    return nms_family_kernel(Runner::on(boxes), "batched_nms", boxes, scores, &idxs,
+                             iou_threshold);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose(
+      const at::Tensor& anchors, const at::Tensor& deltas, const at::Tensor& objectness,
+      const at::Tensor& image_sizes, int64_t pre_nms_top_n, int64_t post_nms_top_n,
+      double iou_threshold, double min_size, double score_threshold, at::ArrayRef<double> weights,
+      double clamp, bool append_whole_image) {
+    const ProposeArgs args{pre_nms_top_n, post_nms_top_n, iou_threshold,
+                           min_size,      score_threshold, append_whole_image};
+    return propose_kernel(Runner::on(deltas), anchors, deltas, objectness, image_sizes, args,
+                          weights, clamp);
+  }
+  static std::tuple<at::Tensor, at::Tensor> propose_backward(
+      const at::Tensor& grad_boxes, const at::Tensor& anchors, const at::Tensor& deltas,
+      const at::Tensor& kept_anchors, const at::Tensor& image_sizes, at::ArrayRef<double> weights,
+      double clamp, std::array<bool, 2> output_mask) {
+    return propose_backward_kernel(Runner::on(deltas), grad_boxes, anchors, deltas, kept_anchors,
+                                   image_sizes, weights, clamp, output_mask);
+  }
+};
+
+// The family's registration, written once: op names and the kernels behind them.
+template <typename K>
+void register_proposals(torch::Library& m) {
+  m.impl("nms", &K::nms);
+  m.impl("batched_nms", &K::batched_nms);
+  m.impl("propose", &K::propose);
+  m.impl("propose_backward", &K::propose_backward);
+}
+
+}  // namespace proposals
 }  // namespace mlk

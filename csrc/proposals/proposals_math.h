@@ -11,10 +11,19 @@
 #include <cstdint>
 #include <limits>
 
-#include "boxes_math.h"
+#include "../boxes/boxes_math.h"
 
 namespace mlk {
-namespace boxes {
+namespace proposals {
+
+// The box math this family builds on (csrc/boxes/boxes_math.h).
+using boxes::box_area;
+using boxes::box_iou;
+using boxes::clamp_max;
+using boxes::clamp_min;
+using boxes::decode_box;
+using boxes::decode_box_backward;
+using boxes::Weights;
 
 // The largest T not above `threshold`. torchvision compares a T-valued IoU with a double
 // threshold (so in double); for every T value x, x > threshold exactly when
@@ -221,24 +230,36 @@ MLK_HOST_DEVICE void propose_output_thread(const ThreadIndex& t, int64_t images,
   }
 }
 
-// One output row per loop step: the gradient of a kept proposal to its delta and (per image) its
-// anchor. An anchor appears at most once per image, so the writes never collide. Values outside
-// [0, num_anchors) pass nothing (propose writes -1 for rows without an anchor).
+// One output row per loop step: the gradient of a kept proposal to its delta and to its anchor
+// (null pointers: not asked for), and target[q] = image * num_anchors + anchor, the row of the
+// [N * A, 4] gradient it goes to; the host sums the rows into it with index_add, so an anchor
+// repeated within an image (never from propose, possible in a hand-made call) adds up. A row with
+// no anchor (-1, or any value outside [0, num_anchors)) passes zeros to its image's anchor 0.
 template <typename T>
 MLK_HOST_DEVICE void propose_backward_thread(const ThreadIndex& t, int64_t images, int64_t rows,
                                              int64_t num_anchors, const T* grad_boxes,
                                              const T* anchors, const T* deltas,
                                              const int64_t* kept_anchors, const T* sizes,
-                                             Weights<T> wt, T clip, T* grad_deltas,
-                                             T* grad_anchors) {
+                                             Weights<T> wt, T clip, T* row_grad_deltas,
+                                             T* row_grad_anchors, int64_t* target) {
   for (int64_t q = t.global_x(); q < images * rows; q += t.grid_stride_x()) {
     const int64_t image = q / rows, a = kept_anchors[q];
-    if (a < 0 || a >= num_anchors) continue;  // -1: no anchor; others cannot come from propose
-    const int64_t d = 4 * (image * num_anchors + a);
-    proposal_backward(grad_boxes + 4 * q, deltas + d, anchors + 4 * a, wt, clip,
-                      sizes[2 * image], sizes[2 * image + 1], grad_deltas + d, grad_anchors + d);
+    T* gd = row_grad_deltas ? row_grad_deltas + 4 * q : nullptr;
+    T* ga = row_grad_anchors ? row_grad_anchors + 4 * q : nullptr;
+    if (a < 0 || a >= num_anchors) {
+      for (int c = 0; c < 4; ++c) {
+        if (gd) gd[c] = T(0);
+        if (ga) ga[c] = T(0);
+      }
+      target[q] = image * num_anchors;
+      continue;
+    }
+    const int64_t d = image * num_anchors + a;
+    proposal_backward(grad_boxes + 4 * q, deltas + 4 * d, anchors + 4 * a, wt, clip,
+                      sizes[2 * image], sizes[2 * image + 1], gd, ga);
+    target[q] = d;
   }
 }
 
-}  // namespace boxes
+}  // namespace proposals
 }  // namespace mlk

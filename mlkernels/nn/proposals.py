@@ -7,6 +7,7 @@ fused, batched :func:`mlkernels.ops.propose` instead of torchvision's per-image 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -14,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops.boxes import DEFAULT_CLAMP, DEFAULT_WEIGHTS
+from ..ops.boxes import DEFAULT_CLAMP
+from ..ops.proposals import ProposeConfig
 
 
 class AnchorGenerator(nn.Module):
@@ -30,6 +32,10 @@ class AnchorGenerator(nn.Module):
         forward(features: Tensor[N, C, H, W], image_size=None, *, dtype=None)
         -> Tensor[H * W * k, 4]: (x1, y1, x2, y2), cell-major then anchor, on the features'
         device, in ``dtype`` (default: the features' dtype).
+
+    Anchors are cached per map geometry and settings; each call returns a copy of the cached
+    tensor, so editing a result in place never changes a later one, and a first call under
+    ``torch.inference_mode()`` does not leave an inference tensor behind for training.
     """
 
     def __init__(
@@ -77,19 +83,27 @@ class AnchorGenerator(nn.Module):
             # max(.., 1): an empty map has no anchors whatever the stride.
             stride = (image_h // max(height, 1), image_w // max(width, 1))
         stride_key = tuple(stride) if isinstance(stride, Sequence) else stride
-        key = (height, width, stride_key, dtype, features.device)
-        if key not in self._cache:  # anchors depend only on the map's geometry
+        # Everything the anchors depend on, the settings included: changing sizes after a call
+        # must not return stale anchors.
+        key = (height, width, stride_key, tuple(self.sizes), tuple(self.aspect_ratios), dtype)
+        key = key + (features.device,)
+        anchors = self._cache.get(key)
+        if anchors is None:
             if len(self._cache) >= 16:  # bounded when the input size varies (multi-scale)
                 self._cache.clear()
-            self._cache[key] = ops.generate_anchors(
-                (height, width),
-                stride,
-                self.sizes,
-                self.aspect_ratios,
-                dtype=dtype,
-                device=features.device,
-            )
-        return self._cache[key]
+            # Made outside inference mode, so that the cached tensor can serve training later.
+            with torch.inference_mode(False):
+                anchors = ops.generate_anchors(
+                    (height, width),
+                    stride,
+                    self.sizes,
+                    self.aspect_ratios,
+                    dtype=dtype,
+                    device=features.device,
+                )
+            self._cache[key] = anchors
+        # A copy: the caller may edit its anchors in place (a few hundred kB, far below the conv).
+        return anchors.clone()
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, aspect_ratios={self.aspect_ratios}, stride={self.stride}"
@@ -117,8 +131,9 @@ class ProposalLayer(nn.Module):
         in_channels: channels of the feature map.
         sizes, aspect_ratios, stride: of the anchors (see :class:`AnchorGenerator`).
         hidden: channels of the 3x3 conv.
-        pre_nms_top_n, post_nms_top_n, iou_threshold, min_size, score_threshold, weights,
-        clamp, append_whole_image: passed to :func:`mlkernels.ops.propose`.
+        config: the settings of :func:`mlkernels.ops.propose` (a
+            :class:`mlkernels.ops.ProposeConfig`); any of its fields may also be given by
+            keyword (``post_nms_top_n=256``), overriding ``config``'s.
 
     Shape:
         forward(features: Tensor[N, C, H, W], image_sizes: Tensor[N, 2] or list of (h, w))
@@ -136,16 +151,11 @@ class ProposalLayer(nn.Module):
         stride: float | Sequence[float] = 16,
         *,
         hidden: int = 256,
-        pre_nms_top_n: int = 6000,
-        post_nms_top_n: int = 256,
-        iou_threshold: float = 0.7,
-        min_size: float = 1e-3,
-        score_threshold: float = 0.0,
-        weights: Sequence[float] = DEFAULT_WEIGHTS,
-        clamp: float = DEFAULT_CLAMP,
-        append_whole_image: bool = False,
+        config: ProposeConfig | None = None,
+        **settings,
     ) -> None:
         super().__init__()
+        self.config = ProposeConfig.make(config, settings)
         self.anchor_generator = AnchorGenerator(sizes, aspect_ratios, stride)
         k = self.anchor_generator.num_anchors_per_location
         self.conv = nn.Conv2d(in_channels, hidden, kernel_size=3, padding=1)
@@ -153,23 +163,22 @@ class ProposalLayer(nn.Module):
         for layer in (self.conv, self.predict):  # torchvision's RPNHead initialization
             nn.init.normal_(layer.weight, std=0.01)
             nn.init.constant_(layer.bias, 0)
-        self.pre_nms_top_n = pre_nms_top_n
-        self.post_nms_top_n = post_nms_top_n
-        self.iou_threshold = iou_threshold
-        self.min_size = min_size
-        self.score_threshold = score_threshold
-        self.weights = tuple(float(w) for w in weights)
-        self.clamp = clamp
-        self.append_whole_image = append_whole_image
 
     def forward(self, features: Tensor, image_sizes: Tensor | Sequence[Sequence[int]]) -> Proposals:
+        if not isinstance(features, Tensor) or features.dim() != 4:
+            got = (
+                f"Tensor[{', '.join(map(str, features.shape))}]"
+                if isinstance(features, Tensor)
+                else type(features).__name__
+            )
+            raise ValueError(f"ProposalLayer: features must be Tensor[N, C, H, W], got {got}")
         n, _, height, width = features.shape
         k = self.anchor_generator.num_anchors_per_location
         out = self.predict(torch.relu(self.conv(features)))  # [N, 5k, H, W]
         # Cell-major, then anchor: the order of the anchors.
-        objectness = out[:, :k].permute(0, 2, 3, 1).reshape(n, -1)
+        objectness = out[:, :k].permute(0, 2, 3, 1).reshape(n, height * width * k)
         deltas = out[:, k:].reshape(n, k, 4, height, width).permute(0, 3, 4, 1, 2)
-        deltas = deltas.reshape(n, -1, 4)
+        deltas = deltas.reshape(n, height * width * k, 4)  # explicit sizes: n may be 0
         if deltas.dtype in (torch.float16, torch.bfloat16):
             # Half-precision heads (autocast): box coordinates in pixels need float32.
             deltas, objectness = deltas.float(), objectness.float()
@@ -179,26 +188,19 @@ class ProposalLayer(nn.Module):
             deltas,
             objectness.detach(),  # as torchvision's RPN: no gradient through the ranking
             image_sizes,
-            pre_nms_top_n=self.pre_nms_top_n,
-            post_nms_top_n=self.post_nms_top_n,
-            iou_threshold=self.iou_threshold,
-            min_size=self.min_size,
-            score_threshold=self.score_threshold,
-            weights=self.weights,
-            clamp=self.clamp,
-            append_whole_image=self.append_whole_image,
+            self.config,
         )
         return Proposals(boxes, scores, counts, objectness, deltas, anchors)
 
     def extra_repr(self) -> str:
-        clamp = "log(1000/16)" if self.clamp == DEFAULT_CLAMP else f"{self.clamp:g}"
-        return (
-            f"k={self.anchor_generator.num_anchors_per_location}, "
-            f"pre_nms_top_n={self.pre_nms_top_n}, post_nms_top_n={self.post_nms_top_n}, "
-            f"iou_threshold={self.iou_threshold}, min_size={self.min_size}, "
-            f"score_threshold={self.score_threshold}, weights={self.weights}, clamp={clamp}, "
-            f"append_whole_image={self.append_whole_image}"
-        )
+        k = self.anchor_generator.num_anchors_per_location
+        settings = []
+        for field in dataclasses.fields(ProposeConfig):
+            value = getattr(self.config, field.name)
+            if field.name == "clamp" and value == DEFAULT_CLAMP:
+                value = "log(1000/16)"
+            settings.append(f"{field.name}={value}")
+        return f"k={k}, " + ", ".join(settings)
 
 
 __all__ = ["AnchorGenerator", "ProposalLayer", "Proposals"]

@@ -14,10 +14,11 @@
 #include <cstring>
 #include <vector>
 
-#include "nms_kernels.h"
+#include "../common/cpu_runner.h"
+#include "proposals_kernels.h"
 
 namespace mlk {
-namespace boxes {
+namespace proposals {
 
 // The hot loop of the CPU NMS: marks removed[j] for the candidates j in [begin, end) whose IoU with
 // `box` exceeds the threshold, over structure-of-arrays candidates; returns how many it newly
@@ -140,7 +141,10 @@ class GreedyNms {
   std::vector<uint8_t> removed_;
 };
 
-at::Tensor nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold) {
+// The family's kernels on the CPU: CPU-tuned nms, batched_nms and propose (greedy NMS over
+// structure-of-arrays candidates); propose's backward is the runner kernel on CpuParallelRunner.
+struct CpuKernels : Kernels<CpuParallelRunner> {
+static at::Tensor nms(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold) {
   auto in = prepare_nms("nms", boxes, scores, nullptr, iou_threshold);
   if (in.n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
   const at::Tensor order = sorted_order(in.scores, 0).contiguous();
@@ -156,8 +160,8 @@ at::Tensor nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, double iou
   return at::tensor(at::ArrayRef<int64_t>(kept.data(), count), at::kLong);
 }
 
-at::Tensor batched_nms_cpu(const at::Tensor& boxes, const at::Tensor& scores,
-                           const at::Tensor& idxs, double iou_threshold) {
+static at::Tensor batched_nms(const at::Tensor& boxes, const at::Tensor& scores,
+                              const at::Tensor& idxs, double iou_threshold) {
   auto in = prepare_nms("batched_nms", boxes, scores, &idxs, iou_threshold);
   if (in.n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
   const at::Tensor order = sorted_order(in.scores, 0).contiguous();
@@ -198,7 +202,7 @@ at::Tensor batched_nms_cpu(const at::Tensor& boxes, const at::Tensor& scores,
   return at::tensor(out, at::kLong);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose_cpu(
+static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose(
     const at::Tensor& anchors, const at::Tensor& deltas, const at::Tensor& objectness,
     const at::Tensor& image_sizes, int64_t pre_nms_top_n, int64_t post_nms_top_n,
     double iou_threshold, double min_size, double score_threshold, at::ArrayRef<double> weights,
@@ -207,9 +211,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose_cpu(
                          min_size,      score_threshold, append_whole_image};
   auto in = prepare_propose(anchors, deltas, objectness, image_sizes, args, weights, clamp);
   auto out = empty_propose_outputs(in);
-  const int64_t images = in.images, num_anchors = in.num_anchors, k = in.k, rows = in.rows;
-  auto order = at::empty({images, k}, in.objectness.options().dtype(at::kLong));
+  const int64_t images = in.images, num_anchors = in.num_anchors, k = in.k;
+  const int64_t max_keep = std::min(post_nms_top_n, k);
+  const auto long_options = in.objectness.options().dtype(at::kLong);
+  auto order = at::empty({images, k}, long_options);
   auto top_logits = at::empty({images, k}, in.objectness.options());
+  auto cand_boxes = at::empty({images, k, 4}, in.deltas.options());
+  auto kept = at::empty({images, max_keep}, long_options);
+  auto kept_counts = at::empty({images}, long_options);
+  at::Tensor scores;
   AT_DISPATCH_FLOATING_TYPES(in.deltas.scalar_type(), "propose", [&] {
     // 1. Per image, the k best anchors in processing order: a partial selection over (key, index)
     //    pairs, a strict total order, equals a stable descending sort at a fraction of its cost.
@@ -231,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose_cpu(
     });
     // 2. Scores with ATen's sigmoid over the same [N, k] layout as torchvision's RPN, so the
     //    values (and the score-threshold decisions) are the same to the bit.
-    const at::Tensor scores = at::sigmoid(top_logits);
+    scores = at::sigmoid(top_logits);
     const scalar_t* sc = scores.data_ptr<scalar_t>();
     const scalar_t* a_ptr = in.anchors.data_ptr<scalar_t>();
     const scalar_t* d_ptr = in.deltas.data_ptr<scalar_t>();
@@ -241,90 +251,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose_cpu(
     const auto min_sz = static_cast<scalar_t>(min_size);
     const auto score_thr = static_cast<scalar_t>(score_threshold);
     const scalar_t threshold = threshold_below<scalar_t>(iou_threshold);
-    scalar_t* ob = out.boxes.data_ptr<scalar_t>();
-    scalar_t* os = out.scores.data_ptr<scalar_t>();
-    int64_t* oc = out.counts.data_ptr<int64_t>();
-    int64_t* oa = out.kept_anchors.data_ptr<int64_t>();
+    scalar_t* cand = cand_boxes.data_ptr<scalar_t>();
+    int64_t* kept_p = kept.data_ptr<int64_t>();
+    int64_t* counts_p = kept_counts.data_ptr<int64_t>();
     // 3. Per image: decode, clip and filter the candidates, NMS until post_nms_top_n are kept.
     at::parallel_for(0, images, 1, [&](int64_t begin, int64_t end) {
       GreedyNms<scalar_t> nms;
-      std::vector<scalar_t> boxes(static_cast<size_t>(4 * k));
-      std::vector<int64_t> kept(static_cast<size_t>(std::max<int64_t>(k, 1)));
       for (int64_t image = begin; image < end; ++image) {
         const scalar_t height = sizes[2 * image], width = sizes[2 * image + 1];
         for (int64_t r = 0; r < k; ++r) {
           const int64_t a = ord[image * k + r];
           scalar_t raw[4];
-          scalar_t* box = boxes.data() + 4 * r;
+          scalar_t* box = cand + 4 * (image * k + r);
           decode_proposal(d_ptr + 4 * (image * num_anchors + a), a_ptr + 4 * a, wt, clip, height,
                           width, raw, box);
           if (proposal_valid(box, sc[image * k + r], min_sz, score_thr)) nms.push(box, r);
         }
-        const int64_t count = nms.run(threshold, post_nms_top_n, kept.data());
-        for (int64_t c = 0; c < rows; ++c) {
-          scalar_t* box = ob + 4 * (image * rows + c);
-          const int64_t q = image * rows + c;
-          if (c < count) {
-            const int64_t r = kept[c];
-            std::copy(boxes.data() + 4 * r, boxes.data() + 4 * r + 4, box);
-            os[q] = sc[image * k + r];
-            oa[q] = ord[image * k + r];
-          } else {
-            const bool whole = append_whole_image && c == count;
-            if (whole) {
-              whole_image_box(height, width, box);
-            } else {
-              std::fill(box, box + 4, scalar_t(0));
-            }
-            os[q] = whole ? scalar_t(1) : scalar_t(0);
-            oa[q] = -1;
-          }
-        }
-        oc[image] = count + (append_whole_image ? 1 : 0);
+        counts_p[image] = nms.run(threshold, max_keep, kept_p + image * max_keep);
       }
     });
   });
+  // 4. The output rows, with the CUDA kernel's own code.
+  write_propose_outputs(CpuParallelRunner(), in, args, cand_boxes, scores, order, kept,
+                        kept_counts, out);
   return {out.boxes, out.scores, out.counts, out.kept_anchors};
 }
-
-// Runs an independent-threads kernel's grid on the CPU, the threads spread over ATen's pool. For
-// kernels whose work is too small to deserve CPU-specific code (propose's backward touches only
-// the N x P kept rows).
-struct CpuParallelRunner {
-  template <typename ThreadFn>
-  void threads(const LaunchConfig& config, ThreadFn&& fn) const {
-    TORCH_CHECK(config.grid.y == 1 && config.grid.z == 1 && config.block.y == 1 &&
-                    config.block.z == 1,
-                "CpuParallelRunner runs 1-D launches only");
-    const int64_t per_block = config.block.x;
-    at::parallel_for(0, config.grid.x * per_block, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        ThreadIndex t;
-        t.block.x = r / per_block;
-        t.thread.x = r % per_block;
-        t.block_dim = config.block;
-        t.grid_dim = config.grid;
-        fn(t);
-      }
-    });
-  }
 };
 
-std::tuple<at::Tensor, at::Tensor> propose_backward_cpu(
-    const at::Tensor& grad_boxes, const at::Tensor& anchors, const at::Tensor& deltas,
-    const at::Tensor& kept_anchors, const at::Tensor& image_sizes, at::ArrayRef<double> weights,
-    double clamp) {
-  return propose_backward_kernel(CpuParallelRunner(), grad_boxes, anchors, deltas, kept_anchors,
-                                 image_sizes, weights, clamp);
-}
-
 }  // namespace
-}  // namespace boxes
+}  // namespace proposals
 }  // namespace mlk
 
 TORCH_LIBRARY_IMPL(mlkernels, CPU, m) {
-  m.impl("nms", &mlk::boxes::nms_cpu);
-  m.impl("batched_nms", &mlk::boxes::batched_nms_cpu);
-  m.impl("propose", &mlk::boxes::propose_cpu);
-  m.impl("propose_backward", &mlk::boxes::propose_backward_cpu);
+  mlk::proposals::register_proposals<mlk::proposals::CpuKernels>(m);
 }

@@ -24,7 +24,7 @@ def test_anchor_generator_matches_torchvision_and_derives_stride():
     torch.testing.assert_close(ours(features, image_size), expected, rtol=0, atol=0)
     fixed = nn.AnchorGenerator(sizes, ratios, stride=16)
     torch.testing.assert_close(fixed(features), expected, rtol=0, atol=0)
-    assert fixed(features) is fixed(features)  # cached per geometry
+    assert fixed(features).data_ptr() != fixed(features).data_ptr()  # a copy, each call
     assert fixed(features.double()).dtype == torch.float64
     with pytest.raises(ValueError, match="AnchorGenerator: image_size must be given"):
         ours(features)
@@ -32,6 +32,34 @@ def test_anchor_generator_matches_torchvision_and_derives_stride():
     with pytest.raises(ValueError, match="AnchorGenerator: image_size must be at least"):
         ours(features, (4, 100))
     assert ours(torch.zeros(1, 8, 0, 7), image_size).shape == (0, 4)
+
+
+def test_anchor_generator_results_are_not_its_cache():
+    features = torch.zeros(1, 8, 4, 5)
+    layer = nn.AnchorGenerator((32, 64), (1.0,), stride=16)
+    expected = layer(features).clone()
+    layer(features).add_(1000)  # an in-place edit of a result
+    torch.testing.assert_close(layer(features), expected, rtol=0, atol=0)
+
+
+def test_anchor_generator_first_call_under_inference_mode_serves_training():
+    features = torch.zeros(1, 8, 4, 5)
+    layer = nn.AnchorGenerator((32, 64), (1.0,), stride=16)
+    with torch.inference_mode():
+        layer(features)
+    deltas = torch.zeros(1, 4 * 5 * 2, 4, requires_grad=True)
+    boxes = mlkernels.ops.decode_boxes(deltas, layer(features))
+    boxes.sum().backward()  # saving inference tensors for backward would raise here
+    assert deltas.grad is not None
+
+
+def test_anchor_generator_sees_changed_settings():
+    features = torch.zeros(1, 8, 4, 5)
+    layer = nn.AnchorGenerator((32,), (1.0,), stride=16)
+    layer(features)
+    layer.sizes = (64.0,)
+    expected = mlkernels.ops.generate_anchors((4, 5), 16, (64.0,), (1.0,))
+    torch.testing.assert_close(layer(features), expected, rtol=0, atol=0)
 
 
 def _layer(**kwargs):

@@ -1,17 +1,22 @@
 // Argument checks and preparation shared by the NMS and proposal ops' CPU, CUDA and emulated
-// kernels. The Python fake kernels (mlkernels/ops/boxes.py) repeat them word for word.
+// kernels. The Python fake kernels (mlkernels/ops/proposals.py) repeat them word for word.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
-#include "boxes.h"
-#include "nms_math.h"
+#include "../boxes/boxes.h"
+#include "proposals_math.h"
 
 namespace mlk {
-namespace boxes {
+namespace proposals {
+
+using boxes::check_clamp;
+using boxes::check_weights;
+using boxes::to_weights;
 
 inline void check_iou_threshold(const char* op, double threshold) {
   TORCH_CHECK_VALUE(!std::isnan(threshold) && threshold >= 0, op,
@@ -60,6 +65,9 @@ inline NmsInputs prepare_nms(const char* op, const at::Tensor& boxes, const at::
   in.n = n;
   return in;
 }
+
+// The most output rows per image propose accepts (see prepare_propose).
+constexpr int64_t kMaxProposals = int64_t(1) << 24;
 
 struct ProposeArgs {
   int64_t pre_nms_top_n, post_nms_top_n;
@@ -123,6 +131,11 @@ inline ProposeInputs prepare_propose(const at::Tensor& anchors, const at::Tensor
   check_same_device(op, "anchors", anchors, "objectness", objectness);
   check_count(op, "pre_nms_top_n", args.pre_nms_top_n);
   check_count(op, "post_nms_top_n", args.post_nms_top_n);
+  // The output has post_nms_top_n (+1) rows per image whatever is kept: bounded, so that the row
+  // count cannot overflow and a "keep everything" sentinel fails here rather than in the allocator.
+  TORCH_CHECK_VALUE(args.post_nms_top_n <= kMaxProposals, op, ": post_nms_top_n must be at most ",
+                    kMaxProposals, " (the output has that many rows per image), got ",
+                    args.post_nms_top_n);
   check_iou_threshold(op, args.iou_threshold);
   check_number(op, "min_size", args.min_size);
   check_number(op, "score_threshold", args.score_threshold);
@@ -134,14 +147,20 @@ inline ProposeInputs prepare_propose(const at::Tensor& anchors, const at::Tensor
   in.objectness = objectness.contiguous();
   // torchvision clamps with Python numbers, which the comparison converts to the boxes' dtype.
   in.sizes = image_sizes.to(anchors.scalar_type()).contiguous();
-  // A negative or NaN size would clip every box to nonsense rather than fail; one reduction (a
-  // host sync on CUDA) rules it out. Fake tensors have no values, so only eager calls check.
+  // A negative, NaN or (in the boxes' dtype) infinite size would clip every box to nonsense
+  // rather than fail; one reduction (a host sync on CUDA) rules it out, on the sizes as given so
+  // that the message shows them. Fake tensors have no values, so only eager calls check.
   if (n > 0 && !in.sizes.is_meta()) {
-    const auto ok = at::isfinite(in.sizes) & (in.sizes >= 0);
+    const auto given = image_sizes.to(at::kDouble);
+    const double largest = anchors.scalar_type() == at::kFloat
+                               ? static_cast<double>(std::numeric_limits<float>::max())
+                               : std::numeric_limits<double>::max();
+    const auto ok = (given >= 0) & (given <= largest);  // NaN fails both
     if (!ok.all().item<bool>()) {
       const int64_t row = (~ok.all(1)).nonzero().select(0, 0).item<int64_t>();
-      const auto bad = in.sizes.select(0, row).to(at::kDouble).cpu();
-      TORCH_CHECK_VALUE(false, op, ": image_sizes must be finite and >= 0, got (",
+      const auto bad = given.select(0, row).cpu();
+      TORCH_CHECK_VALUE(false, op, ": image_sizes must be finite, >= 0 and at most the largest ",
+                        dtype_str(anchors.scalar_type()), " (", largest, "), got (",
                         bad[0].item<double>(), ", ", bad[1].item<double>(), ") for image ", row);
     }
   }
@@ -198,5 +217,5 @@ inline void check_propose_backward(const at::Tensor& grad_boxes, const at::Tenso
   }
 }
 
-}  // namespace boxes
+}  // namespace proposals
 }  // namespace mlk

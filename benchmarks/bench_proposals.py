@@ -1,0 +1,112 @@
+"""NMS and proposals vs torchvision: ops.nms, ops.batched_nms, and the RPN's per-image proposal
+pipeline."""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from harness import Case
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+
+import mlkernels
+from mlkernels.testing import assert_coords_close
+
+
+def _boxes(n: int, generator: torch.Generator) -> torch.Tensor:
+    xy = torch.rand(n, 2, generator=generator) * 600
+    wh = torch.rand(n, 2, generator=generator) * 200 + 1
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+def _equal(ours, anchor):
+    torch.testing.assert_close(ours, anchor, rtol=0, atol=0)
+
+
+def _nms_cases(quick: bool, g: torch.Generator) -> list[Case]:
+    cases = []
+    for n in (1000, 6000) if quick else (1000, 6000, 20000):
+        boxes, scores = _boxes(n, g), torch.rand(n, generator=g)
+        cases.append(
+            Case(
+                "proposals",
+                "nms",
+                f"N={n}, iou 0.5",
+                lambda b=boxes, s=scores: mlkernels.ops.nms(b, s, 0.5),
+                lambda b=boxes, s=scores: torchvision.ops.nms(b, s, 0.5),
+                "torchvision.ops.nms",
+                _equal,
+                target_ratio=5.0 if n == 6000 else None,
+            )
+        )
+    images = 2 if quick else 8
+    boxes = _boxes(images * 6000, g)
+    # Distinct scores: torchvision's per-group path orders equal scores with an unstable sort.
+    scores = torch.randperm(images * 6000, generator=g).float()
+    idxs = torch.arange(images).repeat_interleave(6000)
+    cases.append(
+        Case(
+            "proposals",
+            "batched_nms",
+            f"{images}x6000, iou 0.7",
+            lambda: mlkernels.ops.batched_nms(boxes, scores, idxs, 0.7),
+            lambda: torchvision.ops.batched_nms(boxes, scores, idxs, 0.7),
+            "torchvision.ops.batched_nms",
+            _equal,
+        )
+    )
+    return cases
+
+
+def _propose_case(quick: bool, g: torch.Generator) -> Case:
+    """RLSD's shape: 12 anchors on a 38x50 map (22,800 per image), pre 6000, post 256."""
+    images, height, width, stride = (2 if quick else 8), 38, 50, 16
+    anchors = mlkernels.ops.generate_anchors((height, width), stride)
+    deltas = torch.randn(images, anchors.shape[0], 4, generator=g) * 0.3
+    objectness = torch.randn(images, anchors.shape[0], generator=g)
+    sizes = [(height * stride, width * stride)] * images
+    rpn = RegionProposalNetwork(
+        AnchorGenerator(),
+        RPNHead(1, 12),
+        0.7,
+        0.3,
+        256,
+        0.5,
+        pre_nms_top_n=dict(training=6000, testing=6000),
+        post_nms_top_n=dict(training=256, testing=256),
+        nms_thresh=0.7,
+    ).eval()
+
+    def torchvision_pipeline():
+        # What torchvision's RPN does after its head: decode every anchor, then filter per image.
+        proposals = rpn.box_coder.decode(deltas.reshape(-1, 4), [anchors] * images)
+        proposals = proposals.view(images, -1, 4)
+        return rpn.filter_proposals(proposals, objectness, sizes, [anchors.shape[0]])
+
+    def ours():
+        return mlkernels.ops.propose(
+            anchors, deltas, objectness, sizes, pre_nms_top_n=6000, post_nms_top_n=256
+        )
+
+    def check(result, anchor):
+        boxes, scores, counts = result
+        for i, (tv_boxes, tv_scores) in enumerate(zip(*anchor, strict=True)):
+            assert counts[i] == len(tv_boxes)
+            assert_coords_close(boxes[i, : counts[i]], tv_boxes)
+            torch.testing.assert_close(scores[i, : counts[i]], tv_scores)
+
+    return Case(
+        "proposals",
+        "propose",
+        f"{images}x{anchors.shape[0]} anchors, pre 6000, post 256",
+        ours,
+        torchvision_pipeline,
+        "torchvision RPN decode + filter_proposals",
+        check,
+        target_ratio=20.0 if images == 8 else None,
+    )
+
+
+def cases(quick: bool) -> list[Case]:
+    g = torch.Generator().manual_seed(0)
+    return [*_nms_cases(quick, g), _propose_case(quick, g)]
