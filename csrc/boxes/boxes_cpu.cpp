@@ -9,15 +9,13 @@
 
 namespace mlk {
 namespace boxes {
-namespace {
 
-// The family's kernels on the CPU: box coding runs its runner kernels on CpuParallelRunner (a row
-// is a few dozen flops, the same code serves); box_iou has a CPU-tuned kernel.
 // IoUs per parallel task: a pair is a few flops, so small inputs stay on one thread.
 constexpr int64_t kGrain = 2048;
 
-struct CpuKernels : Kernels<CpuParallelRunner> {
-static at::Tensor box_iou(const at::Tensor& boxes1, const at::Tensor& boxes2) {
+// The CPU's box_iou (declared in boxes_kernels.h, where it replaces the runner kernel).
+at::Tensor box_iou_kernel(const CpuParallelRunner&, const at::Tensor& boxes1,
+                          const at::Tensor& boxes2) {
   auto [a, b] = prepare_iou(boxes1, boxes2);
   const int64_t n = a.size(0), m = b.size(0);
   auto out = at::empty({n, m}, a.options());
@@ -44,19 +42,17 @@ static at::Tensor box_iou(const at::Tensor& boxes1, const at::Tensor& boxes2) {
         const scalar_t area_a = box_area(a_i);
         scalar_t* row = po + i * m;
         for (int64_t j = 0; j < m; ++j) {
-          row[j] = boxes::box_iou(ax1, ay1, ax2, ay2, area_a, x1[j], y1[j], x2[j], y2[j], area[j]);
+          row[j] = box_iou(ax1, ay1, ax2, ay2, area_a, x1[j], y1[j], x2[j], y2[j], area[j]);
         }
       }
     });
   });
   return out;
 }
-};
 
-}  // namespace
 }  // namespace boxes
 }  // namespace mlk
 
 TORCH_LIBRARY_IMPL(mlkernels, CPU, m) {
-  mlk::boxes::register_boxes<mlk::boxes::CpuKernels>(m);
+  mlk::boxes::register_boxes<mlk::boxes::Kernels<mlk::CpuParallelRunner>>(m);
 }

@@ -10,6 +10,9 @@
 #include "boxes.h"
 
 namespace mlk {
+
+struct CpuParallelRunner;  // csrc/common/cpu_runner.h
+
 namespace boxes {
 
 template <typename Runner>
@@ -84,6 +87,11 @@ std::tuple<at::Tensor, at::Tensor> decode_boxes_backward_kernel(
   return {grad_deltas, grad_anchors};
 }
 
+// The CPU's own box_iou (boxes_cpu.cpp, structure-of-arrays and vectorized): for CpuParallelRunner,
+// overload resolution picks it over the runner template below.
+at::Tensor box_iou_kernel(const CpuParallelRunner& run, const at::Tensor& boxes1,
+                          const at::Tensor& boxes2);
+
 template <typename Runner>
 at::Tensor box_iou_kernel(const Runner& run, const at::Tensor& boxes1, const at::Tensor& boxes2) {
   auto [a, b] = prepare_iou(boxes1, boxes2);
@@ -101,9 +109,9 @@ at::Tensor box_iou_kernel(const Runner& run, const at::Tensor& boxes1, const at:
   return out;
 }
 
-// Every op of the family over one Runner, with the dispatcher's signatures. CUDA (CudaRunner) and
-// the emulator (EmulatorRunner) register it as it is; the CPU's registration (boxes_cpu.cpp) uses
-// it with CpuParallelRunner and replaces the ops it has CPU-tuned kernels for.
+// Every op of the family over one Runner, with the dispatcher's signatures: registered with
+// CudaRunner (boxes_cuda.cu), EmulatorRunner (boxes_emulated.cpp) and CpuParallelRunner
+// (boxes_cpu.cpp, where the CPU's own overloads replace the kernels it has CPU-tuned code for).
 template <typename Runner>
 struct Kernels {
   static at::Tensor encode_boxes(const at::Tensor& boxes, const at::Tensor& anchors,

@@ -141,12 +141,8 @@ class GreedyNms {
   std::vector<uint8_t> removed_;
 };
 
-// The family's kernels on the CPU: CPU-tuned nms, batched_nms and propose (greedy NMS over
-// structure-of-arrays candidates); propose's backward is the runner kernel on CpuParallelRunner.
-struct CpuKernels : Kernels<CpuParallelRunner> {
-static at::Tensor nms(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold) {
-  auto in = prepare_nms("nms", boxes, scores, nullptr, iou_threshold);
-  if (in.n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
+// Greedy NMS of all boxes as one list (nms).
+at::Tensor greedy_nms(const NmsInputs& in, double iou_threshold) {
   const at::Tensor order = sorted_order(in.scores, 0).contiguous();
   std::vector<int64_t> kept(static_cast<size_t>(in.n));
   int64_t count = 0;
@@ -160,10 +156,8 @@ static at::Tensor nms(const at::Tensor& boxes, const at::Tensor& scores, double 
   return at::tensor(at::ArrayRef<int64_t>(kept.data(), count), at::kLong);
 }
 
-static at::Tensor batched_nms(const at::Tensor& boxes, const at::Tensor& scores,
-                              const at::Tensor& idxs, double iou_threshold) {
-  auto in = prepare_nms("batched_nms", boxes, scores, &idxs, iou_threshold);
-  if (in.n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
+// Greedy NMS per group of in.groups, the groups in parallel (batched_nms).
+at::Tensor greedy_batched_nms(const NmsInputs& in, double iou_threshold) {
   const at::Tensor order = sorted_order(in.scores, 0).contiguous();
   const int64_t* o = order.data_ptr<int64_t>();
   const int64_t* g = in.groups.data_ptr<int64_t>();
@@ -202,13 +196,22 @@ static at::Tensor batched_nms(const at::Tensor& boxes, const at::Tensor& scores,
   return at::tensor(out, at::kLong);
 }
 
-static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose(
-    const at::Tensor& anchors, const at::Tensor& deltas, const at::Tensor& objectness,
-    const at::Tensor& image_sizes, int64_t pre_nms_top_n, int64_t post_nms_top_n,
-    double iou_threshold, double min_size, double score_threshold, at::ArrayRef<double> weights,
-    double clamp, bool append_whole_image) {
-  const ProposeArgs args{pre_nms_top_n, post_nms_top_n, iou_threshold,
-                         min_size,      score_threshold, append_whole_image};
+}  // namespace
+
+// The CPU's kernels (declared in proposals_kernels.h, where they replace the runner kernels).
+at::Tensor nms_family_kernel(const CpuParallelRunner&, const char* op, const at::Tensor& boxes,
+                             const at::Tensor& scores, const at::Tensor* idxs,
+                             double iou_threshold) {
+  auto in = prepare_nms(op, boxes, scores, idxs, iou_threshold);
+  if (in.n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
+  return idxs == nullptr ? greedy_nms(in, iou_threshold) : greedy_batched_nms(in, iou_threshold);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose_kernel(
+    const CpuParallelRunner&, const at::Tensor& anchors, const at::Tensor& deltas,
+    const at::Tensor& objectness, const at::Tensor& image_sizes, const ProposeArgs& args,
+    at::ArrayRef<double> weights, double clamp) {
+  const int64_t post_nms_top_n = args.post_nms_top_n;
   auto in = prepare_propose(anchors, deltas, objectness, image_sizes, args, weights, clamp);
   auto out = empty_propose_outputs(in);
   const int64_t images = in.images, num_anchors = in.num_anchors, k = in.k;
@@ -248,9 +251,9 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose(
     const scalar_t* sizes = in.sizes.data_ptr<scalar_t>();
     const auto wt = to_weights<scalar_t>(weights);
     const auto clip = static_cast<scalar_t>(clamp);
-    const auto min_sz = static_cast<scalar_t>(min_size);
-    const auto score_thr = static_cast<scalar_t>(score_threshold);
-    const scalar_t threshold = threshold_below<scalar_t>(iou_threshold);
+    const auto min_sz = static_cast<scalar_t>(args.min_size);
+    const auto score_thr = static_cast<scalar_t>(args.score_threshold);
+    const scalar_t threshold = threshold_below<scalar_t>(args.iou_threshold);
     scalar_t* cand = cand_boxes.data_ptr<scalar_t>();
     int64_t* kept_p = kept.data_ptr<int64_t>();
     int64_t* counts_p = kept_counts.data_ptr<int64_t>();
@@ -276,12 +279,10 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose(
                         kept_counts, out);
   return {out.boxes, out.scores, out.counts, out.kept_anchors};
 }
-};
 
-}  // namespace
 }  // namespace proposals
 }  // namespace mlk
 
 TORCH_LIBRARY_IMPL(mlkernels, CPU, m) {
-  mlk::proposals::register_proposals<mlk::proposals::CpuKernels>(m);
+  mlk::proposals::register_proposals<mlk::proposals::Kernels<mlk::CpuParallelRunner>>(m);
 }

@@ -20,6 +20,9 @@
 #endif
 
 namespace mlk {
+
+struct CpuParallelRunner;  // csrc/common/cpu_runner.h
+
 namespace proposals {
 
 // Mask kernel block (see proposals_math.h): column boxes to shared memory, then one mask word per row.
@@ -118,6 +121,17 @@ std::pair<at::Tensor, at::Tensor> bitmask_nms(const Runner& run, const char* op,
                                     kept.data_ptr<int64_t>(), counts.data_ptr<int64_t>()});
   return {kept, counts};
 }
+
+// The CPU's own NMS and propose (proposals_cpu.cpp: greedy NMS over structure-of-arrays
+// candidates, stopping at post_nms_top_n): for CpuParallelRunner, overload resolution picks them
+// over the runner templates below. propose's backward has no CPU-specific code.
+at::Tensor nms_family_kernel(const CpuParallelRunner& run, const char* op, const at::Tensor& boxes,
+                             const at::Tensor& scores, const at::Tensor* idxs,
+                             double iou_threshold);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose_kernel(
+    const CpuParallelRunner& run, const at::Tensor& anchors, const at::Tensor& deltas,
+    const at::Tensor& objectness, const at::Tensor& image_sizes, const ProposeArgs& args,
+    at::ArrayRef<double> weights, double clamp);
 
 // nms (idxs == nullptr) and batched_nms: one bitmask NMS over all boxes in score order, where
 // boxes of different groups never suppress each other (no coordinate offsets).
@@ -264,10 +278,9 @@ std::tuple<at::Tensor, at::Tensor> propose_backward_kernel(
   return {grad_deltas, grad_anchors};
 }
 
-// Every op of the family over one Runner, with the dispatcher's signatures. CUDA (CudaRunner) and
-// the emulator (EmulatorRunner) register it as it is; the CPU's registration
-// (proposals_cpu.cpp) uses it with CpuParallelRunner and replaces the ops it has CPU-tuned
-// kernels for.
+// Every op of the family over one Runner, with the dispatcher's signatures: registered with
+// CudaRunner (proposals_cuda.cu), EmulatorRunner (proposals_emulated.cpp) and CpuParallelRunner
+// (proposals_cpu.cpp, whose own overloads above replace nms, batched_nms and propose).
 template <typename Runner>
 struct Kernels {
   static at::Tensor nms(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold) {

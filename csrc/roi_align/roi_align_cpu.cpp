@@ -250,60 +250,55 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& map, const at::Tens
   });
 }
 
-// The family's kernels on the CPU: the CPU-tuned forward and backward above (the runner kernels
-// of the base are not used for this family: its box gradient is a cooperative kernel).
-struct CpuKernels : Kernels<CpuParallelRunner> {
-  static at::Tensor roi_align(const at::Tensor& input, const at::Tensor& boxes,
-                              double spatial_scale, int64_t pooled_height, int64_t pooled_width,
-                              int64_t sampling_ratio, bool aligned) {
-    const Args a{spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned};
-    check_forward(input, boxes, a);
-    const auto acc_type = accumulation_type(input.scalar_type());
-    auto out = allocate_output("roi_align",
-                               {boxes.size(0), input.size(1), pooled_height, pooled_width},
-                               input.options().dtype(acc_type));
-    if (out.numel() > 0) {
-      const auto map = input.to(acc_type).contiguous(at::MemoryFormat::ChannelsLast);
-      const auto rois = boxes.to(acc_type).contiguous();
-      AT_DISPATCH_FLOATING_TYPES(acc_type, "roi_align", [&] {
-        forward_impl<scalar_t>(map, rois, a, out);
-      });
-    }
-    return out.to(input.scalar_type());
-  }
-
-  static std::tuple<at::Tensor, at::Tensor> roi_align_backward(
-      const at::Tensor& grad, const at::Tensor& input, const at::Tensor& boxes,
-      double spatial_scale, int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio,
-      bool aligned, std::array<bool, 2> output_mask) {
-    const Args a{spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned};
-    const OutputMask mask{output_mask[0], output_mask[1]};
-    check_backward(grad, input, boxes, a);
-    const auto acc_options = input.options().dtype(accumulation_type(input.scalar_type()));
-    // [N, H, W, C] in memory: the task slices are channel runs of every pixel.
-    auto grad_map =
-        mask.input ? at::zeros({input.size(0), input.size(2), input.size(3), input.size(1)},
-                               acc_options)
-                   : at::empty({0}, acc_options);
-    auto grad_rois =
-        mask.boxes ? at::zeros({boxes.size(0), 5}, acc_options) : at::empty({0}, acc_options);
-    if (grad.numel() > 0 && (mask.input || mask.boxes)) {
-      const auto map = input.to(acc_options.dtype()).permute({0, 2, 3, 1}).contiguous();
-      const auto rois = boxes.to(acc_options.dtype()).contiguous();
-      const auto grad_acc = grad.to(acc_options.dtype()).contiguous();
-      AT_DISPATCH_FLOATING_TYPES(grad_acc.scalar_type(), "roi_align_backward", [&] {
-        backward_impl<scalar_t>(grad_acc, map, rois, a, mask, grad_map, grad_rois);
-      });
-    }
-    if (mask.input) grad_map = grad_map.permute({0, 3, 1, 2}).to(input.scalar_type()).contiguous();
-    return {grad_map, grad_rois.to(boxes.scalar_type())};
-  }
-};
-
 }  // namespace
+
+// The CPU's kernels (declared in roi_align_kernels.h, where they replace the runner kernels).
+at::Tensor roi_align_forward_kernel(const CpuParallelRunner&, const at::Tensor& input,
+                                    const at::Tensor& boxes, const Args& a) {
+  check_forward(input, boxes, a);
+  const auto acc_type = accumulation_type(input.scalar_type());
+  auto out = allocate_output("roi_align",
+                             {boxes.size(0), input.size(1), a.pooled_height, a.pooled_width},
+                             input.options().dtype(acc_type));
+  if (out.numel() > 0) {
+    const auto map = input.to(acc_type).contiguous(at::MemoryFormat::ChannelsLast);
+    const auto rois = boxes.to(acc_type).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(acc_type, "roi_align", [&] {
+      forward_impl<scalar_t>(map, rois, a, out);
+    });
+  }
+  return out.to(input.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> roi_align_backward_kernel(const CpuParallelRunner&,
+                                                             const at::Tensor& grad,
+                                                             const at::Tensor& input,
+                                                             const at::Tensor& boxes,
+                                                             const Args& a, OutputMask mask) {
+  check_backward(grad, input, boxes, a);
+  const auto acc_options = input.options().dtype(accumulation_type(input.scalar_type()));
+  // [N, H, W, C] in memory: the task slices are channel runs of every pixel.
+  auto grad_map = mask.input ? at::zeros({input.size(0), input.size(2), input.size(3),
+                                          input.size(1)},
+                                         acc_options)
+                             : at::empty({0}, acc_options);
+  auto grad_rois =
+      mask.boxes ? at::zeros({boxes.size(0), 5}, acc_options) : at::empty({0}, acc_options);
+  if (grad.numel() > 0 && (mask.input || mask.boxes)) {
+    const auto map = input.to(acc_options.dtype()).permute({0, 2, 3, 1}).contiguous();
+    const auto rois = boxes.to(acc_options.dtype()).contiguous();
+    const auto grad_acc = grad.to(acc_options.dtype()).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(grad_acc.scalar_type(), "roi_align_backward", [&] {
+      backward_impl<scalar_t>(grad_acc, map, rois, a, mask, grad_map, grad_rois);
+    });
+  }
+  if (mask.input) grad_map = grad_map.permute({0, 3, 1, 2}).to(input.scalar_type()).contiguous();
+  return {grad_map, grad_rois.to(boxes.scalar_type())};
+}
+
 }  // namespace roi_align
 }  // namespace mlk
 
 TORCH_LIBRARY_IMPL(mlkernels, CPU, m) {
-  mlk::roi_align::register_roi_align<mlk::roi_align::CpuKernels>(m);
+  mlk::roi_align::register_roi_align<mlk::roi_align::Kernels<mlk::CpuParallelRunner>>(m);
 }

@@ -19,6 +19,9 @@
 #include "roi_align.h"
 
 namespace mlk {
+
+struct CpuParallelRunner;  // csrc/common/cpu_runner.h
+
 namespace roi_align {
 
 constexpr int64_t kBoxGradThreads = 256;  // a power of two: block_sum_phase halves it
@@ -45,6 +48,16 @@ struct BoxGradBlock {
     block.phase([&](const ThreadIndex& t) { box_grad_write_phase(t, rois, p, shared, grad_rois); });
   }
 };
+
+// The CPU's own kernels (roi_align_cpu.cpp: channels-last, no atomics, deterministic): for
+// CpuParallelRunner, overload resolution picks them over the runner templates below.
+at::Tensor roi_align_forward_kernel(const CpuParallelRunner& run, const at::Tensor& input,
+                                    const at::Tensor& boxes, const Args& a);
+std::tuple<at::Tensor, at::Tensor> roi_align_backward_kernel(const CpuParallelRunner& run,
+                                                             const at::Tensor& grad,
+                                                             const at::Tensor& input,
+                                                             const at::Tensor& boxes,
+                                                             const Args& a, OutputMask mask);
 
 template <typename Runner>
 at::Tensor roi_align_forward_kernel(const Runner& run, const at::Tensor& input,
@@ -121,9 +134,9 @@ std::tuple<at::Tensor, at::Tensor> roi_align_backward_kernel(const Runner& run,
   return {grad_input.to(input.scalar_type()), grad_rois.to(boxes.scalar_type())};
 }
 
-// Every op of the family over one Runner, with the dispatcher's signatures. CUDA (CudaRunner) and
-// the emulator (EmulatorRunner) register it as it is; the CPU's registration derives from it and
-// replaces the ops it has CPU-tuned kernels for.
+// Every op of the family over one Runner, with the dispatcher's signatures: registered with
+// CudaRunner (roi_align_cuda.cu), EmulatorRunner (roi_align_emulated.cpp) and CpuParallelRunner
+// (roi_align_cpu.cpp, whose own overloads above replace both kernels).
 template <typename Runner>
 struct Kernels {
   static at::Tensor roi_align(const at::Tensor& input, const at::Tensor& boxes,
