@@ -10,8 +10,8 @@
 #define MLK_CUDA_ARCHS ""
 #endif
 
-static struct PyModuleDef mlkernels_module = {PyModuleDef_HEAD_INIT, "_C",
-                                              "mlkernels compiled ops", -1, nullptr};
+static struct PyModuleDef mlkernels_module = {PyModuleDef_HEAD_INIT, "_C", "mlkernels compiled ops",
+                                              -1, nullptr};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* module = PyModule_Create(&mlkernels_module);

@@ -61,9 +61,8 @@ at::Tensor decode_boxes_kernel(const Runner& run, const at::Tensor& deltas,
 // Only the gradients in `mask` (deltas, anchors) are computed; the others are empty Tensor[0].
 template <typename Runner>
 std::tuple<at::Tensor, at::Tensor> decode_boxes_backward_kernel(
-    const Runner& run, const at::Tensor& grad, const at::Tensor& deltas,
-    const at::Tensor& anchors, at::ArrayRef<double> weights, double clamp,
-    std::array<bool, 2> mask) {
+    const Runner& run, const at::Tensor& grad, const at::Tensor& deltas, const at::Tensor& anchors,
+    at::ArrayRef<double> weights, double clamp, std::array<bool, 2> mask) {
   auto prepared = prepare_decode_backward(grad, deltas, anchors, weights, clamp);
   const PairedBoxes& in = prepared.first;
   const at::Tensor& g = prepared.second;
@@ -102,9 +101,8 @@ at::Tensor box_iou_kernel(const Runner& run, const at::Tensor& boxes1, const at:
     const scalar_t* pa = a.data_ptr<scalar_t>();
     const scalar_t* pb = b.data_ptr<scalar_t>();
     scalar_t* po = out.data_ptr<scalar_t>();
-    run.threads(launch_config_1d(n * m), [=] MLK_LAMBDA(const ThreadIndex& t) {
-      box_iou_thread(t, n, m, pa, pb, po);
-    });
+    run.threads(launch_config_1d(n * m),
+                [=] MLK_LAMBDA(const ThreadIndex& t) { box_iou_thread(t, n, m, pa, pb, po); });
   });
   return out;
 }

@@ -178,10 +178,9 @@ MLK_HOST_DEVICE void decode_boxes_thread(const ThreadIndex& t, int64_t rows, con
 
 // grad_deltas or grad_anchors null: not asked for (see decode_box_backward).
 template <typename T>
-MLK_HOST_DEVICE void decode_boxes_backward_thread(const ThreadIndex& t, int64_t rows,
-                                                  const T* grad, const T* deltas,
-                                                  const T* anchors, Weights<T> wt, T clip,
-                                                  T* grad_deltas, T* grad_anchors) {
+MLK_HOST_DEVICE void decode_boxes_backward_thread(const ThreadIndex& t, int64_t rows, const T* grad,
+                                                  const T* deltas, const T* anchors, Weights<T> wt,
+                                                  T clip, T* grad_deltas, T* grad_anchors) {
   for (int64_t i = t.global_x(); i < rows; i += t.grid_stride_x()) {
     decode_box_backward(grad + 4 * i, deltas + 4 * i, anchors + 4 * i, wt, clip,
                         grad_deltas ? grad_deltas + 4 * i : nullptr,

@@ -17,9 +17,9 @@ struct CpuParallelRunner {
 
   template <typename ThreadFn>
   void threads(const LaunchConfig& config, ThreadFn&& fn) const {
-    TORCH_CHECK(config.grid.y == 1 && config.grid.z == 1 && config.block.y == 1 &&
-                    config.block.z == 1,
-                "CpuParallelRunner runs 1-D launches only");
+    TORCH_CHECK(
+        config.grid.y == 1 && config.grid.z == 1 && config.block.y == 1 && config.block.z == 1,
+        "CpuParallelRunner runs 1-D launches only");
     const int64_t per_block = config.block.x;
     // 256 threads of a grid-stride kernel are a few microseconds of work: fewer per task would
     // cost more in scheduling than they spread.

@@ -38,7 +38,8 @@ class PerThread {
 class Block {
  public:
   Block(const LaunchConfig& config, Dim3 block_index)
-      : config_(config), index_(block_index),
+      : config_(config),
+        index_(block_index),
         shared_(static_cast<size_t>(config.shared_bytes) / sizeof(double) + 1, 0.0) {
     // All bits set: NaN as float or double, -1 as an integer. A kernel that reads shared memory
     // before writing it gets garbage on a GPU; here it gets values that show.

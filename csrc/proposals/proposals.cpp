@@ -17,7 +17,8 @@ void define_proposal_ops(torch::Library& m) {
   // The gradients of deltas and anchors, each only where output_mask asks (else empty Tensor[0]).
   m.def(
       "propose_backward(Tensor grad_boxes, Tensor anchors, Tensor deltas, Tensor kept_anchors, "
-      "Tensor image_sizes, float[] weights, float clamp, bool[2] output_mask=[True, True]) -> (Tensor, Tensor)");
+      "Tensor image_sizes, float[] weights, float clamp, bool[2] output_mask=[True, True]) -> "
+      "(Tensor, Tensor)");
 }
 
 }  // namespace

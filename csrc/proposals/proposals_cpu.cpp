@@ -53,15 +53,13 @@ MLK_SIMD_CLONES int64_t suppression_pass(const float* box, float area_box, const
                                          const float* y1, const float* x2, const float* y2,
                                          const float* area, int64_t begin, int64_t end,
                                          float threshold, uint8_t* removed) {
-  return suppression_pass_impl(box, area_box, x1, y1, x2, y2, area, begin, end, threshold,
-                               removed);
+  return suppression_pass_impl(box, area_box, x1, y1, x2, y2, area, begin, end, threshold, removed);
 }
 MLK_SIMD_CLONES int64_t suppression_pass(const double* box, double area_box, const double* x1,
                                          const double* y1, const double* x2, const double* y2,
                                          const double* area, int64_t begin, int64_t end,
                                          double threshold, uint8_t* removed) {
-  return suppression_pass_impl(box, area_box, x1, y1, x2, y2, area, begin, end, threshold,
-                               removed);
+  return suppression_pass_impl(box, area_box, x1, y1, x2, y2, area, begin, end, threshold, removed);
 }
 
 namespace {
@@ -92,9 +90,7 @@ inline uint64_t descending_key(double v) {
 template <typename T>
 class GreedyNms {
  public:
-  void clear() {
-    x1_.clear(), y1_.clear(), x2_.clear(), y2_.clear(), area_.clear(), id_.clear();
-  }
+  void clear() { x1_.clear(), y1_.clear(), x2_.clear(), y2_.clear(), area_.clear(), id_.clear(); }
   void push(const T* box, int64_t id) {
     x1_.push_back(box[0]), y1_.push_back(box[1]), x2_.push_back(box[2]), y2_.push_back(box[3]);
     area_.push_back(box_area(box));
@@ -116,8 +112,8 @@ class GreedyNms {
       if (head >= end) break;
       kept[count++] = id[head];
       const T box[4] = {x1[head], y1[head], x2[head], y2[head]};
-      pending += suppression_pass(box, area[head], x1, y1, x2, y2, area, head + 1, end,
-                                  threshold, removed);
+      pending += suppression_pass(box, area[head], x1, y1, x2, y2, area, head + 1, end, threshold,
+                                  removed);
       // Once a quarter of what remains is removed, squeeze it out so that later passes stop
       // paying for it (compacting after every kept box would cost more than the passes save).
       if (pending * 4 > end - head) {
@@ -275,8 +271,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose_kernel(
     });
   });
   // 4. The output rows, with the CUDA kernel's own code.
-  write_propose_outputs(CpuParallelRunner(), in, args, cand_boxes, scores, order, kept,
-                        kept_counts, out);
+  write_propose_outputs(CpuParallelRunner(), in, args, cand_boxes, scores, order, kept, kept_counts,
+                        out);
   return {out.boxes, out.scores, out.counts, out.kept_anchors};
 }
 

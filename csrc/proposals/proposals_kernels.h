@@ -1,6 +1,7 @@
 // The CUDA kernels of nms, batched_nms and propose, written once over a Runner: CudaRunner
 // (proposals_cuda.cu) launches them on a GPU, EmulatorRunner (proposals_emulated.cpp) runs the
-// same code on the CPU grid emulator. Sorting, gathering and the sigmoid are ATen calls on the device.
+// same code on the CPU grid emulator. Sorting, gathering and the sigmoid are ATen calls on the
+// device.
 #pragma once
 
 #include <torch/library.h>
@@ -25,7 +26,8 @@ struct CpuParallelRunner;  // csrc/common/cpu_runner.h
 
 namespace proposals {
 
-// Mask kernel block (see proposals_math.h): column boxes to shared memory, then one mask word per row.
+// Mask kernel block (see proposals_math.h): column boxes to shared memory, then one mask word per
+// row.
 template <typename T>
 struct NmsMaskBlock {
   int64_t n;
@@ -72,9 +74,8 @@ struct NmsReduceBlock {
       });
       ++count;
     }
-    block.phase([&](const ThreadIndex& t) {
-      nms_reduce_finish(t, count, k.max_keep, k.kept, k.counts);
-    });
+    block.phase(
+        [&](const ThreadIndex& t) { nms_reduce_finish(t, count, k.max_keep, k.kept, k.counts); });
   }
 };
 
@@ -217,9 +218,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose_kernel(
     });
   });
   // No image can keep more than its k candidates: the kept list needs no more columns.
-  const std::pair<at::Tensor, at::Tensor> kept =
-      bitmask_nms(run, "propose", cand_boxes, at::Tensor(), valid, iou_threshold,
-                  std::min(post_nms_top_n, k));
+  const std::pair<at::Tensor, at::Tensor> kept = bitmask_nms(
+      run, "propose", cand_boxes, at::Tensor(), valid, iou_threshold, std::min(post_nms_top_n, k));
   write_propose_outputs(run, in, args, cand_boxes, scores, order, kept.first, kept.second, out);
   return {out.boxes, out.scores, out.counts, out.kept_anchors};
 }
@@ -288,15 +288,14 @@ struct Kernels {
   }
   static at::Tensor batched_nms(const at::Tensor& boxes, const at::Tensor& scores,
                                 const at::Tensor& idxs, double iou_threshold) {
-    return nms_family_kernel(Runner::on(boxes), "batched_nms", boxes, scores, &idxs,
-                             iou_threshold);
+    return nms_family_kernel(Runner::on(boxes), "batched_nms", boxes, scores, &idxs, iou_threshold);
   }
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose(
       const at::Tensor& anchors, const at::Tensor& deltas, const at::Tensor& objectness,
       const at::Tensor& image_sizes, int64_t pre_nms_top_n, int64_t post_nms_top_n,
       double iou_threshold, double min_size, double score_threshold, at::ArrayRef<double> weights,
       double clamp, bool append_whole_image) {
-    const ProposeArgs args{pre_nms_top_n, post_nms_top_n, iou_threshold,
+    const ProposeArgs args{pre_nms_top_n, post_nms_top_n,  iou_threshold,
                            min_size,      score_threshold, append_whole_image};
     return propose_kernel(Runner::on(deltas), anchors, deltas, objectness, image_sizes, args,
                           weights, clamp);

@@ -120,8 +120,8 @@ MLK_HOST_DEVICE void nms_mask_row(const ThreadIndex& t, int64_t n, const T* boxe
   const int64_t image = t.block.z, col_block = t.block.x, row_block = t.block.y;
   const int64_t i = row_block * kMaskBits + t.thread.x;
   if (row_block > col_block || i >= n) return;
-  const int64_t col_size = n - col_block * kMaskBits < kMaskBits ? n - col_block * kMaskBits
-                                                                 : kMaskBits;
+  const int64_t col_size =
+      n - col_block * kMaskBits < kMaskBits ? n - col_block * kMaskBits : kMaskBits;
   const T* box = boxes + 4 * (image * n + i);
   const T area = box_area(box);
   const int64_t group = groups != nullptr ? groups[image * n + i] : 0;
@@ -205,8 +205,8 @@ MLK_HOST_DEVICE void propose_output_thread(const ThreadIndex& t, int64_t images,
                                            int64_t max_keep, int64_t rows, bool append,
                                            const T* cand_boxes, const T* cand_scores,
                                            const int64_t* order, const int64_t* kept,
-                                           const int64_t* kept_counts, const T* sizes,
-                                           T* out_boxes, T* out_scores, int64_t* out_counts,
+                                           const int64_t* kept_counts, const T* sizes, T* out_boxes,
+                                           T* out_scores, int64_t* out_counts,
                                            int64_t* out_anchors) {
   for (int64_t q = t.global_x(); q < images * rows; q += t.grid_stride_x()) {
     const int64_t image = q / rows, c = q % rows, count = kept_counts[image];

@@ -46,10 +46,8 @@ TORCH_LIBRARY_FRAGMENT(mlkernels, m) { define_roi_align_ops(m); }
 TORCH_LIBRARY_FRAGMENT(mlkernels_emulated, m) { define_roi_align_ops(m); }
 
 TORCH_LIBRARY_IMPL(mlkernels, AutocastCPU, m) {
-  m.impl("roi_align",
-         &roi_align_autocast<c10::DispatchKey::AutocastCPU, c10::DeviceType::CPU>);
+  m.impl("roi_align", &roi_align_autocast<c10::DispatchKey::AutocastCPU, c10::DeviceType::CPU>);
 }
 TORCH_LIBRARY_IMPL(mlkernels, AutocastCUDA, m) {
-  m.impl("roi_align",
-         &roi_align_autocast<c10::DispatchKey::AutocastCUDA, c10::DeviceType::CUDA>);
+  m.impl("roi_align", &roi_align_autocast<c10::DispatchKey::AutocastCUDA, c10::DeviceType::CUDA>);
 }

@@ -257,15 +257,14 @@ at::Tensor roi_align_forward_kernel(const CpuParallelRunner&, const at::Tensor& 
                                     const at::Tensor& boxes, const Args& a) {
   check_forward(input, boxes, a);
   const auto acc_type = accumulation_type(input.scalar_type());
-  auto out = allocate_output("roi_align",
-                             {boxes.size(0), input.size(1), a.pooled_height, a.pooled_width},
-                             input.options().dtype(acc_type));
+  auto out =
+      allocate_output("roi_align", {boxes.size(0), input.size(1), a.pooled_height, a.pooled_width},
+                      input.options().dtype(acc_type));
   if (out.numel() > 0) {
     const auto map = input.to(acc_type).contiguous(at::MemoryFormat::ChannelsLast);
     const auto rois = boxes.to(acc_type).contiguous();
-    AT_DISPATCH_FLOATING_TYPES(acc_type, "roi_align", [&] {
-      forward_impl<scalar_t>(map, rois, a, out);
-    });
+    AT_DISPATCH_FLOATING_TYPES(acc_type, "roi_align",
+                               [&] { forward_impl<scalar_t>(map, rois, a, out); });
   }
   return out.to(input.scalar_type());
 }
@@ -273,15 +272,15 @@ at::Tensor roi_align_forward_kernel(const CpuParallelRunner&, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> roi_align_backward_kernel(const CpuParallelRunner&,
                                                              const at::Tensor& grad,
                                                              const at::Tensor& input,
-                                                             const at::Tensor& boxes,
-                                                             const Args& a, OutputMask mask) {
+                                                             const at::Tensor& boxes, const Args& a,
+                                                             OutputMask mask) {
   check_backward(grad, input, boxes, a);
   const auto acc_options = input.options().dtype(accumulation_type(input.scalar_type()));
   // [N, H, W, C] in memory: the task slices are channel runs of every pixel.
-  auto grad_map = mask.input ? at::zeros({input.size(0), input.size(2), input.size(3),
-                                          input.size(1)},
-                                         acc_options)
-                             : at::empty({0}, acc_options);
+  auto grad_map =
+      mask.input
+          ? at::zeros({input.size(0), input.size(2), input.size(3), input.size(1)}, acc_options)
+          : at::empty({0}, acc_options);
   auto grad_rois =
       mask.boxes ? at::zeros({boxes.size(0), 5}, acc_options) : at::empty({0}, acc_options);
   if (grad.numel() > 0 && (mask.input || mask.boxes)) {

@@ -1,6 +1,7 @@
 // The CUDA kernels of roi_align, written once over a Runner: CudaRunner (roi_align_cuda.cu)
 // launches them on a GPU, EmulatorRunner (roi_align_emulated.cpp) runs the same code on the CPU
-// grid emulator. Kernels<Runner> and register_roi_align below are the family's one registration. All arithmetic is in float32 for float16/bfloat16 (at::opmath_type).
+// grid emulator. Kernels<Runner> and register_roi_align below are the family's one registration.
+// All arithmetic is in float32 for float16/bfloat16 (at::opmath_type).
 //
 //  forward:         one thread per output element;
 //  input gradient:  atomics (one thread per grad element), or, when
@@ -39,9 +40,8 @@ struct BoxGradBlock {
   template <typename Block>
   MLK_HOST_DEVICE void operator()(Block& block) const {
     T* shared = block.template shared<T>();
-    block.phase([&](const ThreadIndex& t) {
-      box_grad_partial_phase(t, grad, input, rois, p, shared);
-    });
+    block.phase(
+        [&](const ThreadIndex& t) { box_grad_partial_phase(t, grad, input, rois, p, shared); });
     for (int64_t stride = kBoxGradThreads / 2; stride > 0; stride /= 2) {
       block.phase([&](const ThreadIndex& t) { block_sum_phase(t, stride, shared); });
     }
@@ -56,16 +56,16 @@ at::Tensor roi_align_forward_kernel(const CpuParallelRunner& run, const at::Tens
 std::tuple<at::Tensor, at::Tensor> roi_align_backward_kernel(const CpuParallelRunner& run,
                                                              const at::Tensor& grad,
                                                              const at::Tensor& input,
-                                                             const at::Tensor& boxes,
-                                                             const Args& a, OutputMask mask);
+                                                             const at::Tensor& boxes, const Args& a,
+                                                             OutputMask mask);
 
 template <typename Runner>
 at::Tensor roi_align_forward_kernel(const Runner& run, const at::Tensor& input,
                                     const at::Tensor& boxes, const Args& a) {
   check_forward(input, boxes, a);
-  auto out = allocate_output("roi_align",
-                             {boxes.size(0), input.size(1), a.pooled_height, a.pooled_width},
-                             input.options());
+  auto out =
+      allocate_output("roi_align", {boxes.size(0), input.size(1), a.pooled_height, a.pooled_width},
+                      input.options());
   if (out.numel() == 0) return out;
   const auto map = input.contiguous();
   const auto rois = boxes.contiguous();
@@ -87,13 +87,15 @@ template <typename Runner>
 std::tuple<at::Tensor, at::Tensor> roi_align_backward_kernel(const Runner& run,
                                                              const at::Tensor& grad,
                                                              const at::Tensor& input,
-                                                             const at::Tensor& boxes,
-                                                             const Args& a, OutputMask mask) {
+                                                             const at::Tensor& boxes, const Args& a,
+                                                             OutputMask mask) {
   check_backward(grad, input, boxes, a);
   const auto acc_type = accumulation_type(input.scalar_type());
   const auto acc_options = input.options().dtype(acc_type);
-  auto grad_input = mask.input ? at::zeros(input.sizes(), acc_options) : at::empty({0}, acc_options);
-  auto grad_rois = mask.boxes ? at::zeros({boxes.size(0), 5}, acc_options) : at::empty({0}, acc_options);
+  auto grad_input =
+      mask.input ? at::zeros(input.sizes(), acc_options) : at::empty({0}, acc_options);
+  auto grad_rois =
+      mask.boxes ? at::zeros({boxes.size(0), 5}, acc_options) : at::empty({0}, acc_options);
   if (grad.numel() > 0 && (mask.input || mask.boxes)) {
     const bool deterministic = at::globalContext().deterministicAlgorithms();
     const auto map = input.contiguous();

@@ -191,7 +191,8 @@ MLK_HOST_DEVICE void sample_range(T base, T bin, int64_t grid, int64_t size, int
   const T first = (T(-1) - base) / step - T(0.5) - slack;
   const T last = (static_cast<T>(size) - base) / step - T(0.5) + slack;
   if (first > T(0)) lo = first >= static_cast<T>(grid) ? grid : static_cast<int64_t>(first);
-  if (last < static_cast<T>(grid)) hi = last <= static_cast<T>(lo) ? lo : static_cast<int64_t>(last);
+  if (last < static_cast<T>(grid))
+    hi = last <= static_cast<T>(lo) ? lo : static_cast<int64_t>(last);
 }
 
 // The last index j in [i, hi) whose computed position equals `value` = position(i). Positions
@@ -286,7 +287,8 @@ MLK_HOST_DEVICE void for_each_sample(const RoiGeometry<T>& g, const Params<T>& p
   }
 }
 
-// Moments of one RoI's gradient (see the header comment): a[0..1] = (A_x, B_x), a[2..3] = (A_y, B_y).
+// Moments of one RoI's gradient (see the header comment): a[0..1] = (A_x, B_x), a[2..3] = (A_y,
+// B_y).
 template <typename T>
 struct Moments {
   T m[4];
@@ -372,8 +374,7 @@ MLK_HOST_DEVICE void backward_input_plane_thread(const ThreadIndex& t, int64_t p
                                                  int64_t num_rois, const S* grad, const S* rois,
                                                  Params<T> p, T* grad_input) {
   const int64_t ow = p.pooled_width, oh = p.pooled_height, hw = p.height * p.width;
-  for (int64_t plane_index = t.global_x(); plane_index < planes;
-       plane_index += t.grid_stride_x()) {
+  for (int64_t plane_index = t.global_x(); plane_index < planes; plane_index += t.grid_stride_x()) {
     const int64_t n = plane_index / p.channels, c = plane_index % p.channels;
     T* plane = grad_input + plane_index * hw;
     for (int64_t k = 0; k < num_rois; ++k) {
