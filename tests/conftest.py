@@ -43,8 +43,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
-
-
-def devices() -> list:
-    """CPU always; CUDA as a cuda-marked parameter (skipped without a GPU)."""
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
