@@ -1,4 +1,5 @@
-"""Shared test setup: hypothesis profiles, the cuda marker, and input helpers."""
+"""Shared test setup: hypothesis profiles, torch threads, the emulated marker, skipping cuda-marked
+tests without a GPU. The implementations under test and input helpers are in helpers.py."""
 
 from __future__ import annotations
 
@@ -29,6 +30,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "emulated: runs the CUDA kernels' code on the CPU grid emulator"
+    )
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
@@ -36,8 +43,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
-
-
-def devices() -> list:
-    """CPU always; CUDA as a cuda-marked parameter (skipped without a GPU)."""
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]

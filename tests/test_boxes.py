@@ -1,5 +1,6 @@
-"""encode_boxes / decode_boxes / box_iou: against torchvision, the reference, and the CUDA kernels'
-logic on the grid emulator; gradients, opcheck, bad input, empty input."""
+"""encode_boxes / decode_boxes / box_iou: every implementation (CPU, the CUDA kernels' logic on the
+grid emulator, CUDA) against torchvision and the reference; gradients, opcheck, bad input, empty
+input."""
 
 from __future__ import annotations
 
@@ -8,15 +9,20 @@ import math
 import pytest
 import torch
 import torchvision
-from conftest import devices
-from helpers import assert_coords_close, assert_raises, random_boxes
+from helpers import (
+    ALL_IMPLS,
+    DEVICE_IMPLS,
+    assert_coords_close,
+    assert_raises,
+    impl_params,
+    random_boxes,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 from torchvision.models.detection._utils import BoxCoder
 
 from mlkernels import ops, reference
 
-emulated = torch.ops.mlkernels_emulated
 CLAMP = math.log(1000.0 / 16)
 DTYPES = [torch.float32, torch.float64]
 
@@ -30,27 +36,28 @@ def _inputs(seed: int, n: int, dtype: torch.dtype, min_side: float = 0.5):
     return deltas, anchors
 
 
-# ---- forward: torchvision, reference, emulated CUDA kernels ----
+# ---- forward: every implementation against torchvision and the reference ----
 
 
+@ALL_IMPLS
 @given(
     seed=st.integers(0, 2**31),
     n=st.integers(0, 300),
     weights=weights_st,
     dtype=st.sampled_from(DTYPES),
 )
-def test_decode_matches_torchvision_and_reference(seed, n, weights, dtype):
+def test_decode_matches_torchvision_and_reference(impl, seed, n, weights, dtype):
     deltas, anchors = _inputs(seed, n, dtype)
     deltas[::7, 2:] = 9.0  # past the clamp
-    ours = ops.decode_boxes(deltas, anchors, weights)
+    args = (deltas, anchors, list(weights), CLAMP)
+    ours = impl.call("decode_boxes", *args)
     expected = BoxCoder(weights).decode_single(deltas, anchors)
     assert_coords_close(ours, expected)
     assert_coords_close(ours, reference.decode_boxes(deltas, anchors, weights))
-    torch.testing.assert_close(
-        emulated.decode_boxes(deltas, anchors, list(weights), CLAMP), ours, rtol=0, atol=0
-    )
+    impl.assert_matches_cpu(ours, "decode_boxes", *args)
 
 
+@ALL_IMPLS
 @given(
     seed=st.integers(0, 2**31),
     n=st.integers(0, 300),
@@ -58,7 +65,7 @@ def test_decode_matches_torchvision_and_reference(seed, n, weights, dtype):
     dtype=st.sampled_from(DTYPES),
     degenerate=st.booleans(),
 )
-def test_encode_matches_torchvision_and_reference(seed, n, weights, dtype, degenerate):
+def test_encode_matches_torchvision_and_reference(impl, seed, n, weights, dtype, degenerate):
     g = torch.Generator().manual_seed(seed)
     anchors = random_boxes(n, generator=g, dtype=dtype, offset=-30.0)
     boxes = random_boxes(n, generator=g, dtype=dtype, offset=-30.0)
@@ -66,19 +73,18 @@ def test_encode_matches_torchvision_and_reference(seed, n, weights, dtype, degen
         boxes[::3, 2] = boxes[::3, 0]
         boxes[1::3, 3] = boxes[1::3, 1] - 1
         anchors[::4, 2] = anchors[::4, 0]
-    ours = ops.encode_boxes(boxes, anchors, weights)
+    ours = impl.call("encode_boxes", boxes, anchors, list(weights))
     expected = BoxCoder(weights).encode_single(boxes, anchors)
     torch.testing.assert_close(ours, expected, equal_nan=True)
     torch.testing.assert_close(
         ours, reference.encode_boxes(boxes, anchors, weights), equal_nan=True
     )
-    torch.testing.assert_close(
-        emulated.encode_boxes(boxes, anchors, list(weights)), ours, rtol=0, atol=0, equal_nan=True
-    )
+    impl.assert_matches_cpu(ours, "encode_boxes", boxes, anchors, list(weights), equal_nan=True)
     if degenerate and n:
         assert not torch.isfinite(ours).all()
 
 
+@ALL_IMPLS
 @given(
     seed=st.integers(0, 2**31),
     n=st.integers(0, 40),
@@ -86,61 +92,72 @@ def test_encode_matches_torchvision_and_reference(seed, n, weights, dtype, degen
     dtype=st.sampled_from(DTYPES),
     degenerate=st.booleans(),
 )
-def test_box_iou_matches_torchvision(seed, n, m, dtype, degenerate):
+def test_box_iou_matches_torchvision(impl, seed, n, m, dtype, degenerate):
     g = torch.Generator().manual_seed(seed)
     min_side = -5.0 if degenerate else 0.5  # degenerate: zero and negative widths too
     a = random_boxes(n, generator=g, dtype=dtype, min_side=min_side, offset=-20.0)
     b = random_boxes(m, generator=g, dtype=dtype, min_side=min_side, offset=-20.0)
     if n and m:
         b[0] = a[0]  # an identical pair: IoU exactly 1
-    ours = ops.box_iou(a, b)
+    ours = impl.call("box_iou", a, b)
     expected = torchvision.ops.box_iou(a, b)
     torch.testing.assert_close(ours, expected, equal_nan=True)
     torch.testing.assert_close(ours, reference.box_iou(a, b), equal_nan=True)
-    torch.testing.assert_close(emulated.box_iou(a, b), ours, rtol=0, atol=0, equal_nan=True)
+    impl.assert_matches_cpu(ours, "box_iou", a, b, equal_nan=True)
     if n and m and not degenerate:
         assert ours[0, 0] == 1
 
 
-def test_roundtrip_encode_decode():
+@DEVICE_IMPLS
+def test_roundtrip_encode_decode(impl):
     deltas, anchors = _inputs(1, 500, torch.float64)
     deltas[:, 2:] = deltas[:, 2:].clamp(max=3)
-    boxes = ops.decode_boxes(deltas, anchors, (10.0, 10.0, 5.0, 5.0))
-    torch.testing.assert_close(ops.encode_boxes(boxes, anchors, (10.0, 10.0, 5.0, 5.0)), deltas)
+    d, a = impl.to(deltas, anchors)
+    boxes = ops.decode_boxes(d, a, (10.0, 10.0, 5.0, 5.0))
+    torch.testing.assert_close(ops.encode_boxes(boxes, a, (10.0, 10.0, 5.0, 5.0)).cpu(), deltas)
 
 
-def test_broadcasting():
+W1 = [1.0, 1.0, 1.0, 1.0]
+
+
+@ALL_IMPLS
+def test_broadcasting(impl):
     g = torch.Generator().manual_seed(3)
     anchors = random_boxes(12, generator=g)  # [A, 4]
     deltas = torch.randn(3, 12, 4, generator=g)  # [N, A, 4]
-    ours = ops.decode_boxes(deltas, anchors)
+    ours = impl.call("decode_boxes", deltas, anchors, W1, CLAMP)
     assert ours.shape == (3, 12, 4)
     for i in range(3):
-        assert_coords_close(ours[i], ops.decode_boxes(deltas[i], anchors))
+        assert_coords_close(ours[i], impl.call("decode_boxes", deltas[i], anchors, W1, CLAMP))
     assert_coords_close(ours, reference.decode_boxes(deltas, anchors))
-    enc = ops.encode_boxes(ours, anchors)
+    enc = impl.call("encode_boxes", ours, anchors, W1)
     torch.testing.assert_close(enc, reference.encode_boxes(ours, anchors))
 
 
-def test_non_contiguous_inputs():
+@ALL_IMPLS
+def test_non_contiguous_inputs(impl):
     g = torch.Generator().manual_seed(4)
     anchors = random_boxes(50, generator=g, dtype=torch.float64)
     wide = torch.randn(50, 8, generator=g, dtype=torch.float64)
     deltas = wide[:, ::2]  # stride 2
+    expected = reference.decode_boxes(deltas, anchors)
+    expected_iou = reference.box_iou(anchors, anchors)
+    anchors, wide = impl.to(anchors, wide)  # made strided on the device
+    deltas = wide[:, ::2]
     assert not deltas.is_contiguous()
-    torch.testing.assert_close(
-        ops.decode_boxes(deltas, anchors), reference.decode_boxes(deltas, anchors)
-    )
+    torch.testing.assert_close(impl.call("decode_boxes", deltas, anchors, W1, CLAMP), expected)
     a_t = anchors.t().contiguous().t()
-    torch.testing.assert_close(ops.box_iou(a_t, anchors), reference.box_iou(anchors, anchors))
+    assert not a_t.is_contiguous()
+    torch.testing.assert_close(impl.call("box_iou", a_t, anchors), expected_iou)
 
 
-def test_nan_and_inf_propagate_like_torchvision():
+@ALL_IMPLS
+def test_nan_and_inf_propagate_like_torchvision(impl):
     deltas, anchors = _inputs(5, 8, torch.float32)
     deltas[0, 0] = float("nan")
     deltas[1, 2] = float("inf")  # clamped
     deltas[2, 3] = float("nan")  # NaN passes through the clamp
-    ours = ops.decode_boxes(deltas, anchors)
+    ours = impl.call("decode_boxes", deltas, anchors, W1, CLAMP)
     torch.testing.assert_close(
         ours, BoxCoder((1.0,) * 4).decode_single(deltas, anchors), equal_nan=True
     )
@@ -150,62 +167,80 @@ def test_nan_and_inf_propagate_like_torchvision():
 # ---- empty inputs ----
 
 
-@pytest.mark.parametrize("device", devices())
-def test_empty_inputs(device):
-    empty = torch.zeros(0, 4, device=device)
-    one = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=device)
+@DEVICE_IMPLS
+def test_empty_inputs(impl):
+    empty = torch.zeros(0, 4, device=impl.device)
+    one = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=impl.device)
     assert ops.decode_boxes(empty, empty).shape == (0, 4)
     assert ops.encode_boxes(empty, one).shape == (0, 4)
     assert ops.box_iou(empty, one).shape == (0, 1)
     assert ops.box_iou(one, empty).shape == (1, 0)
-    assert ops.decode_boxes(torch.zeros(2, 0, 4, device=device), one).shape == (2, 0, 4)
+    assert ops.decode_boxes(torch.zeros(2, 0, 4, device=impl.device), one).shape == (2, 0, 4)
+
+
+@ALL_IMPLS
+def test_empty_inputs_raw(impl):
+    empty, one = torch.zeros(0, 4), torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    assert impl.call("decode_boxes", empty, empty, W1, CLAMP).shape == (0, 4)
+    assert impl.call("encode_boxes", empty, one, W1).shape == (0, 4)
+    assert impl.call("box_iou", empty, one).shape == (0, 1)
+    assert impl.call("box_iou", one, empty).shape == (1, 0)
+    grad = impl.call("decode_boxes_backward", empty, empty, one, W1, CLAMP)
+    assert [g.shape for g in grad] == [(0, 4), (0, 4)]  # the broadcast shape; wrappers sum
 
 
 # ---- gradients ----
 
 
+@DEVICE_IMPLS
 @given(seed=st.integers(0, 2**31), n=st.integers(1, 12), weights=weights_st)
-def test_decode_gradcheck(seed, n, weights):
+def test_decode_gradcheck(impl, seed, n, weights):
     deltas, anchors = _inputs(seed, n, torch.float64)
     deltas = deltas.clamp(-3, 3)
     deltas[0, 2] = 6.0  # one clamped dw: zero gradient, away from the kink at the clamp
+    deltas, anchors = impl.to(deltas, anchors)
     deltas.requires_grad_(True)
     anchors.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda d, a: ops.decode_boxes(d, a, weights), (deltas, anchors))
 
 
-def test_decode_gradcheck_broadcast():
-    deltas, anchors = _inputs(7, 5, torch.float64)
+@DEVICE_IMPLS
+def test_decode_gradcheck_broadcast(impl):
+    deltas, anchors = impl.to(*_inputs(7, 5, torch.float64))
     deltas = deltas.clamp(-2, 2).reshape(1, 5, 4).repeat(3, 1, 1).requires_grad_(True)
     anchors.requires_grad_(True)
     assert torch.autograd.gradcheck(ops.decode_boxes, (deltas, anchors))
 
 
-def test_decode_gradient_matches_reference_autograd():
+@DEVICE_IMPLS
+def test_decode_gradient_matches_reference_autograd(impl):
     deltas, anchors = _inputs(8, 64, torch.float64)
     deltas[::5, 2] = 7.0
-    d1, a1 = deltas.clone().requires_grad_(), anchors.clone().requires_grad_()
+    d1, a1 = (t.requires_grad_() for t in impl.to(deltas.clone(), anchors.clone()))
     d2, a2 = deltas.clone().requires_grad_(), anchors.clone().requires_grad_()
     grad = torch.randn(64, 4, dtype=torch.float64)
-    ops.decode_boxes(d1, a1, (2.0, 2.0, 1.0, 1.0)).backward(grad)
+    ops.decode_boxes(d1, a1, (2.0, 2.0, 1.0, 1.0)).backward(impl.to(grad))
     reference.decode_boxes(d2, a2, (2.0, 2.0, 1.0, 1.0)).backward(grad)
-    torch.testing.assert_close(d1.grad, d2.grad)
-    torch.testing.assert_close(a1.grad, a2.grad)
+    torch.testing.assert_close(d1.grad.cpu(), d2.grad)
+    torch.testing.assert_close(a1.grad.cpu(), a2.grad)
 
 
-def test_decode_backward_emulated_matches_cpu():
+@ALL_IMPLS
+def test_decode_backward_matches_reference_autograd_and_cpu(impl):
     deltas, anchors = _inputs(9, 200, torch.float64)
     grad = torch.randn(200, 4, dtype=torch.float64)
     w = [1.0, 2.0, 3.0, 4.0]
-    expected = torch.ops.mlkernels.decode_boxes_backward(grad, deltas, anchors, w, 2.0)
-    got = emulated.decode_boxes_backward(grad, deltas, anchors, w, 2.0)
-    for e, o in zip(expected, got, strict=True):
-        torch.testing.assert_close(o, e, rtol=0, atol=0)
+    got = impl.call("decode_boxes_backward", grad, deltas, anchors, w, 2.0)
+    d, a = deltas.clone().requires_grad_(), anchors.clone().requires_grad_()
+    expected = torch.autograd.grad(reference.decode_boxes(d, a, w, 2.0), (d, a), grad)
+    torch.testing.assert_close(got, expected)
+    impl.assert_matches_cpu(got, "decode_boxes_backward", grad, deltas, anchors, w, 2.0)
 
 
-def test_not_differentiable_ops_say_so():
-    a = torch.tensor([[0.0, 0.0, 2.0, 2.0]], requires_grad=True)
-    b = torch.tensor([[1.0, 1.0, 3.0, 3.0]])
+@DEVICE_IMPLS
+def test_not_differentiable_ops_say_so(impl):
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0]], device=impl.device, requires_grad=True)
+    b = torch.tensor([[1.0, 1.0, 3.0, 3.0]], device=impl.device)
     with pytest.raises(RuntimeError, match="box_iou: is not differentiable"):
         ops.box_iou(a, b).sum().backward()
     with pytest.raises(RuntimeError, match="encode_boxes: is not differentiable"):
@@ -227,10 +262,15 @@ def _opcheck_samples():
     yield "decode_boxes_backward", (grad, deltas.detach(), anchors.detach(), w, CLAMP)
 
 
+@DEVICE_IMPLS
 @pytest.mark.parametrize(
     "name,args", list(_opcheck_samples()), ids=lambda x: x if isinstance(x, str) else ""
 )
-def test_opcheck(name, args):
+def test_opcheck(impl, name, args):
+    args = tuple(
+        impl.to(a.detach()).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+        for a in args
+    )
     torch.library.opcheck(getattr(torch.ops.mlkernels, name), args)
 
 
@@ -339,22 +379,23 @@ def test_torch_compile_decode():
     torch.testing.assert_close(compiled(deltas, anchors), ops.decode_boxes(deltas, anchors) * 2)
 
 
-# ---- CUDA (skipped without a GPU) ----
+# ---- larger inputs: many blocks ----
 
 
-@pytest.mark.cuda
-def test_cuda_matches_cpu():
+@pytest.mark.parametrize("impl", impl_params("emulated", "cuda"))
+def test_large_inputs_match_cpu(impl):
     deltas, anchors = _inputs(13, 1000, torch.float32)
-    torch.testing.assert_close(
-        ops.decode_boxes(deltas.cuda(), anchors.cuda()).cpu(), ops.decode_boxes(deltas, anchors)
-    )
-    boxes = ops.decode_boxes(deltas, anchors)
-    torch.testing.assert_close(
-        ops.encode_boxes(boxes.cuda(), anchors.cuda()).cpu(), ops.encode_boxes(boxes, anchors)
-    )
-    torch.testing.assert_close(
-        ops.box_iou(boxes.cuda(), anchors.cuda()).cpu(), ops.box_iou(boxes, anchors)
-    )
-    d = deltas.double().cuda().requires_grad_()
-    a = anchors.double().cuda().requires_grad_()
-    assert torch.autograd.gradcheck(ops.decode_boxes, (d.clamp(-2, 2).detach().requires_grad_(), a))
+    args = (deltas, anchors, W1, CLAMP)
+    impl.assert_matches_cpu(impl.call("decode_boxes", *args), "decode_boxes", *args)
+    boxes = torch.ops.mlkernels.decode_boxes(*args)
+    args = (boxes, anchors, W1)
+    impl.assert_matches_cpu(impl.call("encode_boxes", *args), "encode_boxes", *args)
+    impl.assert_matches_cpu(impl.call("box_iou", boxes, anchors), "box_iou", boxes, anchors)
+
+
+@pytest.mark.parametrize("impl", impl_params("cuda"))
+def test_decode_gradcheck_many_boxes(impl):
+    deltas, anchors = impl.to(*_inputs(13, 1000, torch.float64))
+    d = deltas.clamp(-2, 2).requires_grad_()
+    a = anchors.requires_grad_()
+    assert torch.autograd.gradcheck(ops.decode_boxes, (d, a))

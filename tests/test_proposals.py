@@ -1,6 +1,6 @@
-"""generate_anchors / nms / batched_nms / propose: against torchvision, the reference, and the CUDA
-kernels' logic on the grid emulator; ties, IoU exactly at the threshold, negative coordinates,
-NaN/Inf, large N; gradients, opcheck, bad input, empty input."""
+"""generate_anchors / nms / batched_nms / propose: every implementation (CPU, the CUDA kernels'
+logic on the grid emulator, CUDA) against torchvision and the reference; ties, IoU exactly at the
+threshold, negative coordinates, NaN/Inf, large N; gradients, opcheck, bad input, empty input."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import math
 import pytest
 import torch
 import torchvision
-from conftest import devices
-from helpers import assert_raises, random_boxes
+from helpers import ALL_IMPLS, DEVICE_IMPLS, assert_raises, impl_params, random_boxes
 from hypothesis import given
 from hypothesis import strategies as st
 from torchvision.models.detection._utils import BoxCoder
@@ -19,8 +18,8 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
 from mlkernels import ops, reference
+from mlkernels.ops import ProposeConfig
 
-emulated = torch.ops.mlkernels_emulated
 CLAMP = math.log(1000.0 / 16)
 DTYPES = [torch.float32, torch.float64]
 THRESHOLDS = [0.0, 0.25, 0.3, 0.5, 0.7, 1.0]
@@ -46,6 +45,7 @@ def _nms_inputs(
 # ---- generate_anchors ----
 
 
+@DEVICE_IMPLS
 @given(
     height=st.integers(1, 6),
     width=st.integers(1, 6),
@@ -54,18 +54,24 @@ def _nms_inputs(
     ratios=st.lists(st.sampled_from([0.5, 1.0, 2.0, 0.33, 3.0]), min_size=1, max_size=3),
     dtype=st.sampled_from(DTYPES),
 )
-def test_generate_anchors_matches_torchvision(height, width, stride, sizes, ratios, dtype):
+def test_generate_anchors_matches_torchvision(impl, height, width, stride, sizes, ratios, dtype):
+    # torchvision's generator on the same device: a drop-in gives its anchors there
+    device = impl.device
     generator = TvAnchorGenerator(sizes=(tuple(sizes),), aspect_ratios=(tuple(ratios),))
     images = ImageList(
-        torch.zeros(1, 3, height * stride, width * stride, dtype=dtype),
+        torch.zeros(1, 3, height * stride, width * stride, dtype=dtype, device=device),
         [(height * stride, width * stride)],
     )
-    expected = generator(images, [torch.zeros(1, 1, height, width, dtype=dtype)])[0]
-    ours = ops.generate_anchors((height, width), stride, sizes, ratios, dtype=dtype)
+    feature = torch.zeros(1, 1, height, width, dtype=dtype, device=device)
+    expected = generator(images, [feature])[0]
+    ours = ops.generate_anchors((height, width), stride, sizes, ratios, dtype=dtype, device=device)
     assert ours.dtype == dtype and ours.shape == (height * width * len(sizes) * len(ratios), 4)
+    assert ours.device == expected.device
     torch.testing.assert_close(ours, expected, rtol=0, atol=0)
     torch.testing.assert_close(
-        reference.generate_anchors((height, width), stride, sizes, ratios, dtype=dtype),
+        reference.generate_anchors(
+            (height, width), stride, sizes, ratios, dtype=dtype, device=device
+        ),
         expected,
         rtol=0,
         atol=0,
@@ -85,6 +91,7 @@ def test_generate_anchors_rectangular_stride_and_empty():
 # ---- nms ----
 
 
+@ALL_IMPLS
 @given(
     seed=st.integers(0, 2**31),
     n=st.integers(0, 300),
@@ -94,18 +101,18 @@ def test_generate_anchors_rectangular_stride_and_empty():
     ties=st.booleans(),
     grid=st.booleans(),
 )
-def test_nms_matches_torchvision_reference_and_emulated(
-    seed, n, dtype, threshold, degenerate, ties, grid
+def test_nms_matches_torchvision_and_reference(
+    impl, seed, n, dtype, threshold, degenerate, ties, grid
 ):
     boxes, scores = _nms_inputs(seed, n, dtype, degenerate=degenerate, ties=ties, grid=grid)
     expected = torchvision.ops.nms(boxes, scores, threshold)
-    ours = ops.nms(boxes, scores, threshold)
+    ours = impl.call("nms", boxes, scores, threshold)
     assert ours.dtype == torch.int64
     torch.testing.assert_close(ours, expected, rtol=0, atol=0)
     torch.testing.assert_close(reference.nms(boxes, scores, threshold), expected, rtol=0, atol=0)
-    torch.testing.assert_close(emulated.nms(boxes, scores, threshold), expected, rtol=0, atol=0)
 
 
+@ALL_IMPLS
 @given(
     seed=st.integers(0, 2**31),
     n=st.integers(0, 200),
@@ -113,14 +120,14 @@ def test_nms_matches_torchvision_reference_and_emulated(
     ties=st.booleans(),
     grid=st.booleans(),
 )
-def test_nms_satisfies_its_definition(seed, n, threshold, ties, grid):
-    # Independent of any implementation: kept indices in processing order, no kept box overlaps
-    # an earlier kept box by more than the threshold, and every dropped box does overlap one.
+def test_nms_satisfies_its_definition(impl, seed, n, threshold, ties, grid):
+    # Independent of any other implementation: kept indices in processing order, no kept box
+    # overlaps an earlier kept box by more than the threshold, every dropped box does overlap one.
     boxes, scores = _nms_inputs(seed, n, torch.float64, ties=ties, grid=grid)
-    kept = ops.nms(boxes, scores, threshold).tolist()
+    kept = impl.call("nms", boxes, scores, threshold).tolist()
     rank = {int(i): r for r, i in enumerate(torch.sort(scores, descending=True, stable=True)[1])}
     assert [rank[i] for i in kept] == sorted(rank[i] for i in kept)
-    iou = ops.box_iou(boxes, boxes)
+    iou = reference.box_iou(boxes, boxes)
     for a, i in enumerate(kept):
         assert all(iou[i, j] <= threshold for j in kept[:a])
     kept_set = set(kept)
@@ -139,14 +146,15 @@ def test_grid_inputs_put_ious_exactly_on_the_thresholds():
     assert (boxes < 0).any()
 
 
-def test_nms_iou_exactly_at_threshold_is_not_suppressed():
+@ALL_IMPLS
+def test_nms_iou_exactly_at_threshold_is_not_suppressed(impl):
     # IoU of these two is exactly 0.5 (intersection 2, union 4) and exactly 1/3 with the third.
     boxes = torch.tensor([[0.0, 0.0, 4.0, 1.0], [0.0, 0.0, 2.0, 1.0], [-2.0, 0.0, 2.0, 1.0]])
     scores = torch.tensor([0.9, 0.8, 0.7])
     for dtype in DTYPES:
         b, s = boxes.to(dtype), scores.to(dtype)
-        assert ops.box_iou(b[:1], b[1:2]).item() == 0.5
-        for fn in (ops.nms, emulated.nms, torchvision.ops.nms):
+        assert impl.call("box_iou", b[:1], b[1:2]).item() == 0.5
+        for fn in (impl.op("nms"), torchvision.ops.nms):
             assert fn(b, s, 0.5).tolist() == [0, 1, 2]  # 0.5 > 0.5 is false
             assert fn(b, s, 0.49).tolist() == [0, 2]
             # IoU(0, 2) is float32(1/3), which lies above the double 1/3: torchvision compares
@@ -154,30 +162,29 @@ def test_nms_iou_exactly_at_threshold_is_not_suppressed():
             assert fn(b, s, 1 / 3).tolist() == ([0] if dtype == torch.float32 else [0, 2])
 
 
-def test_nms_large_n_matches_torchvision():
+@ALL_IMPLS
+def test_nms_large_n_matches_torchvision(impl):
     boxes, scores = _nms_inputs(3, 20000, torch.float32, size=2000.0, offset=-1000.0)
-    expected = torchvision.ops.nms(boxes, scores, 0.5)
-    torch.testing.assert_close(ops.nms(boxes, scores, 0.5), expected, rtol=0, atol=0)
-    small_b, small_s = boxes[:2500], scores[:2500]
-    torch.testing.assert_close(
-        emulated.nms(small_b, small_s, 0.6),
-        torchvision.ops.nms(small_b, small_s, 0.6),
-        rtol=0,
-        atol=0,
-    )
+    # the emulator runs every thread one after the other: 2500 boxes (40 mask words a row) there
+    n, threshold = (2500, 0.6) if impl.emulated else (20000, 0.5)
+    boxes, scores = boxes[:n], scores[:n]
+    expected = torchvision.ops.nms(boxes, scores, threshold)
+    torch.testing.assert_close(impl.call("nms", boxes, scores, threshold), expected, rtol=0, atol=0)
 
 
-def test_nms_identical_boxes_and_all_equal_scores():
+@ALL_IMPLS
+def test_nms_identical_boxes_and_all_equal_scores(impl):
     boxes = torch.tensor([[1.0, 1.0, 5.0, 5.0]]).repeat(10, 1)
     scores = torch.ones(10)
-    for fn in (ops.nms, emulated.nms, torchvision.ops.nms):
+    for fn in (impl.op("nms"), torchvision.ops.nms):
         assert fn(boxes, scores, 0.5).tolist() == [0]  # the lowest index wins a tie
     boxes[:, 0] += torch.arange(10.0) * 10  # disjoint now: all kept, in index order
-    assert ops.nms(boxes, scores, 0.5).tolist() == list(range(10))
+    assert impl.call("nms", boxes, scores, 0.5).tolist() == list(range(10))
 
 
+@ALL_IMPLS
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_nms_nan_and_inf_are_safe_and_match_torchvision(dtype):
+def test_nms_nan_and_inf_are_safe_and_match_torchvision(impl, dtype):
     boxes, scores = _nms_inputs(4, 60, dtype)
     boxes[3, 0] = float("nan")
     boxes[7, 2] = float("inf")
@@ -187,32 +194,35 @@ def test_nms_nan_and_inf_are_safe_and_match_torchvision(dtype):
     scores[12] = float("inf")
     scores[13] = -float("inf")
     expected = torchvision.ops.nms(boxes, scores, 0.5)
-    for fn in (ops.nms, emulated.nms):
-        kept = fn(boxes, scores, 0.5)
-        assert ((kept >= 0) & (kept < 60)).all()
-        torch.testing.assert_close(kept, expected, rtol=0, atol=0)
-    assert ops.nms(boxes, scores, 0.5)[0] == 11  # NaN score first, as torch.sort
-    assert 3 in ops.nms(boxes, scores, 0.5).tolist()  # a NaN box is never suppressed
+    kept = impl.call("nms", boxes, scores, 0.5)
+    assert ((kept >= 0) & (kept < 60)).all()
+    torch.testing.assert_close(kept, expected, rtol=0, atol=0)
+    assert kept[0] == 11  # NaN score first, as torch.sort
+    assert 3 in kept.tolist()  # a NaN box is never suppressed
 
 
-def test_nms_non_contiguous_inputs():
+@ALL_IMPLS
+def test_nms_non_contiguous_inputs(impl):
     boxes, scores = _nms_inputs(14, 120, torch.float32, ties=True)
+    expected = torchvision.ops.nms(boxes, scores, 0.5)
+    idxs = (torch.arange(240) % 3)[::2]
+    expected_batched = reference.batched_nms(boxes, scores, idxs.contiguous(), 0.5)
+    boxes, scores, all_idxs = impl.to(boxes, scores, torch.arange(240) % 3)  # strided there
     strided_boxes = boxes.t().contiguous().t()
     strided_scores = torch.stack([scores, scores], dim=1)[:, 0]
-    idxs = (torch.arange(240) % 3)[::2]
+    idxs = all_idxs[::2]
     assert not strided_boxes.is_contiguous() and not strided_scores.is_contiguous()
-    expected = torchvision.ops.nms(boxes, scores, 0.5)
-    for fn in (ops.nms, emulated.nms):
-        torch.testing.assert_close(fn(strided_boxes, strided_scores, 0.5), expected, rtol=0, atol=0)
-    expected = reference.batched_nms(boxes, scores, idxs.contiguous(), 0.5)
-    for fn in (ops.batched_nms, emulated.batched_nms):
-        got = fn(strided_boxes, strided_scores, idxs, 0.5)
-        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not idxs.is_contiguous()
+    got = impl.call("nms", strided_boxes, strided_scores, 0.5)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    got = impl.call("batched_nms", strided_boxes, strided_scores, idxs, 0.5)
+    torch.testing.assert_close(got, expected_batched, rtol=0, atol=0)
 
 
 # ---- batched_nms ----
 
 
+@ALL_IMPLS
 @given(
     seed=st.integers(0, 2**31),
     n=st.integers(0, 300),
@@ -223,16 +233,13 @@ def test_nms_non_contiguous_inputs():
     grid=st.booleans(),
 )
 def test_batched_nms_matches_reference_and_torchvision(
-    seed, n, groups, dtype, threshold, ties, grid
+    impl, seed, n, groups, dtype, threshold, ties, grid
 ):
     boxes, scores = _nms_inputs(seed, n, dtype, ties=ties, grid=grid)  # negative coordinates too
     idxs = torch.randint(-2, groups - 2, (n,), generator=torch.Generator().manual_seed(seed))
     expected = reference.batched_nms(boxes, scores, idxs, threshold)
-    ours = ops.batched_nms(boxes, scores, idxs, threshold)
+    ours = impl.call("batched_nms", boxes, scores, idxs, threshold)
     torch.testing.assert_close(ours, expected, rtol=0, atol=0)
-    torch.testing.assert_close(
-        emulated.batched_nms(boxes, scores, idxs, threshold), expected, rtol=0, atol=0
-    )
     # torchvision's per-group path is exact for any coordinates; it orders equal scores with an
     # unstable sort, so with ties only the kept set is comparable.
     tv = torchvision.ops.boxes._batched_nms_vanilla(boxes, scores, idxs, threshold)
@@ -242,7 +249,8 @@ def test_batched_nms_matches_reference_and_torchvision(
         torch.testing.assert_close(ours, tv, rtol=0, atol=0)
 
 
-def test_batched_nms_negative_coordinates_need_no_offset_trick():
+@ALL_IMPLS
+def test_batched_nms_negative_coordinates_need_no_offset_trick(impl):
     # Group 1 lies at negative coordinates; torchvision's offset trick (adding idx * (max + 1) to
     # every coordinate) moves it onto group 0's box and wrongly suppresses it. Per-group NMS
     # keeps both.
@@ -251,11 +259,12 @@ def test_batched_nms_negative_coordinates_need_no_offset_trick():
     idxs = torch.tensor([0, 1])
     trick = torchvision.ops.boxes._batched_nms_coordinate_trick
     assert trick(boxes, scores, idxs, 0.5).tolist() == [0]
-    for fn in (ops.batched_nms, emulated.batched_nms, reference.batched_nms):
+    for fn in (impl.op("batched_nms"), reference.batched_nms):
         assert fn(boxes, scores, idxs, 0.5).tolist() == [0, 1]
 
 
-def test_batched_nms_huge_coordinates():
+@ALL_IMPLS
+def test_batched_nms_huge_coordinates(impl):
     # Around 1e7 in float32 the coordinate trick's offsets cost precision (steps of 4 at 4e7) and
     # change IoUs, so it keeps other boxes than torchvision's exact per-group path; ours does not.
     boxes, _ = _nms_inputs(9, 400, torch.float32, size=200.0, offset=1e7)
@@ -264,23 +273,24 @@ def test_batched_nms_huge_coordinates():
     expected = torchvision.ops.boxes._batched_nms_vanilla(boxes, scores, idxs, 0.3)
     trick = torchvision.ops.boxes._batched_nms_coordinate_trick(boxes, scores, idxs, 0.3)
     assert not torch.equal(trick, expected)
-    torch.testing.assert_close(ops.batched_nms(boxes, scores, idxs, 0.3), expected, rtol=0, atol=0)
-    torch.testing.assert_close(
-        emulated.batched_nms(boxes, scores, idxs, 0.3), expected, rtol=0, atol=0
-    )
+    got = impl.call("batched_nms", boxes, scores, idxs, 0.3)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-def test_batched_nms_many_boxes_matches_torchvision():
-    boxes, _ = _nms_inputs(5, 8 * 1500, torch.float32, size=600.0, offset=0.0)
+@ALL_IMPLS
+def test_batched_nms_many_boxes_matches_torchvision(impl):
+    # the emulator runs every thread one after the other: 8 x 200 boxes there
+    per_group = 200 if impl.emulated else 1500
+    boxes, _ = _nms_inputs(5, 8 * per_group, torch.float32, size=600.0, offset=0.0)
     # Distinct scores: torchvision's per-group path (used above 1000 boxes) sorts unstably.
-    scores = torch.randperm(8 * 1500, generator=torch.Generator().manual_seed(5)).float()
-    idxs = torch.arange(8).repeat_interleave(1500)
+    scores = torch.randperm(8 * per_group, generator=torch.Generator().manual_seed(5)).float()
+    idxs = torch.arange(8).repeat_interleave(per_group)
     expected = torchvision.ops.batched_nms(boxes, scores, idxs, 0.7)
-    torch.testing.assert_close(ops.batched_nms(boxes, scores, idxs, 0.7), expected, rtol=0, atol=0)
+    got = impl.call("batched_nms", boxes, scores, idxs, 0.7)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
     idxs32 = idxs.to(torch.int32)
-    torch.testing.assert_close(
-        ops.batched_nms(boxes, scores, idxs32, 0.7), expected, rtol=0, atol=0
-    )
+    got = impl.call("batched_nms", boxes, scores, idxs32, 0.7)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 # ---- propose ----
@@ -312,6 +322,7 @@ def _assert_proposals_equal(ours, expected, exact=False):
     torch.testing.assert_close(scores, expected[1], **tol)
 
 
+@ALL_IMPLS
 @given(
     seed=st.integers(0, 2**31),
     images=st.integers(0, 3),
@@ -326,7 +337,8 @@ def _assert_proposals_equal(ours, expected, exact=False):
     dtype=st.sampled_from(DTYPES),
     ties=st.booleans(),
 )
-def test_propose_matches_reference_and_emulated(
+def test_propose_matches_reference(
+    impl,
     seed,
     images,
     height,
@@ -352,27 +364,14 @@ def test_propose_matches_reference_and_emulated(
         weights=(1.0, 1.0, 2.0, 2.0),
         append_whole_image=append,
     )
-    ours = ops.propose(anchors, deltas, objectness, sizes, **kwargs)
+    size_t = torch.tensor(sizes, dtype=torch.float64).reshape(images, 2)
+    args = (anchors, deltas, objectness, size_t, *ProposeConfig(**kwargs).op_args())
+    ours = impl.call("propose", *args)
     rows = post + int(append)
     assert ours[0].shape == (images, rows, 4) and ours[1].shape == (images, rows)
     assert ours[2].shape == (images,) and ours[2].dtype == torch.int64
     _assert_proposals_equal(ours, reference.propose(anchors, deltas, objectness, sizes, **kwargs))
-    size_t = torch.tensor(sizes, dtype=torch.float64).reshape(images, 2)
-    em = emulated.propose(
-        anchors,
-        deltas,
-        objectness,
-        size_t,
-        pre,
-        post,
-        threshold,
-        min_size,
-        score_threshold,
-        [1.0, 1.0, 2.0, 2.0],
-        CLAMP,
-        append,
-    )
-    _assert_proposals_equal(em, ours, exact=True)
+    impl.assert_matches_cpu(ours, "propose", *args)
     # rows past the count are zero; kept scores are sorted
     for i in range(images):
         c = int(ours[2][i])
@@ -404,11 +403,13 @@ def _torchvision_rpn_proposals(anchors, deltas, objectness, sizes, pre, post, th
     return rpn.filter_proposals(proposals, objectness, sizes, [anchors.shape[0]])
 
 
+@ALL_IMPLS
 @given(seed=st.integers(0, 2**31), images=st.integers(1, 3))
-def test_propose_matches_torchvision_rpn(seed, images):
+def test_propose_matches_torchvision_rpn(impl, seed, images):
     anchors, deltas, objectness, sizes = _propose_inputs(seed, images, 6, 8, torch.float32)
-    boxes, scores, counts = ops.propose(
-        anchors, deltas, objectness, sizes, pre_nms_top_n=300, post_nms_top_n=40
+    config = ProposeConfig(pre_nms_top_n=300, post_nms_top_n=40)
+    boxes, scores, counts, _ = impl.call(
+        "propose", anchors, deltas, objectness, torch.tensor(sizes), *config.op_args()
     )
     tv_boxes, tv_scores = _torchvision_rpn_proposals(
         anchors, deltas, objectness, sizes, 300, 40, 0.7, 1e-3
@@ -420,27 +421,28 @@ def test_propose_matches_torchvision_rpn(seed, images):
         torch.testing.assert_close(scores[i, : counts[i]], tv_scores[i])
 
 
-def test_propose_rlsd_shape_matches_reference():
+@ALL_IMPLS
+def test_propose_rlsd_shape_matches_reference(impl):
     anchors, deltas, objectness, sizes = _propose_inputs(7, 2, 38, 50, torch.float32)
     assert anchors.shape[0] == 38 * 50 * 9
-    ours = ops.propose(anchors, deltas, objectness, sizes, pre_nms_top_n=6000, post_nms_top_n=256)
-    _assert_proposals_equal(
-        ours,
-        reference.propose(
-            anchors, deltas, objectness, sizes, pre_nms_top_n=6000, post_nms_top_n=256
-        ),
-    )
-    assert (ours[2] == 256).all()
-    # The CUDA kernels' logic at a smaller top-k: many mask words, and the reduce's early exit.
     size_t = torch.tensor(sizes)
-    args = (0.7, 1e-3, 0.0, [1.0] * 4, CLAMP, True)
-    em = emulated.propose(anchors, deltas, objectness, size_t, 1500, 256, *args)
-    cpu = torch.ops.mlkernels.propose(anchors, deltas, objectness, size_t, 1500, 256, *args)
-    _assert_proposals_equal(em, cpu, exact=True)
-    torch.testing.assert_close(em[3], cpu[3], rtol=0, atol=0)
+    if not impl.emulated:
+        kwargs = dict(pre_nms_top_n=6000, post_nms_top_n=256)
+        ours = impl.call(
+            "propose", anchors, deltas, objectness, size_t, *ProposeConfig(**kwargs).op_args()
+        )
+        _assert_proposals_equal(
+            ours, reference.propose(anchors, deltas, objectness, sizes, **kwargs)
+        )
+        assert (ours[2] == 256).all()
+    # The CUDA kernels' logic at a smaller top-k (the emulator runs every thread one after the
+    # other): many mask words, and the reduce's early exit.
+    args = (anchors, deltas, objectness, size_t, 1500, 256, 0.7, 1e-3, 0.0, [1.0] * 4, CLAMP, True)
+    impl.assert_matches_cpu(impl.call("propose", *args), "propose", *args)
 
 
-def test_propose_drops_nan_inf_and_tied_logits():
+@ALL_IMPLS
+def test_propose_drops_nan_inf_and_tied_logits(impl):
     anchors, deltas, objectness, sizes = _propose_inputs(8, 2, 4, 4, torch.float32)
     objectness[0, :10] = 2.0  # tied logits: the lower anchor index first
     objectness[0, 10] = float("nan")
@@ -449,36 +451,28 @@ def test_propose_drops_nan_inf_and_tied_logits():
     deltas[1, 5, 2] = float("inf")  # clamped dw: a finite box
     deltas[1, 6, 0] = float("inf")  # the centre at +inf: clipped to a zero-width box
     kw = dict(pre_nms_top_n=100, post_nms_top_n=100, iou_threshold=0.5)
-    ours = ops.propose(anchors, deltas, objectness, sizes, **kw)
+    args = (anchors, deltas, objectness, torch.tensor(sizes), *ProposeConfig(**kw).op_args())
+    ours = impl.call("propose", *args)
     _assert_proposals_equal(ours, reference.propose(anchors, deltas, objectness, sizes, **kw))
-    em = emulated.propose(
-        anchors,
-        deltas,
-        objectness,
-        torch.tensor(sizes),
-        100,
-        100,
-        0.5,
-        1e-3,
-        0.0,
-        [1.0] * 4,
-        CLAMP,
-        False,
-    )
-    _assert_proposals_equal(em, ours, exact=True)
+    impl.assert_matches_cpu(ours, "propose", *args)
     assert torch.isfinite(ours[0]).all() and torch.isfinite(ours[1]).all()
     assert (ours[1][1, 0] == 1.0) and ours[2][0] > 0
 
 
-def test_propose_integer_and_tensor_image_sizes():
+@DEVICE_IMPLS
+def test_propose_integer_and_tensor_image_sizes(impl):
     anchors, deltas, objectness, sizes = _propose_inputs(9, 2, 3, 3, torch.float64)
+    anchors, deltas, objectness = impl.to(anchors, deltas, objectness)
     a = ops.propose(anchors, deltas, objectness, sizes)
-    b = ops.propose(anchors, deltas, objectness, torch.tensor(sizes, dtype=torch.int32))
+    b = ops.propose(anchors, deltas, objectness, impl.to(torch.tensor(sizes, dtype=torch.int32)))
+    strided_deltas = deltas.transpose(0, 1).contiguous().transpose(0, 1)
+    strided_objectness = objectness.t().contiguous().t()
+    assert not strided_deltas.is_contiguous() and not strided_objectness.is_contiguous()
     c = ops.propose(
         anchors,
-        deltas[:, :, :].transpose(0, 1).contiguous().transpose(0, 1),
-        objectness.t().contiguous().t(),
-        torch.tensor(sizes, dtype=torch.float32),
+        strided_deltas,
+        strided_objectness,
+        impl.to(torch.tensor(sizes, dtype=torch.float32)),
     )
     for x, y, z in zip(a, b, c, strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
@@ -488,13 +482,15 @@ def test_propose_integer_and_tensor_image_sizes():
 # ---- gradients ----
 
 
+@DEVICE_IMPLS
 @pytest.mark.parametrize(
     "seed,height,width,fast", [(0, 2, 2, False), (1, 3, 4, True), (2, 3, 4, True)]
 )
-def test_propose_gradcheck(seed, height, width, fast):
+def test_propose_gradcheck(impl, seed, height, width, fast):
     anchors, deltas, objectness, sizes = _propose_inputs(
         seed, 2, height, width, torch.float64, spread=0.2
     )
+    anchors, deltas, objectness = impl.to(anchors, deltas, objectness)
     deltas.requires_grad_(True)
     anchors.requires_grad_(True)
 
@@ -514,30 +510,46 @@ def test_propose_gradcheck(seed, height, width, fast):
     assert torch.autograd.gradcheck(boxes, (deltas, anchors), fast_mode=fast)
 
 
-def test_propose_gradient_matches_reference_autograd():
+@DEVICE_IMPLS
+def test_propose_gradient_matches_reference_autograd(impl):
     anchors, deltas, objectness, sizes = _propose_inputs(11, 3, 5, 5, torch.float64, spread=1.0)
     kw = dict(pre_nms_top_n=150, post_nms_top_n=30, weights=(2.0, 2.0, 1.0, 1.0))
-    d1, a1 = deltas.clone().requires_grad_(), anchors.clone().requires_grad_()
+    d1, a1 = (t.requires_grad_() for t in impl.to(deltas.clone(), anchors.clone()))
     d2, a2 = deltas.clone().requires_grad_(), anchors.clone().requires_grad_()
-    out1 = ops.propose(a1, d1, objectness, sizes, **kw)
+    out1 = ops.propose(a1, d1, impl.to(objectness), sizes, **kw)
     out2 = reference.propose(a2, d2, objectness, sizes, **kw)
-    grad = torch.randn_like(out1[0])
-    (out1[0] * grad).sum().backward()
+    grad = torch.randn_like(out2[0])
+    (out1[0] * impl.to(grad)).sum().backward()
     (out2[0] * grad).sum().backward()
-    torch.testing.assert_close(d1.grad, d2.grad)
-    torch.testing.assert_close(a1.grad, a2.grad)
+    torch.testing.assert_close(d1.grad.cpu(), d2.grad)
+    torch.testing.assert_close(a1.grad.cpu(), a2.grad)
     assert (d1.grad != 0).any(dim=-1).sum() <= 3 * 30  # only kept boxes get a gradient
     assert not out1[1].requires_grad and not out1[2].requires_grad
 
 
-def test_propose_backward_emulated_matches_reference_autograd():
+@ALL_IMPLS
+def test_propose_backward_matches_reference_autograd(impl):
     anchors, deltas, objectness, sizes = _propose_inputs(12, 2, 5, 5, torch.float64, spread=1.0)
     size_t = torch.tensor(sizes, dtype=torch.float64)
-    out = emulated.propose(
-        anchors, deltas, objectness, size_t, 200, 40, 0.7, 1e-3, 0.0, [1.0] * 4, CLAMP, True
+    out = impl.call(
+        "propose",
+        anchors,
+        deltas,
+        objectness,
+        size_t,
+        200,
+        40,
+        0.7,
+        1e-3,
+        0.0,
+        [1.0] * 4,
+        CLAMP,
+        True,
     )
     grad = torch.randn_like(out[0])
-    got = emulated.propose_backward(grad, anchors, deltas, out[3], size_t, [1.0] * 4, CLAMP)
+    args = (grad, anchors, deltas, out[3], size_t, [1.0] * 4, CLAMP)
+    got = impl.call("propose_backward", *args)
+    impl.assert_matches_cpu(got, "propose_backward", *args)
     d, a = deltas.clone().requires_grad_(), anchors.clone().requires_grad_()
     boxes = reference.propose(
         a, d, objectness, sizes, pre_nms_top_n=200, post_nms_top_n=40, append_whole_image=True
@@ -551,8 +563,9 @@ def test_propose_backward_emulated_matches_reference_autograd():
 # ---- empty inputs ----
 
 
-@pytest.mark.parametrize("device", devices())
-def test_empty_inputs(device):
+@DEVICE_IMPLS
+def test_empty_inputs(impl):
+    device = impl.device
     empty = torch.zeros(0, 4, device=device)
     none = torch.zeros(0, device=device)
     assert ops.nms(empty, none, 0.5).shape == (0,)
@@ -580,22 +593,42 @@ def test_empty_inputs(device):
         )
         assert boxes.shape == (2, post + 1, 4) and counts.tolist() == [1, 1]
         assert boxes[1, 0].tolist() == [0.0, 0.0, 30.0, 20.0] and scores[:, 0].tolist() == [1, 1]
-        if device == "cpu":
-            em = emulated.propose(
-                anc,
-                d,
-                o,
-                torch.tensor([[32, 32], [20, 30]]),
-                pre,
-                post,
-                0.7,
-                1e-3,
-                0.0,
-                [1.0] * 4,
-                CLAMP,
-                True,
-            )
-            _assert_proposals_equal(em, (boxes, scores, counts), exact=True)
+
+
+@ALL_IMPLS
+def test_empty_inputs_raw(impl):
+    empty, none = torch.zeros(0, 4), torch.zeros(0)
+    for name, args in (
+        ("nms", (empty, none, 0.5)),
+        ("batched_nms", (empty, none, none.long(), 0.5)),
+    ):
+        kept = impl.call(name, *args)
+        assert kept.shape == (0,) and kept.dtype == torch.int64
+    anchors = ops.generate_anchors((2, 2), 16)
+    settings = (0.7, 1e-3, 0.0, [1.0] * 4, CLAMP, True)
+    # no images
+    a = anchors.shape[0]
+    out = impl.call(
+        "propose",
+        anchors,
+        torch.zeros(0, a, 4),
+        torch.zeros(0, a),
+        torch.zeros(0, 2),
+        10,
+        5,
+        *settings,
+    )
+    assert [t.shape for t in out] == [(0, 6, 4), (0, 6), (0,), (0, 6)]
+    # no anchors, pre_nms_top_n = 0, post_nms_top_n = 0
+    g = torch.Generator().manual_seed(0)
+    for anc, pre, post in ((anchors[:0], 10, 5), (anchors, 0, 5), (anchors, 10, 0)):
+        d = torch.randn(2, anc.shape[0], 4, generator=g)
+        o = torch.randn(2, anc.shape[0], generator=g)
+        args = (anc, d, o, torch.tensor([[32, 32], [20, 30]]), pre, post, *settings)
+        boxes, scores, counts, kept = impl.call("propose", *args)
+        assert boxes.shape == (2, post + 1, 4) and counts.tolist() == [1, 1]
+        assert boxes[1, 0].tolist() == [0.0, 0.0, 30.0, 20.0] and scores[:, 0].tolist() == [1, 1]
+        impl.assert_matches_cpu((boxes, scores, counts, kept), "propose", *args)
 
 
 # ---- opcheck ----
@@ -618,10 +651,15 @@ def _opcheck_samples():
     )
 
 
+@DEVICE_IMPLS
 @pytest.mark.parametrize(
     "name,args", list(_opcheck_samples()), ids=lambda x: x if isinstance(x, str) else ""
 )
-def test_opcheck(name, args):
+def test_opcheck(impl, name, args):
+    args = tuple(
+        impl.to(a.detach()).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+        for a in args
+    )
     torch.library.opcheck(getattr(torch.ops.mlkernels, name), args)
 
 
@@ -820,11 +858,11 @@ def test_propose_backward_bad_input_messages(mode):
         assert_raises(op, args, RuntimeError, message, mode)
 
 
-@pytest.mark.parametrize("runner", ["cpu", "emulated"])
-def test_propose_backward_out_of_range_kept_anchors(runner):
+@pytest.mark.parametrize("impl", impl_params("cpu", "emulated"))
+def test_propose_backward_out_of_range_kept_anchors(impl):
     # A hand-made call with an anchor index propose cannot have written: refused on CPU tensors
     # (on CUDA, where checking would cost a sync, the kernel skips it: no out-of-range write).
-    op = torch.ops.mlkernels if runner == "cpu" else emulated
+    op = impl.ops
     grad, d, sizes, w = (
         torch.ones(2, 3, 4),
         torch.zeros(2, 6, 4),
@@ -860,20 +898,16 @@ def test_bad_types():
 # ---- CUDA (skipped without a GPU) ----
 
 
-@pytest.mark.cuda
-def test_cuda_matches_cpu():
+@pytest.mark.parametrize("impl", impl_params("cuda"))
+def test_large_inputs_match_cpu(impl):
+    # (the emulator's share of large inputs, smaller: test_nms_large_n_matches_torchvision,
+    # test_batched_nms_many_boxes_matches_torchvision, test_propose_rlsd_shape_matches_reference)
     boxes, scores = _nms_inputs(13, 5000, torch.float32, size=600.0)
-    torch.testing.assert_close(
-        ops.nms(boxes.cuda(), scores.cuda(), 0.5).cpu(), ops.nms(boxes, scores, 0.5)
-    )
-    idxs = torch.arange(5000) % 7
-    torch.testing.assert_close(
-        ops.batched_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), 0.5).cpu(),
-        ops.batched_nms(boxes, scores, idxs, 0.5),
-    )
+    impl.assert_matches_cpu(impl.call("nms", boxes, scores, 0.5), "nms", boxes, scores, 0.5)
+    args = (boxes, scores, torch.arange(5000) % 7, 0.5)
+    impl.assert_matches_cpu(impl.call("batched_nms", *args), "batched_nms", *args)
     anchors, deltas, objectness, sizes = _propose_inputs(14, 4, 38, 50, torch.float32)
     cpu = ops.propose(anchors, deltas, objectness, sizes, append_whole_image=True)
-    gpu = ops.propose(
-        anchors.cuda(), deltas.cuda(), objectness.cuda(), sizes, append_whole_image=True
-    )
+    anchors, deltas, objectness = impl.to(anchors, deltas, objectness)
+    gpu = ops.propose(anchors, deltas, objectness, sizes, append_whole_image=True)
     _assert_proposals_equal([t.cpu() for t in gpu], cpu)

@@ -1,6 +1,7 @@
-"""roi_align: forward against torchvision and the reference, the CUDA kernels' logic on the grid
-emulator, gradients w.r.t. the map and the boxes (gradcheck, the reference, an affine_grid +
-grid_sample formulation), determinism, low precision, layouts, opcheck, bad and empty input."""
+"""roi_align: every implementation (CPU, the CUDA kernels' logic on the grid emulator, CUDA) against
+torchvision and the reference, gradients w.r.t. the map and the boxes (gradcheck, the reference, an
+affine_grid + grid_sample formulation), determinism, low precision, layouts, opcheck, bad and empty
+input."""
 
 from __future__ import annotations
 
@@ -10,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import devices
+from helpers import ALL_IMPLS, DEVICE_IMPLS, deterministic_algorithms, impl_params
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from mlkernels import nn, ops, reference
 
-emulated = torch.ops.mlkernels_emulated
 DTYPES = [torch.float32, torch.float64]
 RATIOS = [-1, 0, 1, 2, 3]
 
@@ -91,9 +91,10 @@ def _kink_distance(rois, oh, ow, scale, ratio, aligned) -> float:
     return best
 
 
-# ---- forward: torchvision, the reference, the emulated CUDA kernel ----
+# ---- forward: every implementation against torchvision and the reference ----
 
 
+@ALL_IMPLS
 @given(
     seed=st.integers(0, 2**31),
     k=st.integers(0, 12),
@@ -110,17 +111,16 @@ def _kink_distance(rois, oh, ow, scale, ratio, aligned) -> float:
     dtype=st.sampled_from(DTYPES),
 )
 def test_forward_matches_torchvision(
-    seed, k, batch, channels, height, width, oh, ow, ratio, aligned, scale, kind, dtype
+    impl, seed, k, batch, channels, height, width, oh, ow, ratio, aligned, scale, kind, dtype
 ):
     x = _map(seed, (batch, channels, height, width), dtype)
     rois = _rois(seed, k, batch, height, width, kind, dtype, scale)
     expected = torchvision.ops.roi_align(x, rois, (oh, ow), scale, ratio, aligned)
-    ours = ops.roi_align(x, rois, (oh, ow), scale, ratio, aligned)
+    ours = impl.call("roi_align", x, rois, scale, oh, ow, ratio, aligned)
     torch.testing.assert_close(ours, expected)
     torch.testing.assert_close(
         reference.roi_align(x, rois, (oh, ow), scale, ratio, aligned), expected
     )
-    torch.testing.assert_close(emulated.roi_align(x, rois, scale, oh, ow, ratio, aligned), expected)
 
 
 def test_forward_list_of_boxes_matches_tensor_form():
@@ -176,6 +176,7 @@ def test_layouts_give_the_same_result():
 # ---- gradients ----
 
 
+@DEVICE_IMPLS
 @given(
     seed=st.integers(0, 2**31),
     k=st.integers(1, 4),
@@ -184,11 +185,12 @@ def test_layouts_give_the_same_result():
     scale=st.sampled_from([1.0, 0.5]),
     kind=st.sampled_from(["inside", "outside", "tiny"]),
 )
-def test_gradcheck_input_and_boxes(seed, k, ratio, aligned, scale, kind):
+def test_gradcheck_input_and_boxes(impl, seed, k, ratio, aligned, scale, kind):
     h, w, oh, ow = 7, 8, 2, 3
     rois = _rois(seed, k, 2, h, w, kind, scale=scale)
     assume(_kink_distance(rois, oh, ow, scale, ratio, aligned) > 1e-4)
-    x = _map(seed, (2, 2, h, w)).requires_grad_()
+    rois = impl.to(rois)
+    x = impl.to(_map(seed, (2, 2, h, w))).requires_grad_()
     index, coords = rois[:, :1], rois[:, 1:].clone().requires_grad_()  # the index must stay whole
 
     def fn(a, b):
@@ -197,6 +199,7 @@ def test_gradcheck_input_and_boxes(seed, k, ratio, aligned, scale, kind):
     assert torch.autograd.gradcheck(fn, (x, coords))
 
 
+@DEVICE_IMPLS
 @given(
     seed=st.integers(0, 2**31),
     k=st.integers(0, 10),
@@ -204,17 +207,17 @@ def test_gradcheck_input_and_boxes(seed, k, ratio, aligned, scale, kind):
     aligned=st.booleans(),
     kind=st.sampled_from(["inside", "outside", "tiny", "degenerate"]),
 )
-def test_gradients_match_reference_autograd(seed, k, ratio, aligned, kind):
+def test_gradients_match_reference_autograd(impl, seed, k, ratio, aligned, kind):
     h, w = 9, 11
     x = _map(seed, (2, 3, h, w))
     rois = _rois(seed, k, 2, h, w, kind, scale=0.5)
     assume(_kink_distance(rois, 3, 2, 0.5, ratio, aligned) > 1e-6)
     grad = _map(seed + 7, (k, 3, 3, 2))
     results = []
-    for fn in (ops.roi_align, reference.roi_align):
-        a, b = x.clone().requires_grad_(), rois.clone().requires_grad_()
-        fn(a, b, (3, 2), 0.5, ratio, aligned).backward(grad)
-        results.append((a.grad, b.grad))
+    for fn, device in ((ops.roi_align, impl.device), (reference.roi_align, "cpu")):
+        a, b = (t.to(device).requires_grad_() for t in (x.clone(), rois.clone()))
+        fn(a, b, (3, 2), 0.5, ratio, aligned).backward(grad.to(device))
+        results.append((a.grad.cpu(), b.grad.cpu()))
     torch.testing.assert_close(results[0], results[1])
     assert torch.isfinite(results[0][1]).all()
     if k:
@@ -238,9 +241,10 @@ def test_many_channels_match_reference(k):
     torch.testing.assert_close(results[0], results[1])
 
 
+@DEVICE_IMPLS
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("ratio", [1, 2, 3])
-def test_box_gradient_matches_affine_grid_sample(aligned, ratio):
+def test_box_gradient_matches_affine_grid_sample(impl, aligned, ratio):
     """An independent formulation: affine_grid + grid_sample, differentiated by autograd. It is
     exact where every sample of a RoI lies in [-1, size]; RoIs reaching beyond are left out."""
     h, w = 10, 13
@@ -252,11 +256,11 @@ def test_box_gradient_matches_affine_grid_sample(aligned, ratio):
     rois = rois[inside]
     grad = _map(ratio + 20, (rois.shape[0], 3, 2, 4))
     results = []
-    for fn in (ops.roi_align, reference.roi_align_grid_sample):
-        a, b = x.clone().requires_grad_(), rois.clone().requires_grad_()
+    for fn, device in ((ops.roi_align, impl.device), (reference.roi_align_grid_sample, "cpu")):
+        a, b = (t.to(device).requires_grad_() for t in (x.clone(), rois.clone()))
         out = fn(a, b, (2, 4), 0.5, ratio, aligned)
-        out.backward(grad)
-        results.append((out, a.grad, b.grad))
+        out.backward(grad.to(device))
+        results.append((out.detach().cpu(), a.grad.cpu(), b.grad.cpu()))
     torch.testing.assert_close(results[0], results[1])
     assert results[0][2][:, 1:].abs().min() > 0
 
@@ -274,8 +278,9 @@ def _samples_inside(rois, oh, ow, scale, ratio, aligned, height, width):
     return ok
 
 
-def test_degenerate_and_outside_boxes_have_finite_gradients():
-    x = _map(5, (1, 2, 6, 6)).requires_grad_()
+@DEVICE_IMPLS
+def test_degenerate_and_outside_boxes_have_finite_gradients(impl):
+    x = impl.to(_map(5, (1, 2, 6, 6))).requires_grad_()
     rois = torch.tensor(
         [
             [0, 3.0, 3.0, 1.0, 1.0],  # x2 < x1
@@ -285,44 +290,46 @@ def test_degenerate_and_outside_boxes_have_finite_gradients():
             [0, -3.0, 1.0, 10.0, 4.0],  # straddling
         ],
         dtype=torch.float64,
+        device=impl.device,
         requires_grad=True,
     )
     for ratio in (-1, 2):
         for aligned in (False, True):
             out = ops.roi_align(x, rois, 3, 1.0, ratio, aligned)
+            x_cpu, rois_cpu = x.detach().cpu(), rois.detach().cpu()
             torch.testing.assert_close(
-                out, torchvision.ops.roi_align(x.detach(), rois.detach(), 3, 1.0, ratio, aligned)
+                out.cpu(), torchvision.ops.roi_align(x_cpu, rois_cpu, 3, 1.0, ratio, aligned)
             )
             gx, gb = torch.autograd.grad(out.sum(), (x, rois))
             assert torch.isfinite(gx).all() and torch.isfinite(gb).all()
             assert (gb[2:4] == 0).all()  # nothing sampled, nothing to move
     # A box 10^6 times the map: adaptive sampling asks for ~10^11 samples a bin; those that
     # cannot reach the map are skipped, so this returns at once (torchvision runs out of memory).
-    huge = torch.tensor([[0, -1e6, -1e6, 1e6, 1e6]], dtype=torch.float64, requires_grad=True)
+    huge = torch.tensor(
+        [[0, -1e6, -1e6, 1e6, 1e6]], dtype=torch.float64, device=impl.device, requires_grad=True
+    )
     out = ops.roi_align(x, huge, 2, 1.0, -1, True)
     assert torch.isfinite(out).all()
     assert torch.isfinite(torch.autograd.grad(out.sum(), huge)[0]).all()
 
 
+@ALL_IMPLS
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("size,output_size,ratio", [(1e9, 2, -1), (3.0, 1, 1024)])
-def test_huge_boxes_and_sample_grids(dtype, size, output_size, ratio):
+def test_huge_boxes_and_sample_grids(impl, dtype, size, output_size, ratio):
     """Boxes and sample grids far beyond the map: adaptive grids of 5 * 10^8 samples a side, and
     the largest explicit grid (1024 a side, 2^20 samples a bin; larger ones are refused). On a
     map of ones a bin is a mean of samples worth 1 or 0, so it lies in [0, 1]; each of these bins
     reaches the map, so > 0."""
     ones = torch.ones(1, 2, 6, 6, dtype=dtype)
     box = torch.tensor([[0, -size, -size, size, size]], dtype=dtype)
-    for fn in (ops.roi_align, emulated.roi_align):
-        if fn is ops.roi_align:
-            out = fn(ones, box, output_size, 1.0, ratio, True)
-        else:
-            out = fn(ones, box, 1.0, output_size, output_size, ratio, True)
-        assert ((out > 0) & (out <= 1)).all(), out
+    out = impl.call("roi_align", ones, box, 1.0, output_size, output_size, ratio, True)
+    assert ((out > 0) & (out <= 1)).all(), out
 
 
+@ALL_IMPLS
 @pytest.mark.parametrize("aligned", [False, True])
-def test_infinite_box_coordinates_give_zero(aligned):
+def test_infinite_box_coordinates_give_zero(impl, aligned):
     """An infinite coordinate puts every sample at +-inf or NaN: the bins are 0 (a mean over an
     infinite box), gradients finite, and the call returns at once (the adaptive grid of an
     infinite box is capped, never looped over)."""
@@ -334,21 +341,16 @@ def test_infinite_box_coordinates_give_zero(aligned):
     )
     grad = _map(33, (4, 2, 2, 2))
     for ratio in (-1, 8):
-        for out in (
-            ops.roi_align(x, rois, 2, 1.0, ratio, aligned),
-            emulated.roi_align(x, rois, 1.0, 2, 2, ratio, aligned),
-        ):
-            assert (out == 0).all()
-        for gi, gb in (
-            torch.ops.mlkernels.roi_align_backward(grad, x, rois, 1.0, 2, 2, ratio, aligned),
-            emulated.roi_align_backward(grad, x, rois, 1.0, 2, 2, ratio, aligned),
-        ):
-            assert (gi == 0).all() and (gb == 0).all()
+        out = impl.call("roi_align", x, rois, 1.0, 2, 2, ratio, aligned)
+        assert (out == 0).all()
+        gi, gb = impl.call("roi_align_backward", grad, x, rois, 1.0, 2, 2, ratio, aligned)
+        assert (gi == 0).all() and (gb == 0).all()
 
 
+@ALL_IMPLS
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("column", [1, 2, 3, 4])
-def test_nan_box_coordinate_gives_nan(aligned, column):
+def test_nan_box_coordinate_gives_nan(impl, aligned, column):
     """A NaN coordinate has no sample position: its RoI's bins and box gradient are NaN (not 0,
     not the bins of a width clamped to 1); the other RoIs are untouched. torchvision crashes."""
     x = _map(30, (2, 3, 6, 7))
@@ -359,24 +361,23 @@ def test_nan_box_coordinate_gives_nan(aligned, column):
     expected = torchvision.ops.roi_align(x, rois[keep], 2, 1.0, 2, aligned)
     for ratio in (-1, 2):
         for out in (
-            ops.roi_align(x, rois, 2, 1.0, ratio, aligned),
-            emulated.roi_align(x, rois, 1.0, 2, 2, ratio, aligned),
+            impl.call("roi_align", x, rois, 1.0, 2, 2, ratio, aligned),
             reference.roi_align(x, rois, 2, 1.0, ratio, aligned),
         ):
             assert out[1].isnan().all()
             if ratio == 2:
                 torch.testing.assert_close(out[keep], expected)
-        for gb in (
-            torch.ops.mlkernels.roi_align_backward(grad, x, rois, 1.0, 2, 2, ratio, aligned)[1],
-            emulated.roi_align_backward(grad, x, rois, 1.0, 2, 2, ratio, aligned)[1],
-        ):
-            assert gb[1, 1:].isnan().all() and gb[1, 0] == 0
-            assert torch.isfinite(gb[keep]).all()
+        gb = impl.call("roi_align_backward", grad, x, rois, 1.0, 2, 2, ratio, aligned)[1]
+        assert gb[1, 1:].isnan().all() and gb[1, 0] == 0
+        assert torch.isfinite(gb[keep]).all()
 
 
-def test_double_backward_raises_instead_of_returning_zeros():
-    x = _map(41, (1, 2, 6, 6)).requires_grad_()
-    rois = torch.tensor([[0, 1.0, 1, 4, 4]], dtype=torch.float64, requires_grad=True)
+@DEVICE_IMPLS
+def test_double_backward_raises_instead_of_returning_zeros(impl):
+    x = impl.to(_map(41, (1, 2, 6, 6))).requires_grad_()
+    rois = torch.tensor(
+        [[0, 1.0, 1, 4, 4]], dtype=torch.float64, device=impl.device, requires_grad=True
+    )
     out = ops.roi_align(x, rois, 2, 1.0, 2, True)
     (gb,) = torch.autograd.grad(out.square().sum(), rois, create_graph=True)
     with pytest.raises(RuntimeError, match="roi_align: second derivatives"):
@@ -412,9 +413,10 @@ def test_cpu_backward_is_bitwise_deterministic_across_runs_and_threads():
             assert torch.equal(a, b)
 
 
-# ---- the CUDA kernels' logic on the grid emulator ----
+# ---- the backward op: every implementation against the reference ----
 
 
+@ALL_IMPLS
 @given(
     seed=st.integers(0, 2**31),
     k=st.integers(0, 8),
@@ -423,7 +425,7 @@ def test_cpu_backward_is_bitwise_deterministic_across_runs_and_threads():
     kind=st.sampled_from(["inside", "outside", "tiny", "degenerate"]),
     deterministic=st.booleans(),
 )
-def test_emulated_backward_matches_reference(seed, k, ratio, aligned, kind, deterministic):
+def test_backward_op_matches_reference(impl, seed, k, ratio, aligned, kind, deterministic):
     h, w = 8, 9
     x = _map(seed, (2, 3, h, w))
     rois = _rois(seed, k, 2, h, w, kind, scale=2.0)
@@ -431,31 +433,25 @@ def test_emulated_backward_matches_reference(seed, k, ratio, aligned, kind, dete
     grad = _map(seed + 3, (k, 3, 2, 3))
     a, b = x.clone().requires_grad_(), rois.clone().requires_grad_()
     reference.roi_align(a, b, (2, 3), 2.0, ratio, aligned).backward(grad)
-    previous = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(deterministic)
-        gi, gb = emulated.roi_align_backward(grad, x, rois, 2.0, 2, 3, ratio, aligned)
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    with deterministic_algorithms(deterministic):  # the CUDA kernels' input-gradient variants
+        gi, gb = impl.call("roi_align_backward", grad, x, rois, 2.0, 2, 3, ratio, aligned)
     torch.testing.assert_close(gi, a.grad)
     torch.testing.assert_close(gb, b.grad)
 
 
-def test_emulated_deterministic_and_atomic_variants_agree():
+@pytest.mark.parametrize("impl", impl_params("emulated", "cuda"))
+def test_deterministic_and_atomic_variants_agree(impl):
     # 40 channels x 9 bins: more (channel, bin) elements than the box-gradient block's 256
     # threads, so its threads loop (the strided share of box_grad_partial_phase)
     x = _map(8, (2, 40, 10, 10), torch.float32)
     rois = _rois(8, 20, 2, 10, 10, "outside", torch.float32)
     grad = _map(9, (20, 40, 3, 3), torch.float32)
-    previous = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(False)
-        atomic = emulated.roi_align_backward(grad, x, rois, 1.0, 3, 3, 2, True)
-        torch.use_deterministic_algorithms(True)
-        ordered = emulated.roi_align_backward(grad, x, rois, 1.0, 3, 3, 2, True)
-    finally:
-        torch.use_deterministic_algorithms(previous)
-    cpu = torch.ops.mlkernels.roi_align_backward(grad, x, rois, 1.0, 3, 3, 2, True)
+    args = (grad, x, rois, 1.0, 3, 3, 2, True)
+    with deterministic_algorithms(False):
+        atomic = impl.call("roi_align_backward", *args)
+    with deterministic_algorithms(True):
+        ordered = impl.call("roi_align_backward", *args)
+    cpu = torch.ops.mlkernels.roi_align_backward(*args)
     for a, b, c in zip(atomic, ordered, cpu, strict=True):
         torch.testing.assert_close(a, b)
         torch.testing.assert_close(a, c)
@@ -465,9 +461,10 @@ def test_emulated_deterministic_and_atomic_variants_agree():
 # ---- float16 / bfloat16 ----
 
 
+@ALL_IMPLS
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("ratio", [-1, 2])
-def test_low_precision_error_within_twice_torchvisions(dtype, ratio):
+def test_low_precision_error_within_twice_torchvisions(impl, dtype, ratio):
     x = _map(10, (2, 16, 20, 24), dtype)
     rois = _rois(10, 40, 2, 20 * 4, 24 * 4, "outside", dtype)
     # the fp32 truth on the very same (rounded) inputs
@@ -476,42 +473,37 @@ def test_low_precision_error_within_twice_torchvisions(dtype, ratio):
         theirs = torchvision.ops.roi_align(x, rois, 5, 0.25, ratio).float()
     else:  # torchvision has no bfloat16 CPU kernel: the error of rounding the truth itself
         theirs = truth.to(dtype).float()
-    for ours in (
-        ops.roi_align(x, rois, 5, 0.25, ratio),
-        emulated.roi_align(x, rois, 0.25, 5, 5, ratio, False),
-    ):
-        assert ours.dtype == dtype
-        err = (ours.float() - truth).abs().max().item()
-        their_err = (theirs - truth).abs().max().item()
-        assert err <= 2 * their_err + 1e-6, (err, their_err)
+    ours = impl.call("roi_align", x, rois, 0.25, 5, 5, ratio, False)
+    assert ours.dtype == dtype
+    err = (ours.float() - truth).abs().max().item()
+    their_err = (theirs - truth).abs().max().item()
+    assert err <= 2 * their_err + 1e-6, (err, their_err)
     # gradients: float32 accumulation, then one rounding
     grad = _map(11, (40, 16, 5, 5), torch.float32)
-    gi, gb = torch.ops.mlkernels.roi_align_backward(
-        grad.to(dtype), x, rois, 0.25, 5, 5, ratio, False
-    )
+    gi, gb = impl.call("roi_align_backward", grad.to(dtype), x, rois, 0.25, 5, 5, ratio, False)
     gi32, gb32 = torch.ops.mlkernels.roi_align_backward(
         grad.to(dtype).float(), x.float(), rois.float(), 0.25, 5, 5, ratio, False
     )
     assert gi.dtype == dtype and gb.dtype == dtype
-    torch.testing.assert_close(gi.float(), gi32.to(dtype).float(), rtol=0, atol=0)
-    torch.testing.assert_close(gb.float(), gb32.to(dtype).float(), rtol=0, atol=0)
-    # the CUDA kernels' logic accumulates in float32 too: within one rounding of the CPU result
-    egi, egb = emulated.roi_align_backward(grad.to(dtype), x, rois, 0.25, 5, 5, ratio, False)
-    assert egi.dtype == dtype and egb.dtype == dtype
-    for ours, exact in ((egi, gi32), (egb, gb32)):
-        err = (ours.float() - exact).abs()
-        rounding = (exact.to(dtype).float() - exact).abs()
-        assert (err <= 2 * rounding + 1e-4 * exact.abs().max()).all()
+    if impl.name == "cpu":  # the CPU kernels: exactly the float32 result, rounded once
+        torch.testing.assert_close(gi.float(), gi32.to(dtype).float(), rtol=0, atol=0)
+        torch.testing.assert_close(gb.float(), gb32.to(dtype).float(), rtol=0, atol=0)
+    else:  # the CUDA kernels accumulate in float32 too, in another order: within one rounding
+        for ours, exact in ((gi, gi32), (gb, gb32)):
+            err = (ours.float() - exact).abs()
+            rounding = (exact.to(dtype).float() - exact).abs()
+            assert (err <= 2 * rounding + 1e-4 * exact.abs().max()).all()
 
 
+@DEVICE_IMPLS
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_mixes_dtypes_as_torchvision(dtype):
+def test_autocast_mixes_dtypes_as_torchvision(impl, dtype):
     """Under autocast a conv gives a low-precision map while the boxes stay float32; torchvision
     computes in float32 and returns the map's dtype. So must a drop-in."""
-    x = _map(40, (2, 3, 10, 12), torch.float32)
-    conv = torch.nn.Conv2d(3, 4, 1)
-    rois = _rois(40, 7, 2, 10, 12, "outside", torch.float32).requires_grad_()
-    with torch.autocast("cpu", dtype=dtype):
+    x = impl.to(_map(40, (2, 3, 10, 12), torch.float32))
+    conv = torch.nn.Conv2d(3, 4, 1).to(impl.device)
+    rois = impl.to(_rois(40, 7, 2, 10, 12, "outside", torch.float32)).requires_grad_()
+    with torch.autocast(impl.device, dtype=dtype):
         feat = conv(x)
         assert feat.dtype == dtype and rois.dtype == torch.float32
         theirs = torchvision.ops.roi_align(feat, rois, 3, 1.0, 2, True)
@@ -526,8 +518,9 @@ def test_autocast_mixes_dtypes_as_torchvision(dtype):
 # ---- empty inputs ----
 
 
-@pytest.mark.parametrize("device", devices())
-def test_empty_inputs(device):
+@DEVICE_IMPLS
+def test_empty_inputs(impl):
+    device = impl.device
     x = torch.randn(2, 3, 5, 5, device=device, requires_grad=True)
     none = torch.zeros(0, 5, device=device, requires_grad=True)
     out = ops.roi_align(x, none, 2)
@@ -541,7 +534,17 @@ def test_empty_inputs(device):
     assert ops.roi_align(no_channels, boxes, 3).shape == (1, 0, 3, 3)
     no_pixels = torch.zeros(2, 3, 0, 4, device=device)
     assert (ops.roi_align(no_pixels, boxes, 3) == 0).all()
-    assert emulated.roi_align(x.detach(), none.detach(), 1.0, 2, 2, -1, False).shape == (0, 3, 2, 2)
+
+
+@ALL_IMPLS
+def test_empty_inputs_raw(impl):
+    x, none = torch.randn(2, 3, 5, 5), torch.zeros(0, 5)
+    assert impl.call("roi_align", x, none, 1.0, 2, 2, -1, False).shape == (0, 3, 2, 2)
+    gi, gb = impl.call("roi_align_backward", torch.zeros(0, 3, 2, 2), x, none, 1.0, 2, 2, -1, False)
+    assert (gi == 0).all() and gi.shape == x.shape and gb.shape == (0, 5)
+    boxes = torch.tensor([[1.0, 0, 0, 2, 2]])
+    assert impl.call("roi_align", x[:, :0], boxes, 1.0, 3, 3, 2, False).shape == (1, 0, 3, 3)
+    assert (impl.call("roi_align", x[:, :, :0], boxes, 1.0, 3, 3, 2, False) == 0).all()
 
 
 # ---- nn.RoIAlign ----
@@ -575,10 +578,15 @@ def _opcheck_samples():
     yield "roi_align_backward", (grad, x, rois, 1.0, 2, 3, 0, True)
 
 
+@DEVICE_IMPLS
 @pytest.mark.parametrize(
     "name,args", list(_opcheck_samples()), ids=lambda x: x if isinstance(x, str) else ""
 )
-def test_opcheck(name, args):
+def test_opcheck(impl, name, args):
+    args = tuple(
+        impl.to(a.detach()).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+        for a in args
+    )
     torch.library.opcheck(getattr(torch.ops.mlkernels, name), args)
 
 
@@ -652,6 +660,7 @@ def test_bad_input_messages(args, error, message, mode):
             ops.roi_align(*args)
 
 
+@ALL_IMPLS
 @pytest.mark.parametrize(
     "index,message",
     [
@@ -661,16 +670,15 @@ def test_bad_input_messages(args, error, message, mode):
         (float("nan"), r"roi_align: boxes\[:, 0\] \(batch index\) must be integers, got nan"),
     ],
 )
-def test_bad_batch_index(index, message):
+def test_bad_batch_index(impl, index, message):
     boxes = torch.tensor([[0.0, 0, 0, 2, 2], [index, 0, 0, 2, 2]])
+    if not impl.emulated:  # the wrapper on the device
+        with pytest.raises(RuntimeError, match=message):
+            ops.roi_align(*impl.to(X, boxes), 2)
     with pytest.raises(RuntimeError, match=message):
-        ops.roi_align(X, boxes, 2)
+        impl.call("roi_align", X, boxes, 1.0, 2, 2, 2, False)
     with pytest.raises(RuntimeError, match=message.replace("roi_align", "roi_align_backward")):
-        torch.ops.mlkernels.roi_align_backward(
-            torch.zeros(2, 3, 2, 2), X, boxes, 1.0, 2, 2, 2, False
-        )
-    with pytest.raises(RuntimeError, match=message):
-        emulated.roi_align(X, boxes, 1.0, 2, 2, 2, False)
+        impl.call("roi_align_backward", torch.zeros(2, 3, 2, 2), X, boxes, 1.0, 2, 2, 2, False)
 
 
 def test_output_size_accepts_any_integer_type():
@@ -698,32 +706,22 @@ def test_bad_argument_types():
 # ---- CUDA (skipped without a GPU) ----
 
 
-@pytest.mark.cuda
+@pytest.mark.parametrize("impl", impl_params("cuda"))
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_cuda_matches_cpu(deterministic):
+def test_large_inputs_match_cpu(impl, deterministic):
     x = _map(16, (2, 32, 20, 24), torch.float32)
     rois = _rois(16, 64, 2, 80, 96, "outside", torch.float32)
     grad = _map(17, (64, 32, 7, 7), torch.float32)
     expected = ops.roi_align(x, rois, 7, 0.25, 2)
-    torch.testing.assert_close(ops.roi_align(x.cuda(), rois.cuda(), 7, 0.25, 2).cpu(), expected)
-    previous = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(deterministic)
-        got = torch.ops.mlkernels.roi_align_backward(
-            grad.cuda(), x.cuda(), rois.cuda(), 0.25, 7, 7, 2, False
-        )
-    finally:
-        torch.use_deterministic_algorithms(previous)
-    cpu = torch.ops.mlkernels.roi_align_backward(grad, x, rois, 0.25, 7, 7, 2, False)
+    torch.testing.assert_close(ops.roi_align(*impl.to(x, rois), 7, 0.25, 2).cpu(), expected)
+    args = (grad, x, rois, 0.25, 7, 7, 2, False)
+    with deterministic_algorithms(deterministic):
+        got = impl.call("roi_align_backward", *args)
+    cpu = torch.ops.mlkernels.roi_align_backward(*args)
     for a, b in zip(got, cpu, strict=True):
-        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     if deterministic:  # the promise of use_deterministic_algorithms: bitwise, run to run
-        try:
-            torch.use_deterministic_algorithms(True)
-            again = torch.ops.mlkernels.roi_align_backward(
-                grad.cuda(), x.cuda(), rois.cuda(), 0.25, 7, 7, 2, False
-            )
-        finally:
-            torch.use_deterministic_algorithms(previous)
+        with deterministic_algorithms(True):
+            again = impl.call("roi_align_backward", *args)
         for a, b in zip(got, again, strict=True):
             assert torch.equal(a, b)
