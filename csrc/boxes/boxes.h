@@ -46,8 +46,8 @@ inline PairedBoxes pair_boxes(const char* op, const char* first_name, const at::
   const auto shape = at::infer_size_dimvector(first.sizes(), second.sizes());
   PairedBoxes out;
   out.shape = std::vector<int64_t>(shape.begin(), shape.end());
-  out.first = first.expand(out.shape).contiguous();
-  out.second = second.expand(out.shape).contiguous();
+  out.first = contiguous_input(op, first_name, first.expand(out.shape));
+  out.second = contiguous_input(op, second_name, second.expand(out.shape));
   out.rows = out.first.numel() / 4;
   return out;
 }
@@ -88,7 +88,7 @@ inline std::pair<PairedBoxes, at::Tensor> prepare_decode_backward(const at::Tens
   TORCH_CHECK(grad.sizes().vec() == in.shape, op, ": grad must be Tensor[",
               c10::Join(", ", in.shape), "] (the broadcast shape of deltas and anchors), got ",
               shape_str(grad));
-  auto g = grad.contiguous();
+  auto g = contiguous_input(op, "grad", grad);
   return {std::move(in), std::move(g)};
 }
 
@@ -103,7 +103,7 @@ inline std::pair<at::Tensor, at::Tensor> prepare_iou(const at::Tensor& boxes1,
   check_floating(op, "boxes1", boxes1);
   check_same_dtype(op, "boxes1", boxes1, "boxes2", boxes2);
   check_same_device(op, "boxes1", boxes1, "boxes2", boxes2);
-  return {boxes1.contiguous(), boxes2.contiguous()};
+  return {contiguous_input(op, "boxes1", boxes1), contiguous_input(op, "boxes2", boxes2)};
 }
 
 }  // namespace boxes

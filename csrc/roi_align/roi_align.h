@@ -58,7 +58,7 @@ inline void check_args(const char* op, const at::Tensor& input, const at::Tensor
 // this reads three numbers back to the host in one copy (one synchronization per valid call).
 inline void check_batch_index(const char* op, const at::Tensor& boxes, int64_t batch_size) {
   if (boxes.size(0) == 0) return;
-  const auto index = boxes.select(1, 0).to(at::kDouble);
+  const auto index = contiguous_input(op, "boxes", boxes.select(1, 0)).to(at::kDouble);
   const auto fractional = index.ne(index.floor());  // NaN too
   const auto stats =
       at::stack({fractional.any().to(at::kDouble), index.min(), index.max()}).cpu();
