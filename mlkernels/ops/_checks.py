@@ -13,6 +13,8 @@ import torch
 
 FLOAT_TYPES = (torch.float32, torch.float64)
 HALF_TYPES = (torch.float16, torch.bfloat16)
+# Weights are checked against float32's normal range in every dtype, so none becomes 0 or inf.
+FLOAT32_NORMAL_MIN, FLOAT32_MAX = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
 
 
 def shape_str(t: torch.Tensor) -> str:
@@ -21,6 +23,18 @@ def shape_str(t: torch.Tensor) -> str:
 
 def dtype_str(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def num_str(value: float) -> str:
+    """A double as C++'s ostream prints it (six significant digits): 0.333333, 1e+300, -nan."""
+    if math.isnan(value):
+        return "-nan" if math.copysign(1.0, value) < 0 else "nan"
+    return f"{value:g}"
+
+
+def nums_str(values: Sequence[float]) -> str:
+    """A list of doubles as c10 prints an ArrayRef<double>: [1, 0.5, inf]."""
+    return "[" + ", ".join(num_str(v) for v in values) + "]"
 
 
 def check(ok: bool, message: str, error: type[Exception] = RuntimeError) -> None:
@@ -104,8 +118,9 @@ def check_weights(op: str, weights: Sequence[float]) -> None:
         ValueError,
     )
     check(
-        all(math.isfinite(w) and w > 0 for w in weights),
-        f"{op}: weights must be finite and positive, got {list(weights)}",
+        all(FLOAT32_NORMAL_MIN <= w <= FLOAT32_MAX for w in weights),
+        f"{op}: weights must be finite and positive (in float32's normal range), "
+        f"got {nums_str(weights)}",
         ValueError,
     )
 

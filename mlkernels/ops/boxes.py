@@ -27,7 +27,7 @@ def encode_boxes(
     Args:
         boxes (Tensor[..., 4]): target boxes, (x1, y1, x2, y2).
         anchors (Tensor[..., 4]): reference boxes, broadcast against ``boxes``.
-        weights: (wx, wy, ww, wh), finite and positive.
+        weights: (wx, wy, ww, wh), finite and positive (within float32's normal range).
 
     Returns:
         Tensor[..., 4]: (dx, dy, dw, dh) in the broadcast shape, with
@@ -52,7 +52,8 @@ def decode_boxes(
     Args:
         deltas (Tensor[..., 4]): (dx, dy, dw, dh).
         anchors (Tensor[..., 4]): (x1, y1, x2, y2), broadcast against ``deltas``.
-        weights: (wx, wy, ww, wh), finite and positive; deltas are divided by them.
+        weights: (wx, wy, ww, wh), finite and positive (within float32's normal range);
+            deltas are divided by them.
         clamp: dw and dh are clamped from above at this value before ``exp`` (no gradient
             flows through a clamped value, as with ``torch.clamp``).
 

@@ -86,7 +86,8 @@ def roi_align(
             one (x1, y1, x2, y2) tensor per image; same dtype and device as ``input``. Batch
             indices must be integers in [0, N).
         output_size (int or (oh, ow)): bins per box, each way.
-        spatial_scale: box coordinates are multiplied by it (e.g. 1/16 for a stride-16 map).
+        spatial_scale: box coordinates are multiplied by it (e.g. 1/16 for a stride-16 map);
+            finite and positive, within float32's normal range.
         sampling_ratio: samples per bin each way; <= 0 means adaptive,
             ``ceil(box_size / output_size)``.
         aligned: shift box corners by -0.5 pixel (pixel-centre convention); without it a
@@ -158,9 +159,11 @@ def _check_args(op, input, boxes, spatial_scale, pooled_height, pooled_width, sa
         f"{op}: output_size must be positive, got ({pooled_height}, {pooled_width})",
         ValueError,
     )
+    positive = math.isfinite(spatial_scale) and spatial_scale > 0
     C.check(
-        math.isfinite(spatial_scale) and spatial_scale > 0,
-        f"{op}: spatial_scale must be finite and positive, got {spatial_scale:g}",
+        positive and C.FLOAT32_NORMAL_MIN <= spatial_scale <= C.FLOAT32_MAX,
+        f"{op}: spatial_scale must be finite and positive, got {C.num_str(spatial_scale)}"
+        + (" (outside float32's normal range)" if positive else ""),
         ValueError,
     )
     C.check(
