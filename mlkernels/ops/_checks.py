@@ -51,6 +51,11 @@ def check(ok: bool, message: str, error: type[Exception] = RuntimeError) -> None
         raise error(message)
 
 
+def check_defined(op: str, arg: str, t: torch.Tensor | None) -> None:
+    """C++'s check_defined: a raw op given None for a tensor gets an undefined tensor."""
+    check(t is not None, f"{op}: {arg} must be a Tensor, got None")
+
+
 def check_tensor(op: str, arg: str, value: object) -> None:
     """Public wrappers call this first, so a non-tensor fails with the op's name in the message."""
     if not isinstance(value, torch.Tensor):
@@ -133,6 +138,8 @@ def paired_boxes_shape(
     op: str, first_name: str, first: torch.Tensor, second_name: str, second: torch.Tensor
 ) -> torch.Size:
     """The checks of pair_boxes (csrc/boxes/boxes.h); returns the broadcast shape."""
+    check_defined(op, first_name, first)
+    check_defined(op, second_name, second)
     check_boxes(op, first_name, first)
     check_boxes(op, second_name, second)
     check_floating(op, first_name, first)
@@ -147,9 +154,28 @@ def paired_boxes_shape(
         ) from None
 
 
-def masked_outputs(output_mask: Sequence[bool], *likes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def allocate_output(op: str, like: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """like.new_empty(shape), failing as C++'s allocate_output (checks.h) where the size does."""
+    try:
+        return like.new_empty(shape)
+    except RuntimeError as error:
+        shape_text = "Tensor[" + ", ".join(str(s) for s in shape) + "]"
+        message = str(error).strip().splitlines()[0]
+        raise RuntimeError(
+            f"{op}: the output {shape_text} could not be allocated ({message})"
+        ) from None
+
+
+def masked_outputs(
+    op: str, output_mask: Sequence[bool], *likes: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
     """A backward op's fake outputs: a contiguous tensor shaped like each input where
     output_mask asks for its gradient, an empty Tensor[0] where it does not (as the kernels)."""
+    # The dispatcher refuses another length before a CPU or CUDA kernel runs; a meta call gets here.
+    check(
+        len(output_mask) == len(likes),
+        f"{op}: output_mask must be {len(likes)} bools, got {list(output_mask)}",
+    )
     return tuple(
         like.new_empty(like.shape) if wanted else like.new_empty((0,))
         for wanted, like in zip(output_mask, likes, strict=True)

@@ -113,6 +113,7 @@ def _decode_boxes_backward_fake(grad, deltas, anchors, weights, clamp, output_ma
     C.check_weights(op, weights)
     C.check_clamp(op, clamp)
     shape = C.paired_boxes_shape(op, "deltas", deltas, "anchors", anchors)
+    C.check_defined(op, "grad", grad)
     C.check_same_dtype(op, "deltas", deltas, "grad", grad)
     C.check_same_device(op, "deltas", deltas, "grad", grad)
     C.check(
@@ -121,11 +122,13 @@ def _decode_boxes_backward_fake(grad, deltas, anchors, weights, clamp, output_ma
         f"(the broadcast shape of deltas and anchors), got {C.shape_str(grad)}",
     )
     full = deltas.new_empty(shape)
-    return C.masked_outputs(output_mask, full, full)
+    return C.masked_outputs(op, output_mask, full, full)
 
 
 @torch.library.register_fake("mlkernels::box_iou")
 def _box_iou_fake(boxes1, boxes2):
+    C.check_defined("box_iou", "boxes1", boxes1)
+    C.check_defined("box_iou", "boxes2", boxes2)
     C.check_boxes("box_iou", "boxes1", boxes1, exact_dim=2)
     C.check_boxes("box_iou", "boxes2", boxes2, exact_dim=2)
     C.check_floating("box_iou", "boxes1", boxes1)

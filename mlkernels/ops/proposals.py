@@ -320,20 +320,23 @@ def _check_per_box(op: str, arg: str, t: Tensor, n: int) -> None:
 def _check_iou_threshold(op: str, threshold: float) -> None:
     C.check(
         not math.isnan(threshold) and threshold >= 0,
-        f"{op}: iou_threshold must be a non-negative number, got {threshold}",
+        f"{op}: iou_threshold must be a non-negative number, got {C.num_str(threshold)}",
         ValueError,
     )
 
 
 def _check_nms(op: str, boxes: Tensor, scores: Tensor, idxs: Tensor | None, thr: float) -> None:
     """The checks of prepare_nms (csrc/proposals/proposals.h)."""
+    C.check_defined(op, "boxes", boxes)
+    C.check_defined(op, "scores", scores)
     C.check_boxes(op, "boxes", boxes, exact_dim=2)
     C.check_floating(op, "boxes", boxes)
     n = boxes.shape[0]
     _check_per_box(op, "scores", scores, n)
     C.check_same_dtype(op, "boxes", boxes, "scores", scores)
     C.check_same_device(op, "boxes", boxes, "scores", scores)
-    if idxs is not None:
+    if op == "batched_nms":
+        C.check_defined(op, "idxs", idxs)
         _check_per_box(op, "idxs", idxs, n)
         C.check(
             not idxs.dtype.is_floating_point
@@ -345,22 +348,30 @@ def _check_nms(op: str, boxes: Tensor, scores: Tensor, idxs: Tensor | None, thr:
     _check_iou_threshold(op, thr)
 
 
-def _nms_fake_output(boxes: Tensor) -> Tensor:
+def _nms_fake_output(op: str, boxes: Tensor) -> Tensor:
     # How many boxes survive depends on the data: an unbacked size under torch.compile.
-    kept = torch.library.get_ctx().new_dynamic_size() if boxes.shape[0] != 0 else 0
-    return boxes.new_empty((kept,), dtype=torch.int64)
+    if boxes.shape[0] == 0:
+        return boxes.new_empty((0,), dtype=torch.int64)
+    try:
+        ctx = torch.library.get_ctx()
+    except RuntimeError:  # plain meta tensors (not fake ones): no values, no size to stand for
+        raise RuntimeError(
+            f"{op}: boxes must be a tensor with values (on CPU or CUDA) or a FakeTensor, got a "
+            "meta tensor (how many boxes are kept depends on their values)"
+        ) from None
+    return boxes.new_empty((ctx.new_dynamic_size(),), dtype=torch.int64)
 
 
 @torch.library.register_fake("mlkernels::nms")
 def _nms_fake(boxes, scores, iou_threshold):
     _check_nms("nms", boxes, scores, None, iou_threshold)
-    return _nms_fake_output(boxes)
+    return _nms_fake_output("nms", boxes)
 
 
 @torch.library.register_fake("mlkernels::batched_nms")
 def _batched_nms_fake(boxes, scores, idxs, iou_threshold):
     _check_nms("batched_nms", boxes, scores, idxs, iou_threshold)
-    return _nms_fake_output(boxes)
+    return _nms_fake_output("batched_nms", boxes)
 
 
 _CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(ProposeConfig))
@@ -369,6 +380,9 @@ _DEFAULT_CONFIG = ProposeConfig()
 
 def _check_anchors_deltas_sizes(op: str, anchors, deltas, image_sizes) -> None:
     """The checks of check_anchors_deltas_sizes (csrc/proposals/proposals.h)."""
+    C.check_defined(op, "anchors", anchors)
+    C.check_defined(op, "deltas", deltas)
+    C.check_defined(op, "image_sizes", image_sizes)
     C.check(
         anchors.dim() == 2 and anchors.shape[1] == 4,
         f"{op}: anchors must be Tensor[A, 4], got {C.shape_str(anchors)}",
@@ -399,6 +413,7 @@ def _check_propose(anchors, deltas, objectness, image_sizes, pre, post, *setting
     """The checks of prepare_propose (csrc/proposals/proposals.h), but image_sizes' values."""
     op = "propose"
     _check_anchors_deltas_sizes(op, anchors, deltas, image_sizes)
+    C.check_defined(op, "objectness", objectness)
     n, a = deltas.shape[0], anchors.shape[0]
     C.check(
         objectness.dim() == 2 and objectness.shape[0] == n and objectness.shape[1] == a,
@@ -429,6 +444,8 @@ def _propose_backward_fake(
     kept_anchors."""
     op = "propose_backward"
     _check_anchors_deltas_sizes(op, anchors, deltas, image_sizes)
+    C.check_defined(op, "grad_boxes", grad_boxes)
+    C.check_defined(op, "kept_anchors", kept_anchors)
     n = deltas.shape[0]
     C.check(
         kept_anchors.dim() == 2
@@ -448,7 +465,7 @@ def _propose_backward_fake(
     C.check_same_device(op, "deltas", deltas, "kept_anchors", kept_anchors)
     C.check_weights(op, weights)
     C.check_clamp(op, clamp)
-    return C.masked_outputs(output_mask, deltas, anchors)
+    return C.masked_outputs(op, output_mask, deltas, anchors)
 
 
 # ---- autograd ----

@@ -146,6 +146,8 @@ MAX_SAMPLING_RATIO = 1024
 
 def _check_args(op, input, boxes, spatial_scale, pooled_height, pooled_width, sampling_ratio):
     """The checks of csrc/roi_align/roi_align.h check_args (all but the batch-index values)."""
+    C.check_defined(op, "input", input)
+    C.check_defined(op, "boxes", boxes)
     C.check(input.dim() == 4, f"{op}: input must be Tensor[N, C, H, W], got {C.shape_str(input)}")
     C.check_floating(op, "input", input, allow_half=True)
     C.check(
@@ -181,7 +183,8 @@ def _roi_align_fake(
     _check_args(
         "roi_align", input, boxes, spatial_scale, pooled_height, pooled_width, sampling_ratio
     )
-    return input.new_empty((boxes.shape[0], input.shape[1], pooled_height, pooled_width))
+    shape = (boxes.shape[0], input.shape[1], pooled_height, pooled_width)
+    return C.allocate_output("roi_align", input, shape)
 
 
 @torch.library.register_fake("mlkernels::roi_align_backward")
@@ -199,6 +202,7 @@ def _roi_align_backward_fake(
     op = "roi_align_backward"
     _check_args(op, input, boxes, spatial_scale, pooled_height, pooled_width, sampling_ratio)
     expected = (boxes.shape[0], input.shape[1], pooled_height, pooled_width)
+    C.check_defined(op, "grad", grad)
     C.check(
         tuple(grad.shape) == expected,
         f"{op}: grad must be Tensor[{', '.join(str(s) for s in expected)}], "
@@ -206,7 +210,7 @@ def _roi_align_backward_fake(
     )
     C.check_same_dtype(op, "input", input, "grad", grad)
     C.check_same_device(op, "input", input, "grad", grad)
-    return C.masked_outputs(output_mask, input, boxes)
+    return C.masked_outputs(op, output_mask, input, boxes)
 
 
 # ---- autograd ----
