@@ -62,14 +62,26 @@ def check_tensor(op: str, arg: str, value: object) -> None:
         raise TypeError(f"{op}: {arg} must be a Tensor, got {type(value).__name__}")
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def as_int(op: str, arg: str, value: object) -> int:
-    """``value`` as a Python int (any integer type, not bool), or a TypeError naming op and arg."""
+    """``value`` as a Python int (any integer type, not bool), or a TypeError naming op and arg;
+    a ValueError when it does not fit the ops' int64."""
     if not isinstance(value, bool):
         try:
-            return operator.index(value)
-        except TypeError:
+            value = operator.index(value)
+        except (TypeError, RuntimeError):  # RuntimeError: a meta tensor has no value
             pass
+        else:
+            return check_int64(op, arg, value)
     raise TypeError(f"{op}: {arg} must be an int, got {value!r}")
+
+
+def check_int64(op: str, arg: str, value: int) -> int:
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{op}: {arg} must be in [-2**63, 2**63) (an int64), got {value}")
+    return value
 
 
 def as_float(op: str, arg: str, value: object) -> float:
@@ -77,7 +89,7 @@ def as_float(op: str, arg: str, value: object) -> float:
     if not isinstance(value, (bool, str, bytes)) and value is not None:
         try:
             return float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RuntimeError):  # RuntimeError: a meta tensor has no value
             pass
     raise TypeError(f"{op}: {arg} must be a number, got {value!r}")
 

@@ -55,16 +55,18 @@ def output_pair(op: str, output_size: int | Sequence[int]) -> tuple[int, int]:
             return None
         try:
             return operator.index(value)
-        except TypeError:
+        except (TypeError, RuntimeError):  # RuntimeError: a meta tensor has no value
             return None
 
     single = as_int(output_size)
     if single is not None:
+        C.check_int64(op, "output_size", single)
         return single, single
     if isinstance(output_size, (list, tuple)) and len(output_size) == 2:
         pair = [as_int(s) for s in output_size]
         if None not in pair:
-            return pair[0], pair[1]
+            height, width = (C.check_int64(op, "output_size", s) for s in pair)
+            return height, width
     raise TypeError(f"{op}: output_size must be an int or a pair of ints, got {output_size!r}")
 
 
