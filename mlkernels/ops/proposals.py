@@ -23,12 +23,13 @@ MAX_PROPOSALS = 1 << 24
 
 def _pair(value: int | float | Sequence[int | float], name: str) -> tuple[float, float]:
     """An int/float or an (h, w) pair, as (h, w)."""
-    if isinstance(value, (int, float)):
-        return float(value), float(value)
-    pair = tuple(value)
-    if len(pair) != 2:
-        raise ValueError(f"generate_anchors: {name} must be a number or (h, w), got {value!r}")
-    return float(pair[0]), float(pair[1])
+    op = "generate_anchors"
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
+        single = C.as_float(op, name, value)
+        return single, single
+    if len(value) != 2:
+        raise ValueError(f"{op}: {name} must be a number or (h, w), got {value!r}")
+    return C.as_float(op, name, value[0]), C.as_float(op, name, value[1])
 
 
 def generate_anchors(
@@ -57,6 +58,14 @@ def generate_anchors(
 
     Equivalent PyTorch code: :func:`mlkernels.reference.generate_anchors`.
     """
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"generate_anchors: dtype must be a floating torch.dtype, got {dtype!r}")
+    try:
+        device = torch.device(device) if device is not None else None
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"generate_anchors: device must be a torch.device or a device name, got {device!r}"
+        ) from None
     fh, fw = _pair(feature_size, "feature_size")
     if not (fh.is_integer() and fw.is_integer() and fh >= 0 and fw >= 0):
         raise ValueError(
@@ -64,8 +73,15 @@ def generate_anchors(
         )
     height, width = int(fh), int(fw)
     stride_h, stride_w = _pair(stride, "stride")
-    if not all(math.isfinite(s) and s > 0 for s in (stride_h, stride_w)):
-        raise ValueError(f"generate_anchors: stride must be finite and positive, got {stride!r}")
+    # Finite in dtype too: an infinite stride would make the first column's shifts 0 * inf = NaN.
+    largest = torch.finfo(dtype).max
+    if not all(math.isfinite(s) and 0 < s <= largest for s in (stride_h, stride_w)):
+        raise ValueError(
+            f"generate_anchors: stride must be finite and positive in {C.dtype_str(dtype)}, "
+            f"got {stride!r}"
+        )
+    sizes = C.as_floats("generate_anchors", "sizes", sizes)
+    aspect_ratios = C.as_floats("generate_anchors", "aspect_ratios", aspect_ratios)
     if (
         not sizes
         or not aspect_ratios
@@ -75,6 +91,18 @@ def generate_anchors(
             "generate_anchors: sizes and aspect_ratios must be non-empty, finite and positive, "
             f"got sizes={tuple(sizes)}, aspect_ratios={tuple(aspect_ratios)}"
         )
+    count = height * width * len(sizes) * len(aspect_ratios)
+    try:
+        anchors = torch.empty((count, 4), dtype=dtype, device=device)
+    except (RuntimeError, TypeError) as error:  # far beyond memory, or no such device
+        raise RuntimeError(
+            f"generate_anchors: the output Tensor[{count}, 4] could not be allocated"
+            f"{' on ' + str(device) if device is not None else ''} "
+            f"({str(error).strip().splitlines()[0]})"
+        ) from None
+    if count == 0:  # no shifts to build, however long the other side is
+        return anchors
+    device = anchors.device
     # torchvision computes the base anchors in float32 whatever the output dtype; so do we.
     scales = torch.as_tensor(sizes, dtype=torch.float32, device=device)
     ratios = torch.as_tensor(aspect_ratios, dtype=torch.float32, device=device)
@@ -86,7 +114,8 @@ def generate_anchors(
     shift_y = torch.arange(height, dtype=torch.int32, device=device).to(dtype) * stride_h
     sy, sx = torch.meshgrid(shift_y, shift_x, indexing="ij")
     shifts = torch.stack((sx, sy, sx, sy), dim=-1).reshape(-1, 1, 4)
-    return (shifts + base[None]).reshape(-1, 4)
+    torch.add(shifts, base[None], out=anchors.view(height * width, base.shape[0], 4))
+    return anchors
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
