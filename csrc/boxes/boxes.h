@@ -5,6 +5,7 @@
 #include <c10/util/StringUtil.h>
 
 #include <cmath>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -46,8 +47,8 @@ inline PairedBoxes pair_boxes(const char* op, const char* first_name, const at::
   const auto shape = at::infer_size_dimvector(first.sizes(), second.sizes());
   PairedBoxes out;
   out.shape = std::vector<int64_t>(shape.begin(), shape.end());
-  out.first = first.expand(out.shape).contiguous();
-  out.second = second.expand(out.shape).contiguous();
+  out.first = contiguous_input(op, first_name, first.expand(out.shape));
+  out.second = contiguous_input(op, second_name, second.expand(out.shape));
   out.rows = out.first.numel() / 4;
   return out;
 }
@@ -55,9 +56,13 @@ inline PairedBoxes pair_boxes(const char* op, const char* first_name, const at::
 inline void check_weights(const char* op, at::ArrayRef<double> weights) {
   TORCH_CHECK_VALUE(weights.size() == 4, op,
                     ": weights must be 4 numbers (wx, wy, ww, wh), got ", weights.size());
+  // Within float32's normal range, so that no weight becomes 0 or inf in the boxes' dtype (1e-300
+  // would be 0 in float32: deltas / 0).
   for (double w : weights) {
-    TORCH_CHECK_VALUE(std::isfinite(w) && w > 0, op,
-                      ": weights must be finite and positive, got ", weights);
+    TORCH_CHECK_VALUE(w >= std::numeric_limits<float>::min() &&
+                          w <= std::numeric_limits<float>::max(),
+                      op, ": weights must be finite and positive (in float32's normal range), got ",
+                      weights);
   }
 }
 
@@ -88,7 +93,7 @@ inline std::pair<PairedBoxes, at::Tensor> prepare_decode_backward(const at::Tens
   TORCH_CHECK(grad.sizes().vec() == in.shape, op, ": grad must be Tensor[",
               c10::Join(", ", in.shape), "] (the broadcast shape of deltas and anchors), got ",
               shape_str(grad));
-  auto g = grad.contiguous();
+  auto g = contiguous_input(op, "grad", grad);
   return {std::move(in), std::move(g)};
 }
 
@@ -103,7 +108,7 @@ inline std::pair<at::Tensor, at::Tensor> prepare_iou(const at::Tensor& boxes1,
   check_floating(op, "boxes1", boxes1);
   check_same_dtype(op, "boxes1", boxes1, "boxes2", boxes2);
   check_same_device(op, "boxes1", boxes1, "boxes2", boxes2);
-  return {boxes1.contiguous(), boxes2.contiguous()};
+  return {contiguous_input(op, "boxes1", boxes1), contiguous_input(op, "boxes2", boxes2)};
 }
 
 }  // namespace boxes

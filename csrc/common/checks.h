@@ -56,6 +56,18 @@ inline void check_same_device(const char* op, const char* arg_a, const at::Tenso
               " (", a.device().str(), "), got ", b.device().str());
 }
 
+// t.contiguous() (a copy unless t already is), with an allocation failure (an expanded input far
+// larger than memory, say a stride-0 Tensor[2**40, 4]) reported with the op's and the argument's
+// names.
+inline at::Tensor contiguous_input(const char* op, const char* arg, const at::Tensor& t) {
+  try {
+    return t.contiguous();
+  } catch (const c10::Error& error) {
+    TORCH_CHECK(false, op, ": ", arg, " must fit in memory once made contiguous, got ",
+                shape_str(t), " (", error.what_without_backtrace(), ")");
+  }
+}
+
 // at::empty(sizes, options) for an op's output, with an allocation failure (an output far larger
 // than memory, say from a huge output_size) reported with the op's name and the output's shape.
 inline at::Tensor allocate_output(const char* op, at::IntArrayRef sizes,

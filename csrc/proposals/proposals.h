@@ -57,11 +57,11 @@ inline NmsInputs prepare_nms(const char* op, const at::Tensor& boxes, const at::
     TORCH_CHECK(at::isIntegralType(idxs->scalar_type(), /*includeBool=*/false), op,
                 ": idxs must be an integer tensor, got ", dtype_str(idxs->scalar_type()));
     check_same_device(op, "boxes", boxes, "idxs", *idxs);
-    in.groups = idxs->to(at::kLong).contiguous();
+    in.groups = contiguous_input(op, "idxs", idxs->to(at::kLong));
   }
   check_iou_threshold(op, iou_threshold);
-  in.boxes = boxes.contiguous();
-  in.scores = scores.contiguous();
+  in.boxes = contiguous_input(op, "boxes", boxes);
+  in.scores = contiguous_input(op, "scores", scores);
   in.n = n;
   return in;
 }
@@ -142,11 +142,11 @@ inline ProposeInputs prepare_propose(const at::Tensor& anchors, const at::Tensor
   check_weights(op, weights);
   check_clamp(op, clamp);
   ProposeInputs in;
-  in.anchors = anchors.contiguous();
-  in.deltas = deltas.contiguous();
-  in.objectness = objectness.contiguous();
+  in.anchors = contiguous_input(op, "anchors", anchors);
+  in.deltas = contiguous_input(op, "deltas", deltas);
+  in.objectness = contiguous_input(op, "objectness", objectness);
   // torchvision clamps with Python numbers, which the comparison converts to the boxes' dtype.
-  in.sizes = image_sizes.to(anchors.scalar_type()).contiguous();
+  in.sizes = contiguous_input(op, "image_sizes", image_sizes.to(anchors.scalar_type()));
   // A negative, NaN or (in the boxes' dtype) infinite size would clip every box to nonsense
   // rather than fail; one reduction (a host sync on CUDA) rules it out, on the sizes as given so
   // that the message shows them. Fake tensors have no values, so only eager calls check.

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 
 #include "../common/checks.h"
 #include "roi_align_math.h"
@@ -47,8 +48,13 @@ inline void check_args(const char* op, const at::Tensor& input, const at::Tensor
   TORCH_CHECK_VALUE(a.pooled_height > 0 && a.pooled_width > 0, op,
                     ": output_size must be positive, got (", a.pooled_height, ", ",
                     a.pooled_width, ")");
-  TORCH_CHECK_VALUE(std::isfinite(a.spatial_scale) && a.spatial_scale > 0, op,
-                    ": spatial_scale must be finite and positive, got ", a.spatial_scale);
+  // Within float32's normal range, so that it is neither 0 nor inf for a float32 (or half) map:
+  // 1e308 would make a box at 0 a 0 * inf = NaN box.
+  const bool positive = std::isfinite(a.spatial_scale) && a.spatial_scale > 0;
+  TORCH_CHECK_VALUE(positive && a.spatial_scale >= std::numeric_limits<float>::min() &&
+                        a.spatial_scale <= std::numeric_limits<float>::max(),
+                    op, ": spatial_scale must be finite and positive, got ", a.spatial_scale,
+                    positive ? " (outside float32's normal range)" : "");
   TORCH_CHECK_VALUE(a.sampling_ratio <= kMaxSamplingRatio, op, ": sampling_ratio must be at most ",
                     kMaxSamplingRatio, " (samples per bin each way; <= 0 for adaptive), got ",
                     a.sampling_ratio);
@@ -58,7 +64,7 @@ inline void check_args(const char* op, const at::Tensor& input, const at::Tensor
 // this reads three numbers back to the host in one copy (one synchronization per valid call).
 inline void check_batch_index(const char* op, const at::Tensor& boxes, int64_t batch_size) {
   if (boxes.size(0) == 0) return;
-  const auto index = boxes.select(1, 0).to(at::kDouble);
+  const auto index = contiguous_input(op, "boxes", boxes.select(1, 0)).to(at::kDouble);
   const auto fractional = index.ne(index.floor());  // NaN too
   const auto stats =
       at::stack({fractional.any().to(at::kDouble), index.min(), index.max()}).cpu();

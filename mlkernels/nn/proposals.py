@@ -8,6 +8,7 @@ fused, batched :func:`mlkernels.ops.propose` instead of torchvision's per-image 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops import _checks as C
 from ..ops.boxes import DEFAULT_CLAMP
 from ..ops.proposals import ProposeConfig
 
@@ -45,8 +47,15 @@ class AnchorGenerator(nn.Module):
         stride: float | Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        self.sizes = tuple(float(s) for s in sizes)
-        self.aspect_ratios = tuple(float(r) for r in aspect_ratios)
+        self.sizes = tuple(C.as_floats("AnchorGenerator", "sizes", sizes))
+        self.aspect_ratios = tuple(C.as_floats("AnchorGenerator", "aspect_ratios", aspect_ratios))
+        if not (self.sizes and self.aspect_ratios) or not all(
+            math.isfinite(v) and v > 0 for v in self.sizes + self.aspect_ratios
+        ):
+            raise ValueError(
+                "AnchorGenerator: sizes and aspect_ratios must be non-empty, finite and positive, "
+                f"got sizes={self.sizes}, aspect_ratios={self.aspect_ratios}"
+            )
         self.stride = stride
         self._cache: dict[tuple, Tensor] = {}
 
@@ -61,6 +70,7 @@ class AnchorGenerator(nn.Module):
         *,
         dtype: torch.dtype | None = None,
     ) -> Tensor:
+        C.check_tensor("AnchorGenerator", "features", features)
         if features.dim() < 2:
             raise ValueError(
                 "AnchorGenerator: features must be Tensor[..., H, W], "
@@ -74,7 +84,7 @@ class AnchorGenerator(nn.Module):
                 raise ValueError(
                     "AnchorGenerator: image_size must be given when stride is None, got None"
                 )
-            image_h, image_w = int(image_size[0]), int(image_size[1])
+            image_h, image_w = _image_hw(image_size)
             if image_h < height or image_w < width:
                 raise ValueError(
                     f"AnchorGenerator: image_size must be at least the feature map's size "
@@ -107,6 +117,19 @@ class AnchorGenerator(nn.Module):
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, aspect_ratios={self.aspect_ratios}, stride={self.stride}"
+
+
+def _image_hw(image_size: object) -> tuple[int, int]:
+    """(height, width) of an image size given as two numbers (a tuple, list or Tensor[2])."""
+    if isinstance(image_size, Tensor):
+        image_size = image_size.tolist()
+    op, arg = "AnchorGenerator", "image_size"
+    if not isinstance(image_size, Sequence) or isinstance(image_size, str) or len(image_size) != 2:
+        raise TypeError(f"{op}: {arg} must be (height, width), got {image_size!r}")
+    height, width = (C.as_float(op, arg, v) for v in image_size)
+    if not (math.isfinite(height) and math.isfinite(width)):
+        raise ValueError(f"{op}: {arg} must be finite, got {image_size!r}")
+    return int(height), int(width)
 
 
 class Proposals(NamedTuple):
@@ -155,11 +178,20 @@ class ProposalLayer(nn.Module):
         **settings,
     ) -> None:
         super().__init__()
+        for name, value in (("in_channels", in_channels), ("hidden", hidden)):
+            if C.as_int("ProposalLayer", name, value) <= 0:
+                raise ValueError(f"ProposalLayer: {name} must be positive, got {value}")
         self.config = ProposeConfig.make(config, settings)
         self.anchor_generator = AnchorGenerator(sizes, aspect_ratios, stride)
         k = self.anchor_generator.num_anchors_per_location
-        self.conv = nn.Conv2d(in_channels, hidden, kernel_size=3, padding=1)
-        self.predict = nn.Conv2d(hidden, 5 * k, kernel_size=1)
+        try:
+            self.conv = nn.Conv2d(in_channels, hidden, kernel_size=3, padding=1)
+            self.predict = nn.Conv2d(hidden, 5 * k, kernel_size=1)
+        except RuntimeError as error:  # weights far beyond memory
+            raise RuntimeError(
+                f"ProposalLayer: the head's weights (in_channels={in_channels}, hidden={hidden}, "
+                f"k={k}) could not be allocated ({str(error).strip().splitlines()[0]})"
+            ) from None
         for layer in (self.conv, self.predict):  # torchvision's RPNHead initialization
             nn.init.normal_(layer.weight, std=0.01)
             nn.init.constant_(layer.bias, 0)
@@ -172,9 +204,28 @@ class ProposalLayer(nn.Module):
                 else type(features).__name__
             )
             raise ValueError(f"ProposalLayer: features must be Tensor[N, C, H, W], got {got}")
+        weight = self.conv.weight
+        C.check(
+            features.shape[1] == weight.shape[1],
+            f"ProposalLayer: features must have in_channels = {weight.shape[1]} channels, "
+            f"got {C.shape_str(features)}",
+        )
+        C.check_same_device("ProposalLayer", "the layer's weights", weight, "features", features)
+        autocast = torch.is_autocast_enabled(features.device.type)
+        C.check(
+            features.dtype == weight.dtype or (autocast and features.is_floating_point()),
+            f"ProposalLayer: features must have the dtype of the layer's weights "
+            f"({C.dtype_str(weight.dtype)}), got {C.dtype_str(features.dtype)}",
+        )
         n, _, height, width = features.shape
         k = self.anchor_generator.num_anchors_per_location
-        out = self.predict(torch.relu(self.conv(features)))  # [N, 5k, H, W]
+        try:
+            out = self.predict(torch.relu(self.conv(features)))  # [N, 5k, H, W]
+        except RuntimeError as error:  # checked above: what is left is memory
+            raise RuntimeError(
+                f"ProposalLayer: features {C.shape_str(features)} could not be run through the "
+                f"head ({str(error).strip().splitlines()[0]})"
+            ) from None
         # Cell-major, then anchor: the order of the anchors.
         objectness = out[:, :k].permute(0, 2, 3, 1).reshape(n, height * width * k)
         deltas = out[:, k:].reshape(n, k, 4, height, width).permute(0, 3, 4, 1, 2)

@@ -13,6 +13,8 @@ import torch
 
 FLOAT_TYPES = (torch.float32, torch.float64)
 HALF_TYPES = (torch.float16, torch.bfloat16)
+# Weights are checked against float32's normal range in every dtype, so none becomes 0 or inf.
+FLOAT32_NORMAL_MIN, FLOAT32_MAX = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
 
 
 def shape_str(t: torch.Tensor) -> str:
@@ -21,6 +23,18 @@ def shape_str(t: torch.Tensor) -> str:
 
 def dtype_str(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def num_str(value: float) -> str:
+    """A double as C++'s ostream prints it (six significant digits): 0.333333, 1e+300, -nan."""
+    if math.isnan(value):
+        return "-nan" if math.copysign(1.0, value) < 0 else "nan"
+    return f"{value:g}"
+
+
+def nums_str(values: Sequence[float]) -> str:
+    """A list of doubles as c10 prints an ArrayRef<double>: [1, 0.5, inf]."""
+    return "[" + ", ".join(num_str(v) for v in values) + "]"
 
 
 def check(ok: bool, message: str, error: type[Exception] = RuntimeError) -> None:
@@ -37,20 +51,37 @@ def check(ok: bool, message: str, error: type[Exception] = RuntimeError) -> None
         raise error(message)
 
 
+def check_defined(op: str, arg: str, t: torch.Tensor | None) -> None:
+    """C++'s check_defined: a raw op given None for a tensor gets an undefined tensor."""
+    check(t is not None, f"{op}: {arg} must be a Tensor, got None")
+
+
 def check_tensor(op: str, arg: str, value: object) -> None:
     """Public wrappers call this first, so a non-tensor fails with the op's name in the message."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{op}: {arg} must be a Tensor, got {type(value).__name__}")
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def as_int(op: str, arg: str, value: object) -> int:
-    """``value`` as a Python int (any integer type, not bool), or a TypeError naming op and arg."""
+    """``value`` as a Python int (any integer type, not bool), or a TypeError naming op and arg;
+    a ValueError when it does not fit the ops' int64."""
     if not isinstance(value, bool):
         try:
-            return operator.index(value)
-        except TypeError:
+            value = operator.index(value)
+        except (TypeError, RuntimeError):  # RuntimeError: a meta tensor has no value
             pass
+        else:
+            return check_int64(op, arg, value)
     raise TypeError(f"{op}: {arg} must be an int, got {value!r}")
+
+
+def check_int64(op: str, arg: str, value: int) -> int:
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{op}: {arg} must be in [-2**63, 2**63) (an int64), got {value}")
+    return value
 
 
 def as_float(op: str, arg: str, value: object) -> float:
@@ -58,7 +89,7 @@ def as_float(op: str, arg: str, value: object) -> float:
     if not isinstance(value, (bool, str, bytes)) and value is not None:
         try:
             return float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RuntimeError):  # RuntimeError: a meta tensor has no value
             pass
     raise TypeError(f"{op}: {arg} must be a number, got {value!r}")
 
@@ -104,8 +135,9 @@ def check_weights(op: str, weights: Sequence[float]) -> None:
         ValueError,
     )
     check(
-        all(math.isfinite(w) and w > 0 for w in weights),
-        f"{op}: weights must be finite and positive, got {list(weights)}",
+        all(FLOAT32_NORMAL_MIN <= w <= FLOAT32_MAX for w in weights),
+        f"{op}: weights must be finite and positive (in float32's normal range), "
+        f"got {nums_str(weights)}",
         ValueError,
     )
 
@@ -118,6 +150,8 @@ def paired_boxes_shape(
     op: str, first_name: str, first: torch.Tensor, second_name: str, second: torch.Tensor
 ) -> torch.Size:
     """The checks of pair_boxes (csrc/boxes/boxes.h); returns the broadcast shape."""
+    check_defined(op, first_name, first)
+    check_defined(op, second_name, second)
     check_boxes(op, first_name, first)
     check_boxes(op, second_name, second)
     check_floating(op, first_name, first)
@@ -132,9 +166,28 @@ def paired_boxes_shape(
         ) from None
 
 
-def masked_outputs(output_mask: Sequence[bool], *likes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def allocate_output(op: str, like: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """like.new_empty(shape), failing as C++'s allocate_output (checks.h) where the size does."""
+    try:
+        return like.new_empty(shape)
+    except RuntimeError as error:
+        shape_text = "Tensor[" + ", ".join(str(s) for s in shape) + "]"
+        message = str(error).strip().splitlines()[0]
+        raise RuntimeError(
+            f"{op}: the output {shape_text} could not be allocated ({message})"
+        ) from None
+
+
+def masked_outputs(
+    op: str, output_mask: Sequence[bool], *likes: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
     """A backward op's fake outputs: a contiguous tensor shaped like each input where
     output_mask asks for its gradient, an empty Tensor[0] where it does not (as the kernels)."""
+    # The dispatcher refuses another length before a CPU or CUDA kernel runs; a meta call gets here.
+    check(
+        len(output_mask) == len(likes),
+        f"{op}: output_mask must be {len(likes)} bools, got {list(output_mask)}",
+    )
     return tuple(
         like.new_empty(like.shape) if wanted else like.new_empty((0,))
         for wanted, like in zip(output_mask, likes, strict=True)

@@ -27,7 +27,7 @@ def encode_boxes(
     Args:
         boxes (Tensor[..., 4]): target boxes, (x1, y1, x2, y2).
         anchors (Tensor[..., 4]): reference boxes, broadcast against ``boxes``.
-        weights: (wx, wy, ww, wh), finite and positive.
+        weights: (wx, wy, ww, wh), finite and positive (within float32's normal range).
 
     Returns:
         Tensor[..., 4]: (dx, dy, dw, dh) in the broadcast shape, with
@@ -52,7 +52,8 @@ def decode_boxes(
     Args:
         deltas (Tensor[..., 4]): (dx, dy, dw, dh).
         anchors (Tensor[..., 4]): (x1, y1, x2, y2), broadcast against ``deltas``.
-        weights: (wx, wy, ww, wh), finite and positive; deltas are divided by them.
+        weights: (wx, wy, ww, wh), finite and positive (within float32's normal range);
+            deltas are divided by them.
         clamp: dw and dh are clamped from above at this value before ``exp`` (no gradient
             flows through a clamped value, as with ``torch.clamp``).
 
@@ -112,6 +113,7 @@ def _decode_boxes_backward_fake(grad, deltas, anchors, weights, clamp, output_ma
     C.check_weights(op, weights)
     C.check_clamp(op, clamp)
     shape = C.paired_boxes_shape(op, "deltas", deltas, "anchors", anchors)
+    C.check_defined(op, "grad", grad)
     C.check_same_dtype(op, "deltas", deltas, "grad", grad)
     C.check_same_device(op, "deltas", deltas, "grad", grad)
     C.check(
@@ -120,11 +122,13 @@ def _decode_boxes_backward_fake(grad, deltas, anchors, weights, clamp, output_ma
         f"(the broadcast shape of deltas and anchors), got {C.shape_str(grad)}",
     )
     full = deltas.new_empty(shape)
-    return C.masked_outputs(output_mask, full, full)
+    return C.masked_outputs(op, output_mask, full, full)
 
 
 @torch.library.register_fake("mlkernels::box_iou")
 def _box_iou_fake(boxes1, boxes2):
+    C.check_defined("box_iou", "boxes1", boxes1)
+    C.check_defined("box_iou", "boxes2", boxes2)
     C.check_boxes("box_iou", "boxes1", boxes1, exact_dim=2)
     C.check_boxes("box_iou", "boxes2", boxes2, exact_dim=2)
     C.check_floating("box_iou", "boxes1", boxes1)

@@ -23,12 +23,13 @@ MAX_PROPOSALS = 1 << 24
 
 def _pair(value: int | float | Sequence[int | float], name: str) -> tuple[float, float]:
     """An int/float or an (h, w) pair, as (h, w)."""
-    if isinstance(value, (int, float)):
-        return float(value), float(value)
-    pair = tuple(value)
-    if len(pair) != 2:
-        raise ValueError(f"generate_anchors: {name} must be a number or (h, w), got {value!r}")
-    return float(pair[0]), float(pair[1])
+    op = "generate_anchors"
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
+        single = C.as_float(op, name, value)
+        return single, single
+    if len(value) != 2:
+        raise ValueError(f"{op}: {name} must be a number or (h, w), got {value!r}")
+    return C.as_float(op, name, value[0]), C.as_float(op, name, value[1])
 
 
 def generate_anchors(
@@ -57,6 +58,14 @@ def generate_anchors(
 
     Equivalent PyTorch code: :func:`mlkernels.reference.generate_anchors`.
     """
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"generate_anchors: dtype must be a floating torch.dtype, got {dtype!r}")
+    try:
+        device = torch.device(device) if device is not None else None
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"generate_anchors: device must be a torch.device or a device name, got {device!r}"
+        ) from None
     fh, fw = _pair(feature_size, "feature_size")
     if not (fh.is_integer() and fw.is_integer() and fh >= 0 and fw >= 0):
         raise ValueError(
@@ -64,8 +73,15 @@ def generate_anchors(
         )
     height, width = int(fh), int(fw)
     stride_h, stride_w = _pair(stride, "stride")
-    if not all(math.isfinite(s) and s > 0 for s in (stride_h, stride_w)):
-        raise ValueError(f"generate_anchors: stride must be finite and positive, got {stride!r}")
+    # Finite in dtype too: an infinite stride would make the first column's shifts 0 * inf = NaN.
+    largest = torch.finfo(dtype).max
+    if not all(math.isfinite(s) and 0 < s <= largest for s in (stride_h, stride_w)):
+        raise ValueError(
+            f"generate_anchors: stride must be finite and positive in {C.dtype_str(dtype)}, "
+            f"got {stride!r}"
+        )
+    sizes = C.as_floats("generate_anchors", "sizes", sizes)
+    aspect_ratios = C.as_floats("generate_anchors", "aspect_ratios", aspect_ratios)
     if (
         not sizes
         or not aspect_ratios
@@ -75,6 +91,18 @@ def generate_anchors(
             "generate_anchors: sizes and aspect_ratios must be non-empty, finite and positive, "
             f"got sizes={tuple(sizes)}, aspect_ratios={tuple(aspect_ratios)}"
         )
+    count = height * width * len(sizes) * len(aspect_ratios)
+    try:
+        anchors = torch.empty((count, 4), dtype=dtype, device=device)
+    except (RuntimeError, TypeError) as error:  # far beyond memory, or no such device
+        raise RuntimeError(
+            f"generate_anchors: the output Tensor[{count}, 4] could not be allocated"
+            f"{' on ' + str(device) if device is not None else ''} "
+            f"({str(error).strip().splitlines()[0]})"
+        ) from None
+    if count == 0:  # no shifts to build, however long the other side is
+        return anchors
+    device = anchors.device
     # torchvision computes the base anchors in float32 whatever the output dtype; so do we.
     scales = torch.as_tensor(sizes, dtype=torch.float32, device=device)
     ratios = torch.as_tensor(aspect_ratios, dtype=torch.float32, device=device)
@@ -86,7 +114,8 @@ def generate_anchors(
     shift_y = torch.arange(height, dtype=torch.int32, device=device).to(dtype) * stride_h
     sy, sx = torch.meshgrid(shift_y, shift_x, indexing="ij")
     shifts = torch.stack((sx, sy, sx, sy), dim=-1).reshape(-1, 1, 4)
-    return (shifts + base[None]).reshape(-1, 4)
+    torch.add(shifts, base[None], out=anchors.view(height * width, base.shape[0], 4))
+    return anchors
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
@@ -320,20 +349,23 @@ def _check_per_box(op: str, arg: str, t: Tensor, n: int) -> None:
 def _check_iou_threshold(op: str, threshold: float) -> None:
     C.check(
         not math.isnan(threshold) and threshold >= 0,
-        f"{op}: iou_threshold must be a non-negative number, got {threshold}",
+        f"{op}: iou_threshold must be a non-negative number, got {C.num_str(threshold)}",
         ValueError,
     )
 
 
 def _check_nms(op: str, boxes: Tensor, scores: Tensor, idxs: Tensor | None, thr: float) -> None:
     """The checks of prepare_nms (csrc/proposals/proposals.h)."""
+    C.check_defined(op, "boxes", boxes)
+    C.check_defined(op, "scores", scores)
     C.check_boxes(op, "boxes", boxes, exact_dim=2)
     C.check_floating(op, "boxes", boxes)
     n = boxes.shape[0]
     _check_per_box(op, "scores", scores, n)
     C.check_same_dtype(op, "boxes", boxes, "scores", scores)
     C.check_same_device(op, "boxes", boxes, "scores", scores)
-    if idxs is not None:
+    if op == "batched_nms":
+        C.check_defined(op, "idxs", idxs)
         _check_per_box(op, "idxs", idxs, n)
         C.check(
             not idxs.dtype.is_floating_point
@@ -345,22 +377,30 @@ def _check_nms(op: str, boxes: Tensor, scores: Tensor, idxs: Tensor | None, thr:
     _check_iou_threshold(op, thr)
 
 
-def _nms_fake_output(boxes: Tensor) -> Tensor:
+def _nms_fake_output(op: str, boxes: Tensor) -> Tensor:
     # How many boxes survive depends on the data: an unbacked size under torch.compile.
-    kept = torch.library.get_ctx().new_dynamic_size() if boxes.shape[0] != 0 else 0
-    return boxes.new_empty((kept,), dtype=torch.int64)
+    if boxes.shape[0] == 0:
+        return boxes.new_empty((0,), dtype=torch.int64)
+    try:
+        ctx = torch.library.get_ctx()
+    except RuntimeError:  # plain meta tensors (not fake ones): no values, no size to stand for
+        raise RuntimeError(
+            f"{op}: boxes must be a tensor with values (on CPU or CUDA) or a FakeTensor, got a "
+            "meta tensor (how many boxes are kept depends on their values)"
+        ) from None
+    return boxes.new_empty((ctx.new_dynamic_size(),), dtype=torch.int64)
 
 
 @torch.library.register_fake("mlkernels::nms")
 def _nms_fake(boxes, scores, iou_threshold):
     _check_nms("nms", boxes, scores, None, iou_threshold)
-    return _nms_fake_output(boxes)
+    return _nms_fake_output("nms", boxes)
 
 
 @torch.library.register_fake("mlkernels::batched_nms")
 def _batched_nms_fake(boxes, scores, idxs, iou_threshold):
     _check_nms("batched_nms", boxes, scores, idxs, iou_threshold)
-    return _nms_fake_output(boxes)
+    return _nms_fake_output("batched_nms", boxes)
 
 
 _CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(ProposeConfig))
@@ -369,6 +409,9 @@ _DEFAULT_CONFIG = ProposeConfig()
 
 def _check_anchors_deltas_sizes(op: str, anchors, deltas, image_sizes) -> None:
     """The checks of check_anchors_deltas_sizes (csrc/proposals/proposals.h)."""
+    C.check_defined(op, "anchors", anchors)
+    C.check_defined(op, "deltas", deltas)
+    C.check_defined(op, "image_sizes", image_sizes)
     C.check(
         anchors.dim() == 2 and anchors.shape[1] == 4,
         f"{op}: anchors must be Tensor[A, 4], got {C.shape_str(anchors)}",
@@ -399,6 +442,7 @@ def _check_propose(anchors, deltas, objectness, image_sizes, pre, post, *setting
     """The checks of prepare_propose (csrc/proposals/proposals.h), but image_sizes' values."""
     op = "propose"
     _check_anchors_deltas_sizes(op, anchors, deltas, image_sizes)
+    C.check_defined(op, "objectness", objectness)
     n, a = deltas.shape[0], anchors.shape[0]
     C.check(
         objectness.dim() == 2 and objectness.shape[0] == n and objectness.shape[1] == a,
@@ -429,6 +473,8 @@ def _propose_backward_fake(
     kept_anchors."""
     op = "propose_backward"
     _check_anchors_deltas_sizes(op, anchors, deltas, image_sizes)
+    C.check_defined(op, "grad_boxes", grad_boxes)
+    C.check_defined(op, "kept_anchors", kept_anchors)
     n = deltas.shape[0]
     C.check(
         kept_anchors.dim() == 2
@@ -448,7 +494,7 @@ def _propose_backward_fake(
     C.check_same_device(op, "deltas", deltas, "kept_anchors", kept_anchors)
     C.check_weights(op, weights)
     C.check_clamp(op, clamp)
-    return C.masked_outputs(output_mask, deltas, anchors)
+    return C.masked_outputs(op, output_mask, deltas, anchors)
 
 
 # ---- autograd ----

@@ -55,16 +55,18 @@ def output_pair(op: str, output_size: int | Sequence[int]) -> tuple[int, int]:
             return None
         try:
             return operator.index(value)
-        except TypeError:
+        except (TypeError, RuntimeError):  # RuntimeError: a meta tensor has no value
             return None
 
     single = as_int(output_size)
     if single is not None:
+        C.check_int64(op, "output_size", single)
         return single, single
     if isinstance(output_size, (list, tuple)) and len(output_size) == 2:
         pair = [as_int(s) for s in output_size]
         if None not in pair:
-            return pair[0], pair[1]
+            height, width = (C.check_int64(op, "output_size", s) for s in pair)
+            return height, width
     raise TypeError(f"{op}: output_size must be an int or a pair of ints, got {output_size!r}")
 
 
@@ -86,7 +88,8 @@ def roi_align(
             one (x1, y1, x2, y2) tensor per image; same dtype and device as ``input``. Batch
             indices must be integers in [0, N).
         output_size (int or (oh, ow)): bins per box, each way.
-        spatial_scale: box coordinates are multiplied by it (e.g. 1/16 for a stride-16 map).
+        spatial_scale: box coordinates are multiplied by it (e.g. 1/16 for a stride-16 map);
+            finite and positive, within float32's normal range.
         sampling_ratio: samples per bin each way; <= 0 means adaptive,
             ``ceil(box_size / output_size)``.
         aligned: shift box corners by -0.5 pixel (pixel-centre convention); without it a
@@ -145,6 +148,8 @@ MAX_SAMPLING_RATIO = 1024
 
 def _check_args(op, input, boxes, spatial_scale, pooled_height, pooled_width, sampling_ratio):
     """The checks of csrc/roi_align/roi_align.h check_args (all but the batch-index values)."""
+    C.check_defined(op, "input", input)
+    C.check_defined(op, "boxes", boxes)
     C.check(input.dim() == 4, f"{op}: input must be Tensor[N, C, H, W], got {C.shape_str(input)}")
     C.check_floating(op, "input", input, allow_half=True)
     C.check(
@@ -158,9 +163,11 @@ def _check_args(op, input, boxes, spatial_scale, pooled_height, pooled_width, sa
         f"{op}: output_size must be positive, got ({pooled_height}, {pooled_width})",
         ValueError,
     )
+    positive = math.isfinite(spatial_scale) and spatial_scale > 0
     C.check(
-        math.isfinite(spatial_scale) and spatial_scale > 0,
-        f"{op}: spatial_scale must be finite and positive, got {spatial_scale:g}",
+        positive and C.FLOAT32_NORMAL_MIN <= spatial_scale <= C.FLOAT32_MAX,
+        f"{op}: spatial_scale must be finite and positive, got {C.num_str(spatial_scale)}"
+        + (" (outside float32's normal range)" if positive else ""),
         ValueError,
     )
     C.check(
@@ -178,7 +185,8 @@ def _roi_align_fake(
     _check_args(
         "roi_align", input, boxes, spatial_scale, pooled_height, pooled_width, sampling_ratio
     )
-    return input.new_empty((boxes.shape[0], input.shape[1], pooled_height, pooled_width))
+    shape = (boxes.shape[0], input.shape[1], pooled_height, pooled_width)
+    return C.allocate_output("roi_align", input, shape)
 
 
 @torch.library.register_fake("mlkernels::roi_align_backward")
@@ -196,6 +204,7 @@ def _roi_align_backward_fake(
     op = "roi_align_backward"
     _check_args(op, input, boxes, spatial_scale, pooled_height, pooled_width, sampling_ratio)
     expected = (boxes.shape[0], input.shape[1], pooled_height, pooled_width)
+    C.check_defined(op, "grad", grad)
     C.check(
         tuple(grad.shape) == expected,
         f"{op}: grad must be Tensor[{', '.join(str(s) for s in expected)}], "
@@ -203,7 +212,7 @@ def _roi_align_backward_fake(
     )
     C.check_same_dtype(op, "input", input, "grad", grad)
     C.check_same_device(op, "input", input, "grad", grad)
-    return C.masked_outputs(output_mask, input, boxes)
+    return C.masked_outputs(op, output_mask, input, boxes)
 
 
 # ---- autograd ----
