@@ -78,8 +78,6 @@ class Target:
     grads: tuple[str, ...] = ()  # floating tensor arguments to differentiate
     check: Callable[[dict[str, Any], Any], None] | None = None  # invariants of a result
     outputs: int | None = None  # compare only the first outputs with the reference's
-    # True where the reference's gradients are known to differ (see KNOWN_MISMATCHES below)
-    gradients_differ: Callable[[dict[str, Any]], bool] | None = None
 
 
 def _boxes(g: torch.Generator, n: int, dtype=torch.float32, size: float = 40.0) -> torch.Tensor:
@@ -366,8 +364,6 @@ def _proposal_layer_reference(**args):
 
 
 def _decode_backward_reference(grad, deltas, anchors, weights, clamp, output_mask=(True, True)):
-    if _on_clamp_edge(deltas, weights, clamp):
-        raise ValueError("dw or dh on the clamp: see KNOWN_MISMATCHES")
     return _autograd_reference(
         lambda d, a: reference.decode_boxes(d, a, weights, clamp),
         grad,
@@ -401,63 +397,7 @@ def _propose_backward_reference(
         kept_anchors.min() >= -1 and kept_anchors.max() < len(anchors)
     ):
         raise IndexError("kept_anchors out of range: no reference")
-    if _on_clamp_edge(deltas, weights, clamp):
-        raise ValueError("dw or dh on the clamp: see KNOWN_MISMATCHES")
-    kept = kept_anchors.clamp(min=0)
-    rows_deltas = deltas.gather(1, kept[..., None].expand(*kept.shape, 4))
-    if _on_clip_boundary(
-        anchors[kept], rows_deltas, image_sizes, weights, clamp, kept_anchors >= 0
-    ):
-        raise ValueError("a kept box on the image border: see KNOWN_MISMATCHES")
     return _autograd_reference(rows, grad_boxes, (deltas, anchors), output_mask)
-
-
-def _on_clip_boundary(anchors, deltas, image_sizes, weights, clamp, rows=None) -> bool:
-    """Whether a decoded box (deltas [N, R, 4] of anchors [R, 4] or [N, R, 4]) has a coordinate
-    exactly on the image border, where the kernels' clip passes a gradient and torch.clamp's
-    (the reference's) does not; counted in Stats.known when so."""
-    boxes = reference.decode_boxes(deltas.detach(), anchors.detach(), weights, clamp)
-    sizes = torch.as_tensor(image_sizes, dtype=torch.float64).to(boxes.dtype).reshape(-1, 2)
-    limits = sizes[:, [1, 0, 1, 0]][:, None, :]  # width, height, width, height
-    border = ((boxes == 0) | (boxes == limits)).any(-1)
-    if rows is not None:
-        border &= rows
-    if border.any():
-        Stats.known[CLIP_BORDER] = Stats.known.get(CLIP_BORDER, 0) + 1
-        return True
-    return False
-
-
-CLIP_BORDER = "propose gradient at the clip border"
-CLAMP_EDGE = "decode gradient at dw == clamp"
-
-
-def _on_clamp_edge(deltas, weights, clamp) -> bool:
-    """Whether some dw or dh (deltas / weights) equals clamp exactly, where the kernels pass a
-    gradient and torch.clamp's backward (the reference's) does not; counted in Stats.known."""
-    try:
-        scaled = deltas.detach()[..., 2:] / torch.tensor(weights[2:], dtype=deltas.dtype)
-        edge = bool((scaled == float(clamp)).any())
-    except Exception:  # noqa: BLE001 (bad arguments: the op raised or has no gradient anyway)
-        return False
-    if edge:
-        Stats.known[CLAMP_EDGE] = Stats.known.get(CLAMP_EDGE, 0) + 1
-    return edge
-
-
-def _decode_gradients_undefined(args) -> bool:
-    return _on_clamp_edge(args["deltas"], args["weights"], args["clamp"])
-
-
-def _propose_gradients_undefined(args) -> bool:
-    if _on_clamp_edge(args["deltas"], args["weights"], args["clamp"]):
-        return True
-    try:
-        return _on_clip_boundary(
-            args["anchors"], args["deltas"], args["image_sizes"], args["weights"], args["clamp"]
-        )
-    except Exception:  # noqa: BLE001 (bad arguments: the op raised or has no gradient anyway)
-        return False
 
 
 def _autograd_reference(fn, grad, inputs, output_mask):
@@ -541,7 +481,6 @@ TARGETS = [
         "decode_boxes",
         fake=True,
         grads=("deltas", "anchors"),
-        gradients_differ=_decode_gradients_undefined,
     ),
     Target(
         "ops.box_iou",
@@ -607,7 +546,6 @@ TARGETS = [
         fake=True,
         grads=("deltas", "anchors"),
         check=_check_propose,
-        gradients_differ=_propose_gradients_undefined,
     ),
     Target(
         "ops.roi_align",
@@ -1026,33 +964,9 @@ VALUE_CHECKS = (
 )
 
 
-# KNOWN_MISMATCHES: differences from the reference the sweep knows and tolerates, each left for a
-# one-line fix in a kernel's math header (outside what the sweep's fixes may touch):
-# Where they can happen the gradients are not compared, and the case is counted in Stats.known.
-# * "propose gradient at the clip border": csrc/proposals/proposals_math.h proposal_backward
-#   passes the gradient of a coordinate that lies exactly on the image border (raw >= 0 && raw <=
-#   size), while torch.clamp's backward, hence clip_boxes_to_image's and the reference's, passes
-#   none there (torch 2.14: strict bounds). Exact hits need exactly-zero deltas or an anchor on
-#   the border (tiny or zero deltas in the sweep). The fix is one line in that header: use > and
-#   <, as roi_align does for its width clamp.
-# * "decode gradient at dw == clamp": csrc/boxes/boxes_math.h decode_box_backward passes dw's
-#   (dh's) gradient when dw equals clamp exactly (raw_dw <= clip), torch.clamp's backward none
-#   (zero deltas with clamp=0 in the sweep). The fix: raw_dw < clip (and raw_dh < clip).
-# * roi_align with a NaN or Inf map or gradient: the box gradient of a clamped coordinate (a width
-#   clamped to 1) is 0 * NaN = NaN in csrc/roi_align/roi_align_math.h, 0 in the reference
-#   (torch.clamp's backward selects 0). Tolerated by _compare's lenient mode (NaN where the
-#   reference has 0, for non-finite inputs only).
-
 # Errors the sweep knows and tolerates (counted, and printed with the case count), each left for a
 # fix outside the files the sweep's fixes may touch:
 KNOWN = {
-    # The CPU roi_align kernels (roi_align_cpu.cpp) copy a non-contiguous map with a plain
-    # .contiguous() (contiguous_input, csrc/common/checks.h, would name it): a map far beyond
-    # memory (an expanded Tensor[2**40, C, H, W]) fails with the allocator's message, which names
-    # neither the op nor the argument.
-    "roi_align map copy": lambda target, message: (
-        target.prefixes[0].startswith("roi_align") and "can't allocate memory" in message
-    ),
     # A bool[2] output_mask of another length fails in the dispatcher's argument parsing, before
     # the op runs, with a message that names neither the op nor the argument.
     "output_mask length": lambda target, message: (
@@ -1161,9 +1075,8 @@ def _flatten(value: Any) -> list[Any]:
 def _compare(ours: Any, want: Any, description: str, lenient: bool = False) -> None:
     """Outputs equal in shape, dtype, device and value (NaN equal to NaN). Lenient (for inputs
     with NaN, Inf or huge values): where the reference is NaN or Inf, any value passes (inf - inf
-    in one summation order, inf or an overflowed difference in another); where it is 0, NaN
-    passes (the reference's torch.clamp gives exactly 0 through a clamped value, the kernels
-    0 * NaN). Elsewhere the values must agree."""
+    in one summation order, inf or an overflowed difference in another). Elsewhere the values
+    must agree."""
     ours_list, want_list = _flatten(ours), _flatten(want)
     assert len(ours_list) == len(want_list), f"{description}: {len(ours_list)} outputs"
     for i, (a, b) in enumerate(zip(ours_list, want_list, strict=True)):
@@ -1175,7 +1088,7 @@ def _compare(ours: Any, want: Any, description: str, lenient: bool = False) -> N
         if a.is_meta:
             continue
         if lenient and a.is_floating_point():
-            a = torch.where((a.isnan() & (b == 0)) | ~b.isfinite(), b, a)
+            a = torch.where(~b.isfinite(), b, a)
         torch.testing.assert_close(
             a, b, equal_nan=True, msg=lambda m, w=what: f"{w}: {m}", **_tolerance(a)
         )
@@ -1308,8 +1221,7 @@ def run_case(target: Target, seed: int, mutations: list[tuple[str, int]]) -> boo
                 nonfinite = _has_nonfinite(args)
                 what = f"{description} [{details}]"
                 _compare(_detach(compared), _detach(want), what, nonfinite)
-                differ = target.gradients_differ is not None and target.gradients_differ(args)
-                differ |= _has_huge(args)  # products overflow in one order and not another
+                differ = _has_huge(args)  # products overflow in one order and not another
                 if grads is not None and not differ:
                     want_grads = _gradients(want, ref_leaves)
                     if want_grads is not None:

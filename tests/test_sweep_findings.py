@@ -103,6 +103,41 @@ def test_roi_align_box_gradient_at_width_exactly_one_follows_torch_clamp():
             torch.testing.assert_close(emu[:, 1:], want[:, 1:])
 
 
+def test_clamped_coordinates_pass_no_gradient_even_through_infinite_values():
+    # A width clamped to 1 and sample coordinates clamped to the border pass no box gradient;
+    # with an infinite map value that must stay 0 (the reference's), not 0 * inf = NaN.
+    x = torch.rand(1, 1, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    x[0, 0, 0, 0] = float("inf")
+    b = torch.tensor([[0, -0.5, -0.25, 0.0, 0.25]], dtype=torch.float64, requires_grad=True)
+    want = torch.autograd.grad(reference.roi_align(x, b, 1, 1.0, 2).sum(), b)[0]
+    got = torch.autograd.grad(ops.roi_align(x, b, 1, 1.0, 2).sum(), b)[0]
+    emu = emulated.roi_align_backward(
+        torch.ones(1, 1, 1, 1, dtype=torch.float64), x, b.detach(), 1.0, 1, 1, 2, False
+    )[1]
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(emu, want)
+
+
+def test_decode_and_propose_gradients_at_the_clamp_follow_torch_clamp():
+    # dw exactly at `clamp`, and a proposal coordinate exactly on the image border: torch.clamp
+    # passes no gradient at equality, so neither do the kernels.
+    deltas = torch.tensor([[0.1, 0.2, 2.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0]], dtype=torch.float64)
+    got = torch.autograd.grad(ops.decode_boxes(deltas, anchors, clamp=2.0).sum(), deltas)[0]
+    want = torch.autograd.grad(reference.decode_boxes(deltas, anchors, clamp=2.0).sum(), deltas)[0]
+    torch.testing.assert_close(got, want)
+    assert got[0, 2] == 0
+
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0]], dtype=torch.float64)  # x1 = y1 = 0: border
+    deltas = torch.zeros(1, 1, 4, dtype=torch.float64, requires_grad=True)
+    objectness = torch.zeros(1, 1, dtype=torch.float64)
+    got = torch.autograd.grad(ops.propose(anchors, deltas, objectness, [(10, 10)])[0].sum(), deltas)
+    want = torch.autograd.grad(
+        reference.propose(anchors, deltas, objectness, [(10, 10)])[0].sum(), deltas
+    )
+    torch.testing.assert_close(got[0], want[0])
+
+
 # ---- second derivatives raise for every backward ----
 
 

@@ -18,7 +18,7 @@ at::Tensor box_iou_kernel(const CpuParallelRunner&, const at::Tensor& boxes1,
                           const at::Tensor& boxes2) {
   auto [a, b] = prepare_iou(boxes1, boxes2);
   const int64_t n = a.size(0), m = b.size(0);
-  auto out = at::empty({n, m}, a.options());
+  auto out = allocate_output("box_iou", {n, m}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "box_iou", [&] {
     const scalar_t* pa = a.data_ptr<scalar_t>();
     const scalar_t* pb = b.data_ptr<scalar_t>();

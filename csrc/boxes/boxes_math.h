@@ -101,8 +101,8 @@ MLK_HOST_DEVICE void decode_box(const T* delta, const T* anchor, const Weights<T
 }
 
 // Gradients of decode_box w.r.t. delta and anchor, given the gradient w.r.t. the box. Where the
-// clamp is active (dw > clip) dw gets no gradient, as torch.clamp's backward. A null grad_delta
-// or grad_anchor is a gradient nobody asked for: it is not computed.
+// clamp is active (dw >= clip: torch.clamp's backward passes none at equality) dw gets no gradient.
+// A null grad_delta or grad_anchor is a gradient nobody asked for: it is not computed.
 template <typename T>
 MLK_HOST_DEVICE void decode_box_backward(const T* grad_box, const T* delta, const T* anchor,
                                          const Weights<T>& wt, T clip, T* grad_delta,
@@ -124,8 +124,8 @@ MLK_HOST_DEVICE void decode_box_backward(const T* grad_box, const T* delta, cons
   if (grad_delta != nullptr) {
     grad_delta[0] = g_cx * w / wt.x;
     grad_delta[1] = g_cy * h / wt.y;
-    grad_delta[2] = raw_dw <= clip ? g_pw * exp_dw * w / wt.w : T(0);
-    grad_delta[3] = raw_dh <= clip ? g_ph * exp_dh * h / wt.h : T(0);
+    grad_delta[2] = raw_dw < clip ? g_pw * exp_dw * w / wt.w : T(0);
+    grad_delta[3] = raw_dh < clip ? g_ph * exp_dh * h / wt.h : T(0);
   }
   if (grad_anchor == nullptr) return;
   // cx' = dx * w + (x1 + w / 2) and w' = exp(dw) * w, with w = x2 - x1.

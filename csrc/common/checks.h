@@ -20,7 +20,9 @@ inline std::string shape_str(const at::Tensor& t) {
 }
 
 // "float32", as Python prints torch.float32 without its "torch." prefix.
-inline std::string dtype_str(at::ScalarType type) { return std::string(c10::getDtypeNames(type).first); }
+inline std::string dtype_str(at::ScalarType type) {
+  return std::string(c10::getDtypeNames(type).first);
+}
 
 inline void check_defined(const char* op, const char* arg, const at::Tensor& t) {
   TORCH_CHECK(t.defined(), op, ": ", arg, " must be a Tensor, got None");
@@ -33,8 +35,8 @@ inline void check_floating(const char* op, const char* arg, const at::Tensor& t,
   const bool ok = type == at::kFloat || type == at::kDouble ||
                   (allow_half && (type == at::kHalf || type == at::kBFloat16));
   TORCH_CHECK(ok, op, ": ", arg, " must be ",
-              allow_half ? "float16, bfloat16, float32 or float64" : "float32 or float64",
-              ", got ", dtype_str(type));
+              allow_half ? "float16, bfloat16, float32 or float64" : "float32 or float64", ", got ",
+              dtype_str(type));
 }
 
 // Boxes as Tensor[..., 4] (min_dim=1) or Tensor[N, 4] (exact_dim=2).
@@ -52,16 +54,17 @@ inline void check_same_dtype(const char* op, const char* arg_a, const at::Tensor
 
 inline void check_same_device(const char* op, const char* arg_a, const at::Tensor& a,
                               const char* arg_b, const at::Tensor& b) {
-  TORCH_CHECK(a.device() == b.device(), op, ": ", arg_b, " must be on the device of ", arg_a,
-              " (", a.device().str(), "), got ", b.device().str());
+  TORCH_CHECK(a.device() == b.device(), op, ": ", arg_b, " must be on the device of ", arg_a, " (",
+              a.device().str(), "), got ", b.device().str());
 }
 
 // t.contiguous() (a copy unless t already is), with an allocation failure (an expanded input far
 // larger than memory, say a stride-0 Tensor[2**40, 4]) reported with the op's and the argument's
 // names.
-inline at::Tensor contiguous_input(const char* op, const char* arg, const at::Tensor& t) {
+inline at::Tensor contiguous_input(const char* op, const char* arg, const at::Tensor& t,
+                                   at::MemoryFormat format = at::MemoryFormat::Contiguous) {
   try {
-    return t.contiguous();
+    return t.contiguous(format);
   } catch (const c10::Error& error) {
     TORCH_CHECK(false, op, ": ", arg, " must fit in memory once made contiguous, got ",
                 shape_str(t), " (", error.what_without_backtrace(), ")");

@@ -75,8 +75,8 @@ MLK_HOST_DEVICE void whole_image_box(T height, T width, T* box) {
 }
 
 // Gradient of a kept proposal w.r.t. its delta and anchor, given the gradient w.r.t. its clipped
-// box: a clamped coordinate passes its gradient only where the raw value lay inside [0, size]
-// (torch.clamp's backward), then back through decode_box.
+// box: a clamped coordinate passes its gradient only where the raw value lay strictly inside
+// (0, size) (torch.clamp's backward, which passes none at equality), then back through decode_box.
 template <typename T>
 MLK_HOST_DEVICE void proposal_backward(const T* grad_box, const T* delta, const T* anchor,
                                        const Weights<T>& wt, T clip, T height, T width,
@@ -86,7 +86,7 @@ MLK_HOST_DEVICE void proposal_backward(const T* grad_box, const T* delta, const 
   const T limit[4] = {width, height, width, height};
   T grad_raw[4];
   for (int c = 0; c < 4; ++c) {
-    grad_raw[c] = (raw[c] >= T(0) && raw[c] <= limit[c]) ? grad_box[c] : T(0);
+    grad_raw[c] = (raw[c] > T(0) && raw[c] < limit[c]) ? grad_box[c] : T(0);
   }
   decode_box_backward(grad_raw, delta, anchor, wt, clip, grad_delta, grad_anchor);
 }

@@ -56,23 +56,41 @@ inline void scatter_sample(T* grad_img, int64_t stride, const Sample<T>& s,
   }
 }
 
-// The sample's share of the box-gradient moments (roi_align_math.h) in per-channel sums ax..by.
-template <typename T>
-inline void sample_moments(const T* img, int64_t stride, const Sample<T>& s,
-                           const T* __restrict__ gs, T* __restrict__ ax, T* __restrict__ bx,
-                           T* __restrict__ ay, T* __restrict__ by, int64_t n) {
+// The sample's share of the box-gradient moments (roi_align_math.h) in per-channel sums ax..by,
+// for the axes along which the sample moves (a clamped coordinate passes nothing, not
+// 0 * value, which is NaN for an infinite map value).
+template <bool kX, bool kY, typename T>
+inline void axis_moments(const T* img, int64_t stride, const Sample<T>& s, const T* __restrict__ gs,
+                         T* __restrict__ ax, T* __restrict__ bx, T* __restrict__ ay,
+                         T* __restrict__ by, int64_t n) {
   const T* __restrict__ r0 = img + s.pixel[0] * stride;
   const T* __restrict__ r1 = img + s.pixel[1] * stride;
   const T* __restrict__ r2 = img + s.pixel[2] * stride;
   const T* __restrict__ r3 = img + s.pixel[3] * stride;
   const T fx = s.frac_x, fy = s.frac_y;
   for (int64_t c = 0; c < n; ++c) {
-    const T tx = gs[c] * corner_sum(s.dx, r0[c], r1[c], r2[c], r3[c]);
-    const T ty = gs[c] * corner_sum(s.dy, r0[c], r1[c], r2[c], r3[c]);
-    ax[c] += tx;
-    bx[c] += fx * tx;
-    ay[c] += ty;
-    by[c] += fy * ty;
+    if constexpr (kX) {
+      const T tx = gs[c] * corner_sum(s.dx, r0[c], r1[c], r2[c], r3[c]);
+      ax[c] += tx;
+      bx[c] += fx * tx;
+    }
+    if constexpr (kY) {
+      const T ty = gs[c] * corner_sum(s.dy, r0[c], r1[c], r2[c], r3[c]);
+      ay[c] += ty;
+      by[c] += fy * ty;
+    }
+  }
+}
+
+template <typename T>
+inline void sample_moments(const T* img, int64_t stride, const Sample<T>& s, const T* gs, T* ax,
+                           T* bx, T* ay, T* by, int64_t n) {
+  if (s.moves_x && s.moves_y) {
+    axis_moments<true, true>(img, stride, s, gs, ax, bx, ay, by, n);
+  } else if (s.moves_x) {
+    axis_moments<true, false>(img, stride, s, gs, ax, bx, ay, by, n);
+  } else if (s.moves_y) {
+    axis_moments<false, true>(img, stride, s, gs, ax, bx, ay, by, n);
   }
 }
 
@@ -261,8 +279,9 @@ at::Tensor roi_align_forward_kernel(const CpuParallelRunner&, const at::Tensor& 
       allocate_output("roi_align", {boxes.size(0), input.size(1), a.pooled_height, a.pooled_width},
                       input.options().dtype(acc_type));
   if (out.numel() > 0) {
-    const auto map = input.to(acc_type).contiguous(at::MemoryFormat::ChannelsLast);
-    const auto rois = boxes.to(acc_type).contiguous();
+    const auto map =
+        contiguous_input("roi_align", "input", input.to(acc_type), at::MemoryFormat::ChannelsLast);
+    const auto rois = contiguous_input("roi_align", "boxes", boxes.to(acc_type));
     AT_DISPATCH_FLOATING_TYPES(acc_type, "roi_align",
                                [&] { forward_impl<scalar_t>(map, rois, a, out); });
   }
@@ -284,9 +303,13 @@ std::tuple<at::Tensor, at::Tensor> roi_align_backward_kernel(const CpuParallelRu
   auto grad_rois =
       mask.boxes ? at::zeros({boxes.size(0), 5}, acc_options) : at::empty({0}, acc_options);
   if (grad.numel() > 0 && (mask.input || mask.boxes)) {
-    const auto map = input.to(acc_options.dtype()).permute({0, 2, 3, 1}).contiguous();
-    const auto rois = boxes.to(acc_options.dtype()).contiguous();
-    const auto grad_acc = grad.to(acc_options.dtype()).contiguous();
+    const char* op = "roi_align_backward";
+    // [N, H, W, C] contiguous: channels-last memory seen through a permutation
+    const auto map =
+        contiguous_input(op, "input", input.to(acc_options.dtype()), at::MemoryFormat::ChannelsLast)
+            .permute({0, 2, 3, 1});
+    const auto rois = contiguous_input(op, "boxes", boxes.to(acc_options.dtype()));
+    const auto grad_acc = contiguous_input(op, "grad", grad.to(acc_options.dtype()));
     AT_DISPATCH_FLOATING_TYPES(grad_acc.scalar_type(), "roi_align_backward", [&] {
       backward_impl<scalar_t>(grad_acc, map, rois, a, mask, grad_map, grad_rois);
     });

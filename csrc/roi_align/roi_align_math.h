@@ -107,6 +107,7 @@ struct Sample {
   T dx[4];
   T dy[4];
   T frac_x, frac_y;
+  bool moves_x, moves_y;  // the coordinate is not clamped: it has a box gradient
 };
 
 // Clamps one coordinate as torchvision does; returns the low/high pixel, the fraction past the
@@ -152,6 +153,8 @@ MLK_HOST_DEVICE bool bilinear_sample(T y, T x, int64_t height, int64_t width, Sa
   s.w[1] = hy * lx;
   s.w[2] = ly * hx;
   s.w[3] = ly * lx;
+  s.moves_x = x_moves;
+  s.moves_y = y_moves;
   const T mx = x_moves ? T(1) : T(0);
   const T my = y_moves ? T(1) : T(0);
   s.dx[0] = -hy * mx;
@@ -307,14 +310,15 @@ MLK_HOST_DEVICE void add_moments(Moments<T>& mo, const Sample<T>& s, T gdx, T gd
 template <typename T, typename S>
 MLK_HOST_DEVICE void box_grad_from_moments(const RoiGeometry<T>& g, const Moments<T>& mo,
                                            S* grad_roi) {
-  const T fw = g.free_w ? T(1) : T(0);
-  const T fh = g.free_h ? T(1) : T(0);
   const T nan = g.count - g.count;  // 0, or NaN for a box with a NaN coordinate
-  grad_roi[0] = S(0);               // the batch index gets no gradient
-  grad_roi[1] = static_cast<S>(g.scale * (mo.m[0] - fw * mo.m[1]) + nan);
-  grad_roi[2] = static_cast<S>(g.scale * (mo.m[2] - fh * mo.m[3]) + nan);
-  grad_roi[3] = static_cast<S>(g.scale * fw * mo.m[1] + nan);
-  grad_roi[4] = static_cast<S>(g.scale * fh * mo.m[3] + nan);
+  // A width (height) clamped to 1 passes nothing: 0, not 0 * moment (NaN for a non-finite map).
+  const T width_x = g.free_w ? mo.m[1] : T(0);
+  const T width_y = g.free_h ? mo.m[3] : T(0);
+  grad_roi[0] = S(0);  // the batch index gets no gradient
+  grad_roi[1] = static_cast<S>(g.scale * (mo.m[0] - width_x) + nan);
+  grad_roi[2] = static_cast<S>(g.scale * (mo.m[2] - width_y) + nan);
+  grad_roi[3] = static_cast<S>(g.scale * width_x + nan);
+  grad_roi[4] = static_cast<S>(g.scale * width_y + nan);
 }
 
 // atomicAdd on the device; a plain add on the emulator, which runs one thread at a time.
@@ -410,8 +414,9 @@ MLK_HOST_DEVICE void box_grad_partial_phase(const ThreadIndex& t, const S* grad,
     for_each_sample(g, p, bin / p.pooled_width, bin % p.pooled_width, [&](const Sample<T>& s) {
       const S v0 = plane[s.pixel[0]], v1 = plane[s.pixel[1]];
       const S v2 = plane[s.pixel[2]], v3 = plane[s.pixel[3]];
-      add_moments(mo, s, gv * corner_sum(s.dx, v0, v1, v2, v3),
-                  gv * corner_sum(s.dy, v0, v1, v2, v3));
+      // A clamped coordinate passes nothing, not 0 * value (NaN for an infinite map value).
+      add_moments(mo, s, s.moves_x ? gv * corner_sum(s.dx, v0, v1, v2, v3) : T(0),
+                  s.moves_y ? gv * corner_sum(s.dy, v0, v1, v2, v3) : T(0));
     });
   }
   for (int q = 0; q < 4; ++q) shared[4 * rank + q] = mo.m[q];
