@@ -5,12 +5,17 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 export MLKERNELS_CUDA ?= auto
+# The wheel leaves the test-only grid emulator out unless MLKERNELS_EMULATOR is given; every other
+# target builds it in, since the tests use it.
+WHEEL_EMULATOR := $(if $(filter undefined,$(origin MLKERNELS_EMULATOR)),0,$(MLKERNELS_EMULATOR))
+export MLKERNELS_EMULATOR ?= 1
 
 DEPS := $(VENV)/.deps-installed
 BUILT := $(VENV)/.mlkernels-built
-# Holds the MLKERNELS_CUDA of the last build and changes only with it, so that
-# `MLKERNELS_CUDA=1 make test` after a build without CUDA (or the reverse) rebuilds.
-CUDA_MODE := $(VENV)/.mlkernels-cuda-mode
+# Holds the MLKERNELS_CUDA and MLKERNELS_EMULATOR of the last build and changes only with them, so
+# that `MLKERNELS_CUDA=1 make test` after a build without CUDA (or the reverse) rebuilds.
+BUILD_MODE := $(VENV)/.mlkernels-build-mode
+MODE_LINE := cuda=$(MLKERNELS_CUDA) emulator=$(MLKERNELS_EMULATOR)
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
 .PHONY: install build test bench bench-quick lint format demo clean FORCE
@@ -22,12 +27,12 @@ $(DEPS): requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
-$(CUDA_MODE): FORCE
+$(BUILD_MODE): FORCE
 	@mkdir -p $(VENV)
-	@echo "$(MLKERNELS_CUDA)" | cmp -s - $@ || echo "$(MLKERNELS_CUDA)" > $@
+	@echo "$(MODE_LINE)" | cmp -s - $@ || echo "$(MODE_LINE)" > $@
 
 # First build: the editable install users do. Later builds: ninja in build/, only what changed.
-$(BUILT): $(DEPS) $(CSRC) setup.py pyproject.toml $(CUDA_MODE)
+$(BUILT): $(DEPS) $(CSRC) setup.py pyproject.toml $(BUILD_MODE)
 	@if $(PY) -m pip show -q mlkernels >/dev/null 2>&1 && [ -f mlkernels/_build_config.py ]; then \
 	  $(PY) setup.py -q build_ext --inplace; \
 	else \
@@ -58,4 +63,5 @@ demo: $(BUILT)
 	$(PY) benchmarks/run.py --quick
 
 clean:
-	rm -rf build *.egg-info mlkernels/*.so mlkernels/_build_config.py $(BUILT) $(CUDA_MODE)
+	rm -rf build dist *.egg-info mlkernels/*.so mlkernels/_build_config.py $(BUILT) $(BUILD_MODE) \
+	  $(VENV)/.mlkernels-cuda-mode
