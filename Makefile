@@ -18,7 +18,7 @@ BUILD_MODE := $(VENV)/.mlkernels-build-mode
 MODE_LINE := cuda=$(MLKERNELS_CUDA) emulator=$(MLKERNELS_EMULATOR)
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
-.PHONY: install build test bench bench-quick lint format demo clean FORCE
+.PHONY: install build test bench bench-quick lint format demo clean sanitize FORCE
 
 install: $(BUILT)
 
@@ -65,3 +65,22 @@ demo: $(BUILT)
 clean:
 	rm -rf build dist *.egg-info mlkernels/*.so mlkernels/_build_config.py $(BUILT) $(BUILD_MODE) \
 	  $(VENV)/.mlkernels-cuda-mode
+
+# ---- sanitizers: the CPU and emulated kernels with ASan + UBSan, in build/sanitize/ -------------
+# Built apart from the normal build (mlkernels/_C*.so stays as it is); the tests run from
+# build/sanitize/lib, so that its mlkernels (the sanitized _C) is the one they import, which
+# conftest.py checks (MLKERNELS_EXPECT_SANITIZED=1). SANITIZE_TESTS picks the tests (default all).
+SAN_DIR := build/sanitize
+SANITIZE_TESTS ?= tests
+SAN_CXX = $${CXX:-c++}
+SAN_ENV = LD_PRELOAD="$$($(SAN_CXX) -print-file-name=libasan.so) $$($(SAN_CXX) -print-file-name=libubsan.so)" \
+  ASAN_OPTIONS=detect_leaks=0 \
+  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  MLKERNELS_EXPECT_SANITIZED=1 MLKERNELS_SKIP_WHEEL_TEST=1
+
+sanitize: $(DEPS)
+	rm -rf $(SAN_DIR)/lib  # no stale modules; the objects in $(SAN_DIR)/temp* are reused
+	MLKERNELS_SANITIZE=1 MLKERNELS_CUDA=0 MLKERNELS_EMULATOR=1 \
+	  $(PY) setup.py -q build --build-base $(SAN_DIR) --build-lib $(SAN_DIR)/lib
+	cd $(SAN_DIR)/lib && $(SAN_ENV) $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider \
+	  $(addprefix $(CURDIR)/,$(SANITIZE_TESTS))
