@@ -18,7 +18,7 @@ BUILD_MODE := $(VENV)/.mlkernels-build-mode
 MODE_LINE := cuda=$(MLKERNELS_CUDA) emulator=$(MLKERNELS_EMULATOR)
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
-.PHONY: install build test bench bench-quick lint format demo clean sanitize FORCE
+.PHONY: install build test bench bench-quick lint format demo clean sanitize wheel FORCE
 
 install: $(BUILT)
 
@@ -84,3 +84,8 @@ sanitize: $(DEPS)
 	  $(PY) setup.py -q build --build-base $(SAN_DIR) --build-lib $(SAN_DIR)/lib
 	cd $(SAN_DIR)/lib && $(SAN_ENV) $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider \
 	  $(addprefix $(CURDIR)/,$(SANITIZE_TESTS))
+
+# ---- wheel: dist/mlkernels-*.whl for this platform, torch and MLKERNELS_CUDA --------------------
+wheel: $(DEPS)
+	MLKERNELS_EMULATOR=$(WHEEL_EMULATOR) $(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+	@ls -l dist/*.whl
