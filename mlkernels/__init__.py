@@ -39,7 +39,7 @@ def build_info() -> dict:
     ``cuda_compiled`` (bool), ``cuda_archs`` (list of "8.0"-style strings),
     ``emulator_compiled`` (bool: ``torch.ops.mlkernels_emulated.*``, the CUDA kernels on the CPU
     grid emulator, were built in; tests only, ``MLKERNELS_EMULATOR=1``), ``sanitizers``
-    ("address,undefined" for ``make sanitize``'s build, else ""),
+    (``["address", "undefined"]`` for ``make sanitize``'s build, else ``[]``),
     ``cuda_available`` (a GPU is visible now), ``cpu_threads`` (ATen/OpenMP intra-op threads)
     and ``ops`` (the registered op names).
     """
@@ -50,7 +50,7 @@ def build_info() -> dict:
         "cuda_compiled": bool(_C.with_cuda),
         "cuda_archs": [a for a in _C.cuda_archs.split(";") if a],
         "emulator_compiled": EMULATOR_COMPILED,
-        "sanitizers": getattr(_build_config, "SANITIZERS", ""),
+        "sanitizers": [s for s in getattr(_build_config, "SANITIZERS", "").split(",") if s],
         "cuda_available": torch.cuda.is_available(),
         "cpu_threads": torch.get_num_threads(),
         "ops": registered_ops(),

@@ -79,7 +79,7 @@ def pytest_configure(config):
         if not sanitizers or c_file.parent == source_package:
             pytest.exit(
                 f"MLKERNELS_EXPECT_SANITIZED=1, but the tests import {c_file} "
-                f"(sanitizers: {sanitizers or 'none'})",
+                f"(sanitizers: {sanitizers})",
                 returncode=4,
             )
 
@@ -89,7 +89,7 @@ def pytest_report_header(config):
     return (
         f"mlkernels: {Path(mlkernels._C.__file__).resolve()} "
         f"(cuda_compiled={info['cuda_compiled']}, emulator_compiled={info['emulator_compiled']}, "
-        f"sanitizers={info['sanitizers'] or 'none'})"
+        f"sanitizers={info['sanitizers']})"
     )
 
 

@@ -71,7 +71,7 @@ def wheel(tmp_path_factory) -> tuple[Path, bool]:
     )
     print(f"wheel built in {time.monotonic() - started:.1f} s")
     output = (build.stdout + build.stderr).splitlines()
-    print("\n".join(line for line in output if "[mlkernels build]" in line))
+    print("\n".join(dict.fromkeys(line for line in output if "[mlkernels build]" in line)))
     (path,) = (tmp / "dist").glob("mlkernels-*.whl")
     return path, True
 
