@@ -5,15 +5,20 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 export MLKERNELS_CUDA ?= auto
+# The wheel leaves the test-only grid emulator out unless MLKERNELS_EMULATOR is given; every other
+# target builds it in, since the tests use it.
+WHEEL_EMULATOR := $(if $(filter undefined,$(origin MLKERNELS_EMULATOR)),0,$(MLKERNELS_EMULATOR))
+export MLKERNELS_EMULATOR ?= 1
 
 DEPS := $(VENV)/.deps-installed
 BUILT := $(VENV)/.mlkernels-built
-# Holds the MLKERNELS_CUDA of the last build and changes only with it, so that
-# `MLKERNELS_CUDA=1 make test` after a build without CUDA (or the reverse) rebuilds.
-CUDA_MODE := $(VENV)/.mlkernels-cuda-mode
+# Holds the MLKERNELS_CUDA and MLKERNELS_EMULATOR of the last build and changes only with them, so
+# that `MLKERNELS_CUDA=1 make test` after a build without CUDA (or the reverse) rebuilds.
+BUILD_MODE := $(VENV)/.mlkernels-build-mode
+MODE_LINE := cuda=$(MLKERNELS_CUDA) emulator=$(MLKERNELS_EMULATOR)
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
-.PHONY: install build test bench bench-quick lint format demo clean FORCE
+.PHONY: install build test bench bench-quick lint format demo clean sanitize wheel FORCE
 
 install: $(BUILT)
 
@@ -22,12 +27,12 @@ $(DEPS): requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
-$(CUDA_MODE): FORCE
+$(BUILD_MODE): FORCE
 	@mkdir -p $(VENV)
-	@echo "$(MLKERNELS_CUDA)" | cmp -s - $@ || echo "$(MLKERNELS_CUDA)" > $@
+	@echo "$(MODE_LINE)" | cmp -s - $@ || echo "$(MODE_LINE)" > $@
 
 # First build: the editable install users do. Later builds: ninja in build/, only what changed.
-$(BUILT): $(DEPS) $(CSRC) setup.py pyproject.toml $(CUDA_MODE)
+$(BUILT): $(DEPS) $(CSRC) setup.py pyproject.toml $(BUILD_MODE)
 	@if $(PY) -m pip show -q mlkernels >/dev/null 2>&1 && [ -f mlkernels/_build_config.py ]; then \
 	  $(PY) setup.py -q build_ext --inplace; \
 	else \
@@ -58,4 +63,29 @@ demo: $(BUILT)
 	$(PY) benchmarks/run.py --quick
 
 clean:
-	rm -rf build *.egg-info mlkernels/*.so mlkernels/_build_config.py $(BUILT) $(CUDA_MODE)
+	rm -rf build dist *.egg-info mlkernels/*.so mlkernels/_build_config.py $(BUILT) $(BUILD_MODE) \
+	  $(VENV)/.mlkernels-cuda-mode
+
+# ---- sanitizers: the CPU and emulated kernels with ASan + UBSan, in build/sanitize/ -------------
+# Built apart from the normal build (mlkernels/_C*.so stays as it is); the tests run from
+# build/sanitize/lib, so that its mlkernels (the sanitized _C) is the one they import, which
+# conftest.py checks (MLKERNELS_EXPECT_SANITIZED=1). SANITIZE_TESTS picks the tests (default all).
+SAN_DIR := build/sanitize
+SANITIZE_TESTS ?= tests
+SAN_CXX = $${CXX:-c++}
+SAN_ENV = LD_PRELOAD="$$($(SAN_CXX) -print-file-name=libasan.so) $$($(SAN_CXX) -print-file-name=libubsan.so)" \
+  ASAN_OPTIONS=detect_leaks=0 \
+  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  MLKERNELS_EXPECT_SANITIZED=1 MLKERNELS_SKIP_WHEEL_TEST=1
+
+sanitize: $(DEPS)
+	rm -rf $(SAN_DIR)/lib  # no stale modules; the objects in $(SAN_DIR)/temp* are reused
+	MLKERNELS_SANITIZE=1 MLKERNELS_CUDA=0 MLKERNELS_EMULATOR=1 \
+	  $(PY) setup.py -q build --build-base $(SAN_DIR) --build-lib $(SAN_DIR)/lib
+	cd $(SAN_DIR)/lib && $(SAN_ENV) $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider \
+	  $(addprefix $(CURDIR)/,$(SANITIZE_TESTS))
+
+# ---- wheel: dist/mlkernels-*.whl for this platform, torch and MLKERNELS_CUDA --------------------
+wheel: $(DEPS)
+	MLKERNELS_EMULATOR=$(WHEEL_EMULATOR) $(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+	@ls -l dist/*.whl

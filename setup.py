@@ -3,6 +3,15 @@
 Environment:
   MLKERNELS_CUDA=auto|0|1   compile the CUDA kernels: when possible (default), never, or always
                             (1 fails the build when CUDA cannot be compiled).
+  MLKERNELS_EMULATOR=0|1    also compile csrc/*/*_emulated.cpp, the CUDA kernels on the CPU grid
+                            emulator (torch.ops.mlkernels_emulated.*, used only by the tests).
+                            Default 0; `make` and CI set 1.
+  MLKERNELS_DEBUG_INFO=0|1  compile C++ with debug info (-g). Default 0 (-g0): -g makes every
+                            translation unit about 1.6x slower to compile and the .so 5x larger.
+  MLKERNELS_CCACHE=auto|0   compile through ccache when it is on PATH (default; torch's ninja
+                            build prepends it to c++ and nvcc), or never.
+  MLKERNELS_SANITIZE=0|1    AddressSanitizer + UndefinedBehaviorSanitizer build, CPU only
+                            (`make sanitize`; load it with LD_PRELOAD of libasan/libubsan).
   CUDA_HOME                 the CUDA toolkit root; by default derived from the nvcc on PATH.
   TORCH_CUDA_ARCH_LIST      the GPU architectures to compile for (default "8.0;9.0").
   MAX_JOBS                  parallel compile jobs (default: the number of cores).
@@ -18,6 +27,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -31,11 +41,15 @@ def log(message: str) -> None:
     print(f"[mlkernels build] {message}", flush=True)
 
 
+def env_choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = os.environ.get(name, default).strip().lower() or default
+    if value not in allowed:
+        sys.exit(f"{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {value!r}")
+    return value
+
+
 def cuda_mode() -> str:
-    mode = os.environ.get("MLKERNELS_CUDA", "auto").strip().lower()
-    if mode not in ("auto", "0", "1"):
-        sys.exit(f"MLKERNELS_CUDA must be auto, 0 or 1, got {mode!r}")
-    return mode
+    return env_choice("MLKERNELS_CUDA", "auto", ("auto", "0", "1"))
 
 
 def find_cuda_home() -> str | None:
@@ -74,7 +88,17 @@ def nvidia_include_dirs() -> list[str]:
     return sorted(found)
 
 
-MODE = cuda_mode()
+SANITIZE = env_choice("MLKERNELS_SANITIZE", "0", ("0", "1")) == "1"
+SANITIZER_FLAGS = [
+    "-fsanitize=address,undefined",
+    "-fno-omit-frame-pointer",
+    "-fno-sanitize-recover=undefined",
+]
+if SANITIZE and cuda_mode() == "1":
+    sys.exit("MLKERNELS_SANITIZE=1 builds the CPU kernels only; MLKERNELS_CUDA=1 contradicts it")
+MODE = "0" if SANITIZE else cuda_mode()
+WITH_EMULATOR = env_choice("MLKERNELS_EMULATOR", "0", ("0", "1")) == "1"
+DEBUG_INFO = env_choice("MLKERNELS_DEBUG_INFO", "0", ("0", "1")) == "1"
 CUDA_HOME = find_cuda_home() if MODE != "0" else None
 if CUDA_HOME:
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
@@ -101,16 +125,37 @@ def want_cuda() -> tuple[bool, str]:
     return True, f"nvcc under {CUDA_HOME}, torch CUDA {torch.version.cuda}"
 
 
-def write_build_config(with_cuda: bool, archs: str) -> None:
-    """mlkernels/_build_config.py: what the import-time checks compare against."""
-    text = (
-        "# Written by setup.py at build time; do not edit.\n"
-        f"VERSION = {VERSION!r}\n"
-        f"TORCH_VERSION = {torch.__version__!r}\n"
-        f"WITH_CUDA = {with_cuda!r}\n"
-        f"CUDA_ARCHS = {archs!r}\n"
-    )
-    (ROOT / "mlkernels" / "_build_config.py").write_text(text)
+def use_ccache() -> tuple[bool, str]:
+    """torch's ninja build prepends ccache (or sccache) to c++ and nvcc by itself when one is on
+    PATH (torch.utils.cpp_extension._wrap_compiler); TORCH_NO_COMPILER_WRAPPER turns that off."""
+    mode = env_choice("MLKERNELS_CCACHE", "auto", ("auto", "0"))
+    found = shutil.which("ccache")
+    if mode == "0":
+        os.environ["TORCH_NO_COMPILER_WRAPPER"] = "1"
+        return False, "MLKERNELS_CCACHE=0"
+    if os.environ.get("TORCH_NO_COMPILER_WRAPPER"):
+        return False, "TORCH_NO_COMPILER_WRAPPER is set"
+    if found is None:
+        return False, "not on PATH"
+    from torch.utils import cpp_extension
+
+    wrapper = getattr(cpp_extension, "_wrap_compiler", None)
+    if wrapper is None or wrapper(["c++"])[0] != "ccache":
+        return False, f"{found} found, but this torch does not put it in front of the compilers"
+    # Paths below the source tree are hashed relative to it, so another checkout (or a copy in a
+    # temporary folder, as tests/test_wheel.py makes) hits the same cache entries.
+    os.environ.setdefault("CCACHE_BASEDIR", str(ROOT))
+    return True, f"{found} for c++ and nvcc, CCACHE_BASEDIR={os.environ['CCACHE_BASEDIR']}"
+
+
+BUILD_CONFIG: dict = {}
+
+
+def build_config_text() -> str:
+    """mlkernels/_build_config.py: what the import-time checks and build_info() read."""
+    lines = ["# Written by setup.py at build time; do not edit."]
+    lines += [f"{key} = {value!r}" for key, value in BUILD_CONFIG.items()]
+    return "\n".join(lines) + "\n"
 
 
 def extensions():
@@ -120,25 +165,44 @@ def extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
 
-    sources = ["csrc/module.cpp"] + sorted(glob.glob("csrc/*/*.cpp"))
-    if with_cuda:
-        sources += sorted(glob.glob("csrc/*/*.cu"))
+    cpp = sorted(glob.glob("csrc/*/*.cpp"))
+    emulated = [f for f in cpp if f.endswith("_emulated.cpp")]
+    if not WITH_EMULATOR:
+        cpp = [f for f in cpp if f not in emulated]
+    sources = ["csrc/module.cpp"] + cpp + (sorted(glob.glob("csrc/*/*.cu")) if with_cuda else [])
     torch_version = torch.__version__
     define = [f'-DMLK_TORCH_VERSION="{torch_version}"', f'-DMLK_CUDA_ARCHS="{archs}"']
     # -ffp-contract=off: no fused multiply-adds where the CPU has them (aarch64, the AVX2+FMA
     # clones), so CPU results keep torchvision's rounding, which computes a*b+c in two steps.
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off", *define]
+    # Python's CFLAGS (which setuptools puts first) carry -g; a later -g0 or -g1 wins.
+    cxx.append("-g" if DEBUG_INFO else "-g0")
+    link = ["-fopenmp"]
     if with_cuda:
         cxx.append("-DMLK_WITH_CUDA")
+    if SANITIZE:
+        # -O1 -g1: what the sanitizers recommend, with file:line in their reports.
+        cxx += ["-O1", "-g1", *SANITIZER_FLAGS]
+        link += SANITIZER_FLAGS
     kwargs = dict(
         name="mlkernels._C",
         sources=sources,
         include_dirs=[str(ROOT / "csrc")],
         extra_compile_args={"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
     )
+    ccache, ccache_why = use_ccache()
     log(f"version {VERSION}, torch {torch_version}, python {sys.version.split()[0]}")
     log(f"MLKERNELS_CUDA={MODE}: CUDA kernels {'ON' if with_cuda else 'OFF'} ({why})")
+    state = "ON" if WITH_EMULATOR else "OFF, skipped"
+    log(
+        f"MLKERNELS_EMULATOR={int(WITH_EMULATOR)}: grid-emulator registrations (tests only) "
+        f"{state}: {len(emulated)} *_emulated.cpp"
+    )
+    log(f"ccache: {'ON' if ccache else 'OFF'} ({ccache_why})")
+    log(f"debug info: {'-g' if DEBUG_INFO else 'OFF (-g0)'}")
+    if SANITIZE:
+        log(f"MLKERNELS_SANITIZE=1: {' '.join(SANITIZER_FLAGS)} (CPU only)")
     if with_cuda:
         includes = nvidia_include_dirs()
         kwargs["include_dirs"] += includes
@@ -152,8 +216,52 @@ def extensions():
         log(f"CUDA_HOME={CUDA_HOME}, TORCH_CUDA_ARCH_LIST={archs}")
         log(f"extra CUDA include dirs: {includes or 'none'}")
     log(f"MAX_JOBS={os.environ['MAX_JOBS']}, {len(sources)} sources")
-    write_build_config(with_cuda, archs)
+    BUILD_CONFIG.update(
+        VERSION=VERSION,
+        TORCH_VERSION=torch_version,
+        WITH_CUDA=with_cuda,
+        CUDA_ARCHS=archs,
+        WITH_EMULATOR=WITH_EMULATOR,
+        SANITIZERS="address,undefined" if SANITIZE else "",
+    )
     return [(CUDAExtension if with_cuda else CppExtension)(**kwargs)]
+
+
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """torch's ninja build, then _build_config.py written next to the _C it describes: in the
+    source tree for --inplace and editable installs, in build_lib for wheels (and `make sanitize`,
+    which must leave the source tree's build alone). Written after a successful build only, so it
+    never describes a _C that failed to build."""
+
+    def build_extension(self, ext) -> None:
+        # distutils sorts the sources, and on a fresh build ninja starts jobs in that order, which
+        # left a .cu (the longest compiles, ~45 s each on 2 cores) running alone at the end. Hand
+        # ninja the .cu files first; the objects go back in sorted order for the link.
+        compile_sorted = self.compiler.compile
+
+        def compile_cuda_first(sources, *args, **kwargs):
+            order = sorted(range(len(sources)), key=lambda i: not sources[i].endswith(".cu"))
+            objects = compile_sorted([sources[i] for i in order], *args, **kwargs)
+            by_source = dict(zip(order, objects, strict=True))
+            return [by_source[i] for i in range(len(sources))]
+
+        self.compiler.compile = compile_cuda_first
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler.compile = compile_sorted
+
+    def run(self) -> None:
+        started = time.monotonic()
+        super().run()
+        dirs = {Path(self.build_lib) / "mlkernels"}
+        if self.inplace:
+            build_py = self.get_finalized_command("build_py")
+            dirs.add(Path(build_py.get_package_dir("mlkernels")).resolve())
+        for folder in sorted(dirs):
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "_build_config.py").write_text(build_config_text())
+        log(f"build_ext done in {time.monotonic() - started:.1f} s")
 
 
 setup(
@@ -161,5 +269,5 @@ setup(
     version=VERSION,
     packages=find_packages(include=["mlkernels", "mlkernels.*"]),
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
 )

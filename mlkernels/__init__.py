@@ -13,8 +13,12 @@ from ._loader import load_extension
 
 _C = load_extension()
 
-from . import nn, ops, reference  # noqa: E402  (ops register fake kernels on import)
+from . import _build_config, nn, ops, reference  # noqa: E402  (ops register fake kernels on import)
 from ._build_config import VERSION as __version__  # noqa: E402
+
+# MLKERNELS_EMULATOR=1 at build time: torch.ops.mlkernels_emulated.* (the CUDA kernels on the CPU
+# grid emulator, for the tests) have CPU kernels. Builds from before the switch always had them.
+EMULATOR_COMPILED: bool = bool(getattr(_build_config, "WITH_EMULATOR", True))
 
 
 def registered_ops() -> list[str]:
@@ -33,6 +37,9 @@ def build_info() -> dict:
 
     Returns a dict with: ``version``, ``torch_built_against``, ``torch_running``,
     ``cuda_compiled`` (bool), ``cuda_archs`` (list of "8.0"-style strings),
+    ``emulator_compiled`` (bool: ``torch.ops.mlkernels_emulated.*``, the CUDA kernels on the CPU
+    grid emulator, were built in; tests only, ``MLKERNELS_EMULATOR=1``), ``sanitizers``
+    (``["address", "undefined"]`` for ``make sanitize``'s build, else ``[]``),
     ``cuda_available`` (a GPU is visible now), ``cpu_threads`` (ATen/OpenMP intra-op threads)
     and ``ops`` (the registered op names).
     """
@@ -42,6 +49,8 @@ def build_info() -> dict:
         "torch_running": torch.__version__,
         "cuda_compiled": bool(_C.with_cuda),
         "cuda_archs": [a for a in _C.cuda_archs.split(";") if a],
+        "emulator_compiled": EMULATOR_COMPILED,
+        "sanitizers": [s for s in getattr(_build_config, "SANITIZERS", "").split(",") if s],
         "cuda_available": torch.cuda.is_available(),
         "cpu_threads": torch.get_num_threads(),
         "ops": registered_ops(),
