@@ -40,7 +40,7 @@ def _self_check_roi_align(device: str) -> None:
     torch.testing.assert_close(grads[0], grads[1])
 
 
-def _self_check_nms(device: str) -> None:
+def _self_check_proposals(device: str) -> None:
     g = torch.Generator().manual_seed(1)
     xy = torch.rand(300, 2, generator=g, dtype=torch.float64) * 100 - 20
     boxes = torch.cat([xy, xy + torch.rand(300, 2, generator=g, dtype=torch.float64) * 40], 1)
@@ -66,7 +66,7 @@ def _self_check_nms(device: str) -> None:
 
 SELF_CHECKS = {
     "boxes": _self_check_boxes,
-    "nms": _self_check_nms,
+    "proposals": _self_check_proposals,
     "roi_align": _self_check_roi_align,
 }
 
