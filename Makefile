@@ -74,7 +74,7 @@ SAN_DIR := build/sanitize
 SANITIZE_TESTS ?= tests
 SAN_CXX = $${CXX:-c++}
 SAN_ENV = LD_PRELOAD="$$($(SAN_CXX) -print-file-name=libasan.so) $$($(SAN_CXX) -print-file-name=libubsan.so)" \
-  ASAN_OPTIONS=detect_leaks=0 \
+  ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1 \
   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   MLKERNELS_EXPECT_SANITIZED=1 MLKERNELS_SKIP_WHEEL_TEST=1
 

@@ -39,8 +39,16 @@ def boxes_to_rois(op: str, boxes: Tensor | Sequence[Tensor]) -> Tensor:
         C.check_same_device(op, "boxes[0]", boxes[0], f"boxes[{i}]", b)
     if not boxes:
         return torch.zeros(0, 5)  # no image has a box; dtype/device follow input in roi_align
-    rois = [torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)]
-    return torch.cat(rois, dim=0)
+    try:
+        rois = [torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)]
+        return torch.cat(rois, dim=0)
+    except RuntimeError as error:  # an expanded box tensor far larger than memory
+        if "can't allocate memory" not in str(error) and "out of memory" not in str(error):
+            raise
+        sizes = ", ".join(C.shape_str(b) for b in boxes)
+        raise RuntimeError(
+            f"{op}: boxes must fit in memory once concatenated, got a list of {sizes}"
+        ) from None
 
 
 def output_pair(op: str, output_size: int | Sequence[int]) -> tuple[int, int]:
