@@ -148,3 +148,13 @@ def assert_raises(fn, args: tuple, error: type[Exception], message: str, mode: s
     else:
         with pytest.raises(error, match=message):
             fn(*args)
+
+
+def run_opcheck(impl, name: str, args: tuple) -> None:
+    """torch.library.opcheck of torch.ops.mlkernels.<name> with args moved to impl's device
+    (tensors detached, keeping requires_grad)."""
+    args = tuple(
+        impl.to(a.detach()).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+        for a in args
+    )
+    torch.library.opcheck(getattr(torch.ops.mlkernels, name), args)

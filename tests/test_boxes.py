@@ -16,6 +16,7 @@ from helpers import (
     assert_raises,
     impl_params,
     random_boxes,
+    run_opcheck,
 )
 from hypothesis import given
 from hypothesis import strategies as st
@@ -267,11 +268,7 @@ def _opcheck_samples():
     "name,args", list(_opcheck_samples()), ids=lambda x: x if isinstance(x, str) else ""
 )
 def test_opcheck(impl, name, args):
-    args = tuple(
-        impl.to(a.detach()).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
-        for a in args
-    )
-    torch.library.opcheck(getattr(torch.ops.mlkernels, name), args)
+    run_opcheck(impl, name, args)
 
 
 # ---- bad input: clear errors, the same from the fake kernels ----

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torchvision
-from helpers import ALL_IMPLS, DEVICE_IMPLS, assert_raises, impl_params, random_boxes
+from helpers import ALL_IMPLS, DEVICE_IMPLS, assert_raises, impl_params, random_boxes, run_opcheck
 from hypothesis import given
 from hypothesis import strategies as st
 from torchvision.models.detection._utils import BoxCoder
@@ -656,11 +656,7 @@ def _opcheck_samples():
     "name,args", list(_opcheck_samples()), ids=lambda x: x if isinstance(x, str) else ""
 )
 def test_opcheck(impl, name, args):
-    args = tuple(
-        impl.to(a.detach()).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
-        for a in args
-    )
-    torch.library.opcheck(getattr(torch.ops.mlkernels, name), args)
+    run_opcheck(impl, name, args)
 
 
 def test_torch_compile_propose():

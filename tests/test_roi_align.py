@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import ALL_IMPLS, DEVICE_IMPLS, deterministic_algorithms, impl_params
+from helpers import ALL_IMPLS, DEVICE_IMPLS, deterministic_algorithms, impl_params, run_opcheck
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -583,11 +583,7 @@ def _opcheck_samples():
     "name,args", list(_opcheck_samples()), ids=lambda x: x if isinstance(x, str) else ""
 )
 def test_opcheck(impl, name, args):
-    args = tuple(
-        impl.to(a.detach()).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
-        for a in args
-    )
-    torch.library.opcheck(getattr(torch.ops.mlkernels, name), args)
+    run_opcheck(impl, name, args)
 
 
 def test_torch_compile():
