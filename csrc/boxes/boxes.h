@@ -54,15 +54,14 @@ inline PairedBoxes pair_boxes(const char* op, const char* first_name, const at::
 }
 
 inline void check_weights(const char* op, at::ArrayRef<double> weights) {
-  TORCH_CHECK_VALUE(weights.size() == 4, op,
-                    ": weights must be 4 numbers (wx, wy, ww, wh), got ", weights.size());
+  TORCH_CHECK_VALUE(weights.size() == 4, op, ": weights must be 4 numbers (wx, wy, ww, wh), got ",
+                    weights.size());
   // Within float32's normal range, so that no weight becomes 0 or inf in the boxes' dtype (1e-300
   // would be 0 in float32: deltas / 0).
   for (double w : weights) {
-    TORCH_CHECK_VALUE(w >= std::numeric_limits<float>::min() &&
-                          w <= std::numeric_limits<float>::max(),
-                      op, ": weights must be finite and positive (in float32's normal range), got ",
-                      weights);
+    TORCH_CHECK_VALUE(
+        w >= std::numeric_limits<float>::min() && w <= std::numeric_limits<float>::max(), op,
+        ": weights must be finite and positive (in float32's normal range), got ", weights);
   }
 }
 

@@ -71,19 +71,36 @@ inline at::Tensor contiguous_input(const char* op, const char* arg, const at::Te
   }
 }
 
-// at::empty(sizes, options) for an op's output, with an allocation failure (an output far larger
-// than memory, say from a huge output_size) reported with the op's name and the output's shape.
+// Reports a failed allocation of an op's output (an output far larger than memory, say from a
+// huge output_size, or a gradient the size of a huge stride-0 input) with the op's name and the
+// output's shape.
+[[noreturn]] inline void output_allocation_failed(const char* op, at::IntArrayRef sizes,
+                                                  const c10::Error& error) {
+  std::ostringstream shape;
+  shape << "Tensor[";
+  for (size_t d = 0; d < sizes.size(); ++d) shape << (d ? ", " : "") << sizes[d];
+  shape << "]";
+  TORCH_CHECK(false, op, ": the output ", shape.str(), " could not be allocated (",
+              error.what_without_backtrace(), ")");
+}
+
+// at::empty(sizes, options) for an op's output; a failure names the op (output_allocation_failed).
 inline at::Tensor allocate_output(const char* op, at::IntArrayRef sizes,
                                   const at::TensorOptions& options) {
   try {
     return at::empty(sizes, options);
   } catch (const c10::Error& error) {
-    std::ostringstream shape;
-    shape << "Tensor[";
-    for (size_t d = 0; d < sizes.size(); ++d) shape << (d ? ", " : "") << sizes[d];
-    shape << "]";
-    TORCH_CHECK(false, op, ": the output ", shape.str(), " could not be allocated (",
-                error.what_without_backtrace(), ")");
+    output_allocation_failed(op, sizes, error);
+  }
+}
+
+// at::zeros(sizes, options) for an op's output (gradients accumulate into it), as allocate_output.
+inline at::Tensor allocate_zeros(const char* op, at::IntArrayRef sizes,
+                                 const at::TensorOptions& options) {
+  try {
+    return at::zeros(sizes, options);
+  } catch (const c10::Error& error) {
+    output_allocation_failed(op, sizes, error);
   }
 }
 

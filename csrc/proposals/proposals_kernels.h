@@ -236,15 +236,18 @@ std::tuple<at::Tensor, at::Tensor> propose_backward_kernel(
   check_propose_backward(grad_boxes, anchors, deltas, kept_anchors, image_sizes);
   check_weights("propose_backward", weights);
   check_clamp("propose_backward", clamp);
-  const auto g = grad_boxes.contiguous();
-  const auto d = deltas.contiguous();
-  const auto a = anchors.contiguous();
-  const auto kept = kept_anchors.contiguous();
+  const char* op = "propose_backward";
+  const auto g = contiguous_input(op, "grad_boxes", grad_boxes);
+  const auto d = contiguous_input(op, "deltas", deltas);
+  const auto a = contiguous_input(op, "anchors", anchors);
+  const auto kept = contiguous_input(op, "kept_anchors", kept_anchors);
   const auto sizes = image_sizes.to(deltas.scalar_type()).contiguous();
   const int64_t images = d.size(0), num_anchors = d.size(1), rows = kept.size(1);
   const auto options = d.options();
-  at::Tensor grad_deltas = mask[0] ? at::zeros_like(d) : at::empty({0}, options);
-  at::Tensor grad_anchors = mask[1] ? at::zeros_like(a) : at::empty({0}, options);
+  at::Tensor grad_deltas =
+      mask[0] ? allocate_zeros(op, d.sizes(), options) : at::empty({0}, options);
+  at::Tensor grad_anchors =
+      mask[1] ? allocate_zeros(op, a.sizes(), options) : at::empty({0}, options);
   if (images * rows == 0 || num_anchors == 0 || !(mask[0] || mask[1])) {
     return {grad_deltas, grad_anchors};
   }
@@ -270,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor> propose_backward_kernel(
   if (mask[0]) grad_deltas.view({images * num_anchors, 4}).index_add_(0, target, row_grad_deltas);
   if (mask[1]) {
     // Per (image, anchor) first, as the deltas, then over images in image order.
-    grad_anchors = at::zeros({images * num_anchors, 4}, options)
+    grad_anchors = allocate_zeros(op, {images * num_anchors, 4}, options)
                        .index_add_(0, target, row_grad_anchors)
                        .view({images, num_anchors, 4})
                        .sum(0);

@@ -30,8 +30,14 @@ struct OutputMask {
 
 template <typename T>
 Params<T> to_params(const Args& a, const at::Tensor& input) {
-  return Params<T>{static_cast<T>(a.spatial_scale), a.pooled_height, a.pooled_width,
-                   a.sampling_ratio, a.aligned, input.size(1), input.size(2), input.size(3)};
+  return Params<T>{static_cast<T>(a.spatial_scale),
+                   a.pooled_height,
+                   a.pooled_width,
+                   a.sampling_ratio,
+                   a.aligned,
+                   input.size(1),
+                   input.size(2),
+                   input.size(3)};
 }
 
 // Everything but the values of boxes: shapes, dtypes, devices, scalar arguments.
@@ -46,8 +52,8 @@ inline void check_args(const char* op, const at::Tensor& input, const at::Tensor
   check_same_dtype(op, "input", input, "boxes", boxes);
   check_same_device(op, "input", input, "boxes", boxes);
   TORCH_CHECK_VALUE(a.pooled_height > 0 && a.pooled_width > 0, op,
-                    ": output_size must be positive, got (", a.pooled_height, ", ",
-                    a.pooled_width, ")");
+                    ": output_size must be positive, got (", a.pooled_height, ", ", a.pooled_width,
+                    ")");
   // Within float32's normal range, so that it is neither 0 nor inf for a float32 (or half) map:
   // 1e308 would make a box at 0 a 0 * inf = NaN box.
   const bool positive = std::isfinite(a.spatial_scale) && a.spatial_scale > 0;
@@ -66,8 +72,7 @@ inline void check_batch_index(const char* op, const at::Tensor& boxes, int64_t b
   if (boxes.size(0) == 0) return;
   const auto index = contiguous_input(op, "boxes", boxes.select(1, 0)).to(at::kDouble);
   const auto fractional = index.ne(index.floor());  // NaN too
-  const auto stats =
-      at::stack({fractional.any().to(at::kDouble), index.min(), index.max()}).cpu();
+  const auto stats = at::stack({fractional.any().to(at::kDouble), index.min(), index.max()}).cpu();
   const double* s = stats.data_ptr<double>();
   TORCH_CHECK(s[0] == 0, op, ": boxes[:, 0] (batch index) must be integers, got ",
               index.masked_select(fractional).cpu()[0].item<double>());
@@ -96,8 +101,8 @@ inline void check_forward(const at::Tensor& input, const at::Tensor& boxes, cons
 }
 
 // All checks of the backward op.
-inline void check_backward(const at::Tensor& grad, const at::Tensor& input,
-                           const at::Tensor& boxes, const Args& a) {
+inline void check_backward(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& boxes,
+                           const Args& a) {
   const char* op = "roi_align_backward";
   check_args(op, input, boxes, a);
   check_grad(op, grad, input, boxes, a);

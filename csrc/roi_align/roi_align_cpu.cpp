@@ -296,14 +296,14 @@ std::tuple<at::Tensor, at::Tensor> roi_align_backward_kernel(const CpuParallelRu
   check_backward(grad, input, boxes, a);
   const auto acc_options = input.options().dtype(accumulation_type(input.scalar_type()));
   // [N, H, W, C] in memory: the task slices are channel runs of every pixel.
+  const char* op = "roi_align_backward";
   auto grad_map =
-      mask.input
-          ? at::zeros({input.size(0), input.size(2), input.size(3), input.size(1)}, acc_options)
-          : at::empty({0}, acc_options);
-  auto grad_rois =
-      mask.boxes ? at::zeros({boxes.size(0), 5}, acc_options) : at::empty({0}, acc_options);
+      mask.input ? allocate_zeros(op, {input.size(0), input.size(2), input.size(3), input.size(1)},
+                                  acc_options)
+                 : at::empty({0}, acc_options);
+  auto grad_rois = mask.boxes ? allocate_zeros(op, {boxes.size(0), 5}, acc_options)
+                              : at::empty({0}, acc_options);
   if (grad.numel() > 0 && (mask.input || mask.boxes)) {
-    const char* op = "roi_align_backward";
     // [N, H, W, C] contiguous: channels-last memory seen through a permutation
     const auto map =
         contiguous_input(op, "input", input.to(acc_options.dtype()), at::MemoryFormat::ChannelsLast)

@@ -67,8 +67,8 @@ at::Tensor roi_align_forward_kernel(const Runner& run, const at::Tensor& input,
       allocate_output("roi_align", {boxes.size(0), input.size(1), a.pooled_height, a.pooled_width},
                       input.options());
   if (out.numel() == 0) return out;
-  const auto map = input.contiguous();
-  const auto rois = boxes.contiguous();
+  const auto map = contiguous_input("roi_align", "input", input);
+  const auto rois = contiguous_input("roi_align", "boxes", boxes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "roi_align", [&] {
     using T = at::opmath_type<scalar_t>;
     const Params<T> p = to_params<T>(a, map);
@@ -92,15 +92,16 @@ std::tuple<at::Tensor, at::Tensor> roi_align_backward_kernel(const Runner& run,
   check_backward(grad, input, boxes, a);
   const auto acc_type = accumulation_type(input.scalar_type());
   const auto acc_options = input.options().dtype(acc_type);
-  auto grad_input =
-      mask.input ? at::zeros(input.sizes(), acc_options) : at::empty({0}, acc_options);
-  auto grad_rois =
-      mask.boxes ? at::zeros({boxes.size(0), 5}, acc_options) : at::empty({0}, acc_options);
+  auto grad_input = mask.input ? allocate_zeros("roi_align_backward", input.sizes(), acc_options)
+                               : at::empty({0}, acc_options);
+  auto grad_rois = mask.boxes
+                       ? allocate_zeros("roi_align_backward", {boxes.size(0), 5}, acc_options)
+                       : at::empty({0}, acc_options);
   if (grad.numel() > 0 && (mask.input || mask.boxes)) {
     const bool deterministic = at::globalContext().deterministicAlgorithms();
-    const auto map = input.contiguous();
-    const auto rois = boxes.contiguous();
-    const auto g = grad.contiguous();
+    const auto map = contiguous_input("roi_align_backward", "input", input);
+    const auto rois = contiguous_input("roi_align_backward", "boxes", boxes);
+    const auto g = contiguous_input("roi_align_backward", "grad", grad);
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, input.scalar_type(), "roi_align_backward", [&] {
           using T = at::opmath_type<scalar_t>;
