@@ -15,6 +15,7 @@ _C = load_extension()
 
 from . import _build_config, nn, ops, reference  # noqa: E402  (ops register fake kernels on import)
 from ._build_config import VERSION as __version__  # noqa: E402
+from .ops._checks import ShapeError  # noqa: E402
 
 # MLKERNELS_EMULATOR=1 at build time: torch.ops.mlkernels_emulated.* (the CUDA kernels on the CPU
 # grid emulator, for the tests) have CPU kernels. Builds from before the switch always had them.
@@ -57,4 +58,12 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["build_info", "nn", "ops", "reference", "registered_ops", "__version__"]
+__all__ = [
+    "ShapeError",
+    "build_info",
+    "nn",
+    "ops",
+    "reference",
+    "registered_ops",
+    "__version__",
+]

@@ -46,7 +46,7 @@ from torch.nn import functional as F
 import mlkernels
 from mlkernels import nn, ops, reference
 from mlkernels.ops.proposals import ProposeConfig
-from mlkernels.ops.roi_align import boxes_to_rois, output_pair
+from mlkernels.ops.roi_align import checked_rois, output_pair
 
 CHILD = os.environ.get("MLKERNELS_SWEEP_CHILD") == "1"
 # Examples per target: the "ci" profile (CI=true, see conftest.py) is derandomized and sized for
@@ -301,7 +301,7 @@ def _roi_align_layer(output_size, spatial_scale, sampling_ratio, aligned, input,
 def _roi_align_reference(
     input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False
 ):
-    rois = boxes_to_rois("roi_align", boxes).detach()
+    rois = checked_rois("roi_align", boxes, input).detach()
     dtype = torch.float64 if input.dtype == torch.float64 else torch.float32  # the kernels'
     scale = torch.tensor(float(spatial_scale), dtype=dtype)
     if not torch.isfinite(rois[:, 1:].to(dtype) * scale).all():
@@ -442,7 +442,8 @@ def _check_propose(args, out):
 def _check_roi_align(args, out, size=None):
     """Shape and dtype; and where the reference is not defined (non-finite box coordinates) the
     documented contract: a NaN coordinate gives NaN bins, infinite ones finite bins."""
-    input, rois = args["input"], boxes_to_rois("roi_align", args["boxes"]).detach()
+    input = args["input"]
+    rois = checked_rois("roi_align", args["boxes"], input).detach()
     oh, ow = size or output_pair("roi_align", args["output_size"])
     assert out.shape == (rois.shape[0], input.shape[1], oh, ow), out.shape
     assert out.dtype == input.dtype, out.dtype

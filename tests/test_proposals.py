@@ -710,7 +710,7 @@ BAD_CASES = [
         "nms",
         (_b4.long(), torch.zeros(5).long(), 0.5),
         RuntimeError,
-        "nms: boxes must be float32 or float64, got int64",
+        "nms: boxes must be float16, bfloat16, float32 or float64, got int64",
     ),
     (
         "nms",

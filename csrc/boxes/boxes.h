@@ -96,18 +96,30 @@ inline std::pair<PairedBoxes, at::Tensor> prepare_decode_backward(const at::Tens
   return {std::move(in), std::move(g)};
 }
 
-// Checks for box_iou; returns both inputs contiguous.
-inline std::pair<at::Tensor, at::Tensor> prepare_iou(const at::Tensor& boxes1,
-                                                     const at::Tensor& boxes2) {
+struct IouInputs {
+  at::Tensor boxes1, boxes2;  // contiguous, in the dtype the IoUs are computed in
+  at::ScalarType result_type;
+};
+
+// Checks for box_iou, and the dtypes of torchvision's box_iou: float32/float64 are computed and
+// returned as they are; float16/bfloat16 are computed in float32 and integer boxes in float64
+// (areas of coordinates up to 2**26 are exact there), both returned as float32.
+inline IouInputs prepare_iou(const at::Tensor& boxes1, const at::Tensor& boxes2) {
   const char* op = "box_iou";
   check_defined(op, "boxes1", boxes1);
   check_defined(op, "boxes2", boxes2);
   check_boxes(op, "boxes1", boxes1, 2);
   check_boxes(op, "boxes2", boxes2, 2);
-  check_floating(op, "boxes1", boxes1);
+  const auto type = boxes1.scalar_type();
+  TORCH_CHECK(at::isFloatingType(type) || at::isIntegralType(type, /*includeBool=*/false), op,
+              ": boxes1 must be a floating or integer tensor, got ", dtype_str(type));
   check_same_dtype(op, "boxes1", boxes1, "boxes2", boxes2);
   check_same_device(op, "boxes1", boxes1, "boxes2", boxes2);
-  return {contiguous_input(op, "boxes1", boxes1), contiguous_input(op, "boxes2", boxes2)};
+  const bool in_double = type == at::kDouble || !at::isFloatingType(type);
+  const auto compute_type = in_double ? at::kDouble : at::kFloat;
+  return {contiguous_input(op, "boxes1", boxes1).to(compute_type),
+          contiguous_input(op, "boxes2", boxes2).to(compute_type),
+          type == at::kDouble ? at::kDouble : at::kFloat};
 }
 
 }  // namespace boxes

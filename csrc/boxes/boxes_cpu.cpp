@@ -14,9 +14,7 @@ namespace boxes {
 constexpr int64_t kGrain = 2048;
 
 // The CPU's box_iou (declared in boxes_kernels.h, where it replaces the runner kernel).
-at::Tensor box_iou_kernel(const CpuParallelRunner&, const at::Tensor& boxes1,
-                          const at::Tensor& boxes2) {
-  auto [a, b] = prepare_iou(boxes1, boxes2);
+at::Tensor box_iou_kernel(const CpuParallelRunner&, const at::Tensor& a, const at::Tensor& b) {
   const int64_t n = a.size(0), m = b.size(0);
   auto out = allocate_output("box_iou", {n, m}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "box_iou", [&] {

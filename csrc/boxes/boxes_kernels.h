@@ -88,12 +88,11 @@ std::tuple<at::Tensor, at::Tensor> decode_boxes_backward_kernel(
 
 // The CPU's own box_iou (boxes_cpu.cpp, structure-of-arrays and vectorized): for CpuParallelRunner,
 // overload resolution picks it over the runner template below.
-at::Tensor box_iou_kernel(const CpuParallelRunner& run, const at::Tensor& boxes1,
-                          const at::Tensor& boxes2);
+// Both take prepare_iou's inputs.
+at::Tensor box_iou_kernel(const CpuParallelRunner& run, const at::Tensor& a, const at::Tensor& b);
 
 template <typename Runner>
-at::Tensor box_iou_kernel(const Runner& run, const at::Tensor& boxes1, const at::Tensor& boxes2) {
-  auto [a, b] = prepare_iou(boxes1, boxes2);
+at::Tensor box_iou_kernel(const Runner& run, const at::Tensor& a, const at::Tensor& b) {
   const int64_t n = a.size(0), m = b.size(0);
   auto out = allocate_output("box_iou", {n, m}, a.options());
   if (n == 0 || m == 0) return out;
@@ -127,7 +126,8 @@ struct Kernels {
                                         output_mask);
   }
   static at::Tensor box_iou(const at::Tensor& boxes1, const at::Tensor& boxes2) {
-    return box_iou_kernel(Runner::on(boxes1), boxes1, boxes2);
+    const IouInputs in = prepare_iou(boxes1, boxes2);
+    return box_iou_kernel(Runner::on(boxes1), in.boxes1, in.boxes2).to(in.result_type);
   }
 };
 

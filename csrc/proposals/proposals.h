@@ -45,7 +45,7 @@ inline NmsInputs prepare_nms(const char* op, const at::Tensor& boxes, const at::
   check_defined(op, "boxes", boxes);
   check_defined(op, "scores", scores);
   check_boxes(op, "boxes", boxes, 2);
-  check_floating(op, "boxes", boxes);
+  check_floating(op, "boxes", boxes, /*allow_half=*/true);
   const int64_t n = boxes.size(0);
   check_per_box(op, "scores", scores, n);
   check_same_dtype(op, "boxes", boxes, "scores", scores);
@@ -60,8 +60,11 @@ inline NmsInputs prepare_nms(const char* op, const at::Tensor& boxes, const at::
     in.groups = contiguous_input(op, "idxs", idxs->to(at::kLong));
   }
   check_iou_threshold(op, iou_threshold);
-  in.boxes = contiguous_input(op, "boxes", boxes);
-  in.scores = contiguous_input(op, "scores", scores);
+  // float16/bfloat16 boxes and scores are compared in float32, to which they convert exactly (so
+  // the score order and its ties are the given ones; IoUs are float32's).
+  const auto compute_type = boxes.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  in.boxes = contiguous_input(op, "boxes", boxes).to(compute_type);
+  in.scores = contiguous_input(op, "scores", scores).to(compute_type);
   in.n = n;
   return in;
 }

@@ -1,7 +1,8 @@
 // Schemas of the RoI sampling ops, and roi_align under autocast. Kernels: roi_align_cpu.cpp (CPU),
 // roi_align_cuda.cu (CUDA), roi_align_emulated.cpp (the CUDA kernels on the CPU grid emulator).
-#include <ATen/autocast_mode.h>
 #include <torch/library.h>
+
+#include "../common/autocast.h"
 
 namespace {
 
@@ -28,15 +29,13 @@ template <c10::DispatchKey kAutocastKey, c10::DeviceType kDevice>
 at::Tensor roi_align_autocast(const at::Tensor& input, const at::Tensor& boxes,
                               double spatial_scale, int64_t pooled_height, int64_t pooled_width,
                               int64_t sampling_ratio, bool aligned) {
+  static const auto op =
+      mlk::typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, double, int64_t, int64_t,
+                               int64_t, bool)>("mlkernels::roi_align");
   c10::impl::ExcludeDispatchKeyGuard no_autocast(kAutocastKey);
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mlkernels::roi_align", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double,
-                                               int64_t, int64_t, int64_t, bool)>();
   return op
-      .call(at::autocast::cached_cast(at::kFloat, input, kDevice),
-            at::autocast::cached_cast(at::kFloat, boxes, kDevice), spatial_scale, pooled_height,
-            pooled_width, sampling_ratio, aligned)
+      .call(mlk::autocast_to_float32<kDevice>(input), mlk::autocast_to_float32<kDevice>(boxes),
+            spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
       .to(input.scalar_type());
 }
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
+import torch
 from torch import Tensor, nn
+from torch.jit.annotations import BroadcastingList2
 
-from .. import ops
+from ..ops.roi_align import roi_align
+
+# In a torch.fx graph, RoIAlign's call is one leaf node (as torchvision's), not the op's insides.
+torch.fx.wrap("roi_align")
 
 
 class RoIAlign(nn.Module):
@@ -20,11 +23,13 @@ class RoIAlign(nn.Module):
 
     Shapes: ``input`` Tensor[N, C, H, W], ``rois`` Tensor[K, 5] or list of Tensor[L, 4]
     -> Tensor[K, C, oh, ow]. Gradients flow to ``input`` and to the box coordinates.
+
+    Scriptable (``torch.jit.script``); a leaf call in ``torch.fx`` graphs.
     """
 
     def __init__(
         self,
-        output_size: int | Sequence[int],
+        output_size: BroadcastingList2[int],
         spatial_scale: float,
         sampling_ratio: int,
         aligned: bool = False,
@@ -35,8 +40,8 @@ class RoIAlign(nn.Module):
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
 
-    def forward(self, input: Tensor, rois: Tensor | Sequence[Tensor]) -> Tensor:
-        return ops.roi_align(
+    def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
+        return roi_align(
             input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
         )
 

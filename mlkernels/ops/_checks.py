@@ -10,11 +10,23 @@ import operator
 from collections.abc import Sequence
 
 import torch
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 FLOAT_TYPES = (torch.float32, torch.float64)
 HALF_TYPES = (torch.float16, torch.bfloat16)
+# C++'s at::isIntegralType(type, /*includeBool=*/false).
+INTEGER_TYPES = (
+    *(torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64),
+    *(torch.uint16, torch.uint32, torch.uint64),
+)
 # Weights are checked against float32's normal range in every dtype, so none becomes 0 or inf.
 FLOAT32_NORMAL_MIN, FLOAT32_MAX = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+
+
+class ShapeError(RuntimeError, AssertionError):
+    """A tensor argument of the wrong shape. A RuntimeError, like every error of the C++ ops'
+    checks, and also an AssertionError, which torchvision raises there (``torch._assert``), so
+    code written for torchvision's ops catches ours unchanged."""
 
 
 def shape_str(t: torch.Tensor) -> str:
@@ -51,6 +63,14 @@ def check(ok: bool, message: str, error: type[Exception] = RuntimeError) -> None
         raise error(message)
 
 
+def symbolic_tracing() -> bool:
+    """True while ``torch.fx.symbolic_trace`` runs a wrapper on Proxies, which no Python check can
+    look at: the wrappers then only record the op's call (its C++ checks run when the traced
+    module runs). False under ``torch.export`` and ``torch.compile``, whose fake tensors the
+    checks can look at."""
+    return is_fx_symbolic_tracing()
+
+
 def check_defined(op: str, arg: str, t: torch.Tensor | None) -> None:
     """C++'s check_defined: a raw op given None for a tensor gets an undefined tensor."""
     check(t is not None, f"{op}: {arg} must be a Tensor, got None")
@@ -60,6 +80,12 @@ def check_tensor(op: str, arg: str, value: object) -> None:
     """Public wrappers call this first, so a non-tensor fails with the op's name in the message."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{op}: {arg} must be a Tensor, got {type(value).__name__}")
+    if value.is_quantized:
+        raise NotImplementedError(
+            f"{op}: {arg} must be a float tensor, got a quantized {dtype_str(value.dtype)} tensor "
+            "(mlkernels has no quantized kernels, torch deprecates quantized tensors: pass "
+            f"{arg}.dequantize())"
+        )
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

@@ -9,6 +9,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torchvision
 from torch import Tensor
 
 from . import _checks as C
@@ -70,23 +71,48 @@ def decode_boxes(
     return _ops.decode_boxes(deltas, anchors, weights, C.as_float("decode_boxes", "clamp", clamp))
 
 
-def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
+
+
+def _check_box_iou_args(boxes1: object, boxes2: object, fmt: object) -> None:
+    C.check_tensor("box_iou", "boxes1", boxes1)
+    C.check_tensor("box_iou", "boxes2", boxes2)
+    if fmt not in BOX_FORMATS:
+        rotated = " (rotated boxes: torchvision.ops.box_iou)" if isinstance(fmt, str) else ""
+        raise ValueError(
+            f"box_iou: fmt must be one of {', '.join(BOX_FORMATS)}, got {fmt!r}{rotated}"
+        )
+
+
+def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
     """Intersection over union of every pair of boxes (``torchvision.ops.box_iou``).
 
     Args:
-        boxes1 (Tensor[N, 4]): (x1, y1, x2, y2).
-        boxes2 (Tensor[M, 4]): (x1, y1, x2, y2), same dtype and device.
+        boxes1 (Tensor[N, 4]): float or integer boxes in ``fmt``.
+        boxes2 (Tensor[M, 4]): same dtype and device.
+        fmt: "xyxy" (x1, y1, x2, y2; the default), "xywh" (x1, y1, width, height) or "cxcywh"
+            (centre, width, height); the other two are converted to "xyxy" by
+            ``torchvision.ops.box_convert`` first. torchvision's rotated formats are not
+            supported.
 
     Returns:
         Tensor[N, M]: IoU of ``boxes1[i]`` and ``boxes2[j]``; 0/0 (two empty boxes) gives NaN,
-        as in torchvision.
+        as in torchvision. float64 for float64 boxes, else float32 (as torchvision): float16 and
+        bfloat16 boxes are computed in float32, integer boxes in float64 (exact areas).
+        torchvision subtracts float16 corners in float16 (and uint8 corners in uint8, which
+        wraps around), so its IoUs of such boxes can differ from ours; integer ones agree
+        while areas stay below 2**24.
 
-    Not differentiable: backward through it raises.
+    Not differentiable: backward through it raises. Scriptable, traceable by ``torch.fx``.
     Equivalent PyTorch code: :func:`mlkernels.reference.box_iou`.
     """
-    C.check_tensor("box_iou", "boxes1", boxes1)
-    C.check_tensor("box_iou", "boxes2", boxes2)
-    return _ops.box_iou(boxes1, boxes2)
+    if not torch.jit.is_scripting():
+        if not C.symbolic_tracing():
+            _check_box_iou_args(boxes1, boxes2, fmt)
+    if fmt != "xyxy":
+        boxes1 = torchvision.ops.box_convert(boxes1, fmt, "xyxy")
+        boxes2 = torchvision.ops.box_convert(boxes2, fmt, "xyxy")
+    return torch.ops.mlkernels.box_iou(boxes1, boxes2)
 
 
 # ---- fake kernels: the C++ checks, repeated, and the output shapes ----
@@ -131,10 +157,15 @@ def _box_iou_fake(boxes1, boxes2):
     C.check_defined("box_iou", "boxes2", boxes2)
     C.check_boxes("box_iou", "boxes1", boxes1, exact_dim=2)
     C.check_boxes("box_iou", "boxes2", boxes2, exact_dim=2)
-    C.check_floating("box_iou", "boxes1", boxes1)
+    dtype = boxes1.dtype
+    C.check(
+        dtype.is_floating_point or dtype in C.INTEGER_TYPES,
+        f"box_iou: boxes1 must be a floating or integer tensor, got {C.dtype_str(dtype)}",
+    )
     C.check_same_dtype("box_iou", "boxes1", boxes1, "boxes2", boxes2)
     C.check_same_device("box_iou", "boxes1", boxes1, "boxes2", boxes2)
-    return boxes1.new_empty((boxes1.shape[0], boxes2.shape[0]))
+    result_type = torch.float64 if dtype == torch.float64 else torch.float32
+    return boxes1.new_empty((boxes1.shape[0], boxes2.shape[0]), dtype=result_type)
 
 
 # ---- autograd ----

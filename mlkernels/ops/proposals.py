@@ -123,6 +123,8 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
 
     Args:
         boxes (Tensor[N, 4]): (x1, y1, x2, y2); any coordinates, negative ones included.
+            float32/64, or float16/bfloat16 (compared in float32, to which they convert
+            exactly; torchvision's CPU nms refuses them outside autocast).
         scores (Tensor[N]): same dtype and device.
         iou_threshold: a box is dropped when its IoU with a kept, higher-scoring box is
             strictly greater than this (non-negative; above 1 keeps every box).
@@ -137,11 +139,17 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     always valid. CPU: sorted structure-of-arrays candidates, a vectorized IoU of each kept box
     against the survivors; CUDA: bitmask NMS reduced on the device, whose mask takes N * N / 8
     bytes of GPU memory (as torchvision's; 50 MB at N = 20000) and N at most 65535 * 64.
+
+    Under ``torch.autocast`` boxes and scores are compared in float32, as torchvision's.
+    Scriptable, traceable by ``torch.fx`` and exportable.
     Equivalent PyTorch code: :func:`mlkernels.reference.nms`.
     """
-    C.check_tensor("nms", "boxes", boxes)
-    C.check_tensor("nms", "scores", scores)
-    return _ops.nms(boxes, scores, C.as_float("nms", "iou_threshold", iou_threshold))
+    if not torch.jit.is_scripting():
+        if not C.symbolic_tracing():
+            C.check_tensor("nms", "boxes", boxes)
+            C.check_tensor("nms", "scores", scores)
+            iou_threshold = C.as_float("nms", "iou_threshold", iou_threshold)
+    return torch.ops.mlkernels.nms(boxes, scores, iou_threshold)
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
@@ -157,15 +165,22 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         Tensor[K] int64: the kept indices of all groups, by decreasing score (stable).
 
     No coordinate-offset trick: coordinates may be negative or huge. Groups run in parallel on
-    CPU; CUDA runs one bitmask NMS over all N boxes (memory as :func:`nms`). NaN/Inf as
-    :func:`nms`.
+    CPU; CUDA runs one bitmask NMS over all N boxes (memory as :func:`nms`). NaN/Inf, dtypes,
+    autocast, scripting and tracing as :func:`nms`. As torchvision's, empty ``boxes`` (any
+    shape) give an empty result without looking at the other arguments.
     Equivalent PyTorch code: :func:`mlkernels.reference.batched_nms`.
     """
-    C.check_tensor("batched_nms", "boxes", boxes)
-    C.check_tensor("batched_nms", "scores", scores)
-    C.check_tensor("batched_nms", "idxs", idxs)
-    threshold = C.as_float("batched_nms", "iou_threshold", iou_threshold)
-    return _ops.batched_nms(boxes, scores, idxs, threshold)
+    if not torch.jit.is_scripting():
+        if not C.symbolic_tracing():
+            C.check_tensor("batched_nms", "boxes", boxes)
+            if boxes.numel() == 0:  # as torchvision's: the other arguments are not looked at
+                return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+            C.check_tensor("batched_nms", "scores", scores)
+            C.check_tensor("batched_nms", "idxs", idxs)
+            iou_threshold = C.as_float("batched_nms", "iou_threshold", iou_threshold)
+    elif boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    return torch.ops.mlkernels.batched_nms(boxes, scores, idxs, iou_threshold)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,7 +374,7 @@ def _check_nms(op: str, boxes: Tensor, scores: Tensor, idxs: Tensor | None, thr:
     C.check_defined(op, "boxes", boxes)
     C.check_defined(op, "scores", scores)
     C.check_boxes(op, "boxes", boxes, exact_dim=2)
-    C.check_floating(op, "boxes", boxes)
+    C.check_floating(op, "boxes", boxes, allow_half=True)
     n = boxes.shape[0]
     _check_per_box(op, "scores", scores, n)
     C.check_same_dtype(op, "boxes", boxes, "scores", scores)
@@ -368,9 +383,7 @@ def _check_nms(op: str, boxes: Tensor, scores: Tensor, idxs: Tensor | None, thr:
         C.check_defined(op, "idxs", idxs)
         _check_per_box(op, "idxs", idxs, n)
         C.check(
-            not idxs.dtype.is_floating_point
-            and not idxs.dtype.is_complex
-            and idxs.dtype != torch.bool,
+            idxs.dtype in C.INTEGER_TYPES,
             f"{op}: idxs must be an integer tensor, got {C.dtype_str(idxs.dtype)}",
         )
         C.check_same_device(op, "boxes", boxes, "idxs", idxs)

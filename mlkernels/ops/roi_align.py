@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.jit.annotations import BroadcastingList2
+from torch.nn.modules.utils import _pair
 
 from . import _checks as C
 
@@ -19,29 +20,37 @@ _ops = torch.ops.mlkernels
 BOXES_EXPECTED = "Tensor[K, 5] or list of Tensor[L, 4]"
 
 
-def boxes_to_rois(op: str, boxes: Tensor | Sequence[Tensor]) -> Tensor:
-    """``boxes`` as one Tensor[K, 5] (batch index, x1, y1, x2, y2).
+def list_to_rois(boxes: list[Tensor], input: Tensor) -> Tensor:
+    """Per-image Tensor[L, 4] boxes as one Tensor[K, 5], each image's index in front (the
+    concatenation is differentiable, so gradients reach the list's tensors); an empty list gives
+    Tensor[0, 5] of ``input``'s dtype and device. Scriptable: the Python checks of
+    ``checked_rois`` come first in eager mode."""
+    if len(boxes) == 0:
+        return input.new_zeros((0, 5))
+    rois: list[Tensor] = []
+    for i in range(len(boxes)):
+        b = boxes[i]
+        rois.append(torch.cat([torch.full_like(b[:, :1], float(i)), b], dim=1))
+    return torch.cat(rois, dim=0)
 
-    A list of per-image Tensor[L, 4] is concatenated with each image's index in front (the
-    concatenation is differentiable, so gradients reach the list's tensors). A tensor passes
-    through unchanged; the op checks its shape."""
+
+def checked_rois(op: str, boxes: object, input: Tensor) -> Tensor:
+    """``boxes`` as one Tensor[K, 5], with errors that name the op: a Tensor passes through (the
+    op checks its shape), a list or tuple of Tensor[L, 4] is checked and concatenated."""
     if isinstance(boxes, Tensor):
         return boxes
     if not isinstance(boxes, (list, tuple)):
         raise TypeError(f"{op}: boxes must be {BOXES_EXPECTED}, got {type(boxes).__name__}")
     for i, b in enumerate(boxes):
         C.check_tensor(op, f"boxes[{i}]", b)
-        C.check(
-            b.dim() == 2 and b.shape[1] == 4,
-            f"{op}: boxes must be {BOXES_EXPECTED}, got list containing {C.shape_str(b)}",
-        )
+        if not (b.dim() == 2 and b.shape[1] == 4):
+            raise C.ShapeError(
+                f"{op}: boxes must be {BOXES_EXPECTED}, got list containing {C.shape_str(b)}"
+            )
         C.check_same_dtype(op, "boxes[0]", boxes[0], f"boxes[{i}]", b)
         C.check_same_device(op, "boxes[0]", boxes[0], f"boxes[{i}]", b)
-    if not boxes:
-        return torch.zeros(0, 5)  # no image has a box; dtype/device follow input in roi_align
     try:
-        rois = [torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)]
-        return torch.cat(rois, dim=0)
+        return list_to_rois(list(boxes), input)
     except RuntimeError as error:  # an expanded box tensor far larger than memory
         if "can't allocate memory" not in str(error) and "out of memory" not in str(error):
             raise
@@ -51,37 +60,62 @@ def boxes_to_rois(op: str, boxes: Tensor | Sequence[Tensor]) -> Tensor:
         ) from None
 
 
-def output_pair(op: str, output_size: int | Sequence[int]) -> tuple[int, int]:
+def output_pair(op: str, output_size: object) -> tuple[int, int]:
     """(height, width) of ``output_size`` given as an int or a pair of ints. Any integer type
     (Python, numpy, a 0-d integer tensor) is accepted, as torchvision does; bools and floats
     are not."""
-
-    def as_int(value: object) -> int | None:
-        if isinstance(value, bool) or (
-            isinstance(value, torch.Tensor) and value.dtype == torch.bool
-        ):
-            return None
-        try:
-            return operator.index(value)
-        except (TypeError, RuntimeError):  # RuntimeError: a meta tensor has no value
-            return None
-
-    single = as_int(output_size)
+    single = _as_index(output_size)
     if single is not None:
         C.check_int64(op, "output_size", single)
         return single, single
     if isinstance(output_size, (list, tuple)) and len(output_size) == 2:
-        pair = [as_int(s) for s in output_size]
+        pair = [_as_index(s) for s in output_size]
         if None not in pair:
             height, width = (C.check_int64(op, "output_size", s) for s in pair)
             return height, width
     raise TypeError(f"{op}: output_size must be an int or a pair of ints, got {output_size!r}")
 
 
+def _as_index(value: object) -> int | None:
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except (TypeError, RuntimeError):  # RuntimeError: a meta tensor has no value
+        return None
+
+
+def checked_roi_args(
+    op: str,
+    input: object,
+    boxes: object,
+    output_size: object,
+    spatial_scale: object,
+    sampling_ratio: object,
+) -> tuple[Tensor, list[int], float, int]:
+    """The Python checks of roi_align and RoIAlign (eager mode only): the rois tensor, output
+    size, scale and ratio as the op takes them, or errors that name the op and the argument."""
+    C.check_tensor(op, "input", input)
+    rois = checked_rois(op, boxes, input)
+    # (The message is built only on failure: under torch.compile the sizes are symbolic.)
+    if isinstance(boxes, Tensor) and not (boxes.dim() == 2 and boxes.shape[1] == 5):
+        raise C.ShapeError(f"{op}: boxes must be {BOXES_EXPECTED}, got {C.shape_str(boxes)}")
+    height, width = output_pair(op, output_size)
+    ratio = C.as_int(op, "sampling_ratio", sampling_ratio)
+    C.check(
+        ratio <= MAX_SAMPLING_RATIO,
+        f"{op}: sampling_ratio must be at most {MAX_SAMPLING_RATIO} (samples per bin each way; "
+        f"<= 0 for adaptive), got {ratio}",
+        ValueError,
+    )
+    return rois, [height, width], C.as_float(op, "spatial_scale", spatial_scale), ratio
+
+
+@torch.fx.wrap
 def roi_align(
     input: Tensor,
-    boxes: Tensor | Sequence[Tensor],
-    output_size: int | Sequence[int],
+    boxes: Tensor | list[Tensor],
+    output_size: BroadcastingList2[int],
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = False,
@@ -125,25 +159,29 @@ def roi_align(
     CPU forward and backward are deterministic (bitwise identical run to run and at any thread
     count on a given machine). On CUDA, ``torch.use_deterministic_algorithms(True)`` selects a
     deterministic (slower) input-gradient kernel instead of atomics.
+
+    As torchvision's, it can be scripted (``torch.jit.script``), traced by ``torch.fx`` (a leaf
+    call) and exported (``torch.export``). A wrong boxes shape raises
+    :class:`mlkernels.ShapeError`, a RuntimeError that is also an AssertionError (torchvision
+    raises AssertionError there).
     Equivalent PyTorch code: :func:`mlkernels.reference.roi_align`.
     """
-    op = "roi_align"
-    C.check_tensor(op, "input", input)
-    rois = boxes_to_rois(op, boxes)
-    if not isinstance(boxes, Tensor) and len(boxes) == 0:
-        rois = rois.to(dtype=input.dtype, device=input.device)
-    oh, ow = output_pair(op, output_size)
-    ratio = C.as_int(op, "sampling_ratio", sampling_ratio)
-    C.check(
-        ratio <= MAX_SAMPLING_RATIO,
-        f"{op}: sampling_ratio must be at most {MAX_SAMPLING_RATIO} (samples per bin each way; "
-        f"<= 0 for adaptive), got {ratio}",
-        ValueError,
-    )
-    # Under torch.autocast the dispatcher's autocast kernel (csrc/roi_align/roi_align.cpp)
-    # computes in float32 and returns input's dtype, as torchvision's.
-    return _ops.roi_align(
-        input, rois, C.as_float(op, "spatial_scale", spatial_scale), oh, ow, ratio, aligned
+    if not torch.jit.is_scripting():
+        if not C.symbolic_tracing():
+            rois, size, scale, ratio = checked_roi_args(
+                "roi_align", input, boxes, output_size, spatial_scale, sampling_ratio
+            )
+            # Under torch.autocast the dispatcher's autocast kernel (csrc/roi_align/roi_align.cpp)
+            # computes in float32 and returns input's dtype, as torchvision's.
+            return torch.ops.mlkernels.roi_align(
+                input, rois, scale, size[0], size[1], ratio, aligned
+            )
+    # TorchScript and torch.fx: the same call without the Python checks (the op checks too).
+    # (Under torch.fx a Tensor argument is a Proxy, not a Tensor: test for the list.)
+    rois = list_to_rois(boxes, input) if isinstance(boxes, list) else boxes
+    size = _pair(output_size)
+    return torch.ops.mlkernels.roi_align(
+        input, rois, spatial_scale, size[0], size[1], sampling_ratio, aligned
     )
 
 

@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torchvision
 from torch import Tensor
 
 DEFAULT_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
@@ -65,10 +66,20 @@ def box_area(boxes: Tensor) -> Tensor:
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
-def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """IoU of every pair: boxes1 [N, 4], boxes2 [M, 4] -> [N, M]."""
+def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
+    """IoU of every pair: boxes1 [N, 4], boxes2 [M, 4] -> [N, M], in ``fmt`` ("xyxy", "xywh" or
+    "cxcywh"). float64 boxes give float64; every other dtype float32, computed in float32
+    (float16, bfloat16) or float64 (integers), as mlkernels.ops.box_iou."""
+    if fmt != "xyxy":
+        boxes1 = torchvision.ops.box_convert(boxes1, fmt, "xyxy")
+        boxes2 = torchvision.ops.box_convert(boxes2, fmt, "xyxy")
+    dtype = boxes1.dtype
+    in_double = dtype == torch.float64 or not dtype.is_floating_point
+    boxes1 = boxes1.to(torch.float64 if in_double else torch.float32)
+    boxes2 = boxes2.to(boxes1.dtype)
     top_left = torch.maximum(boxes1[:, None, :2], boxes2[None, :, :2])
     bottom_right = torch.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
     wh = (bottom_right - top_left).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
-    return inter / (box_area(boxes1)[:, None] + box_area(boxes2)[None, :] - inter)
+    iou = inter / (box_area(boxes1)[:, None] + box_area(boxes2)[None, :] - inter)
+    return iou.to(torch.float64 if dtype == torch.float64 else torch.float32)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..ops.roi_align import boxes_to_rois, output_pair
+from ..ops.roi_align import checked_rois, output_pair
 
 
 def _axis(start, bin_size, grid, bins: int, max_grid: int, size: int):
@@ -50,7 +50,7 @@ def roi_align(
     """input [N, C, H, W], boxes [K, 5] or list of [L, 4] -> [K, C, oh, ow]. float16/bfloat16 are
     computed in float32. See mlkernels.ops.roi_align for the contract."""
     oh, ow = output_pair("roi_align", output_size)
-    rois = boxes_to_rois("roi_align", boxes)
+    rois = checked_rois("roi_align", boxes, input)
     out_dtype = input.dtype
     dtype = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
     input, rois = input.to(dtype), rois.to(dtype=dtype, device=input.device)
