@@ -21,7 +21,8 @@ def _close(ours, anchor):
     torch.testing.assert_close(ours, anchor)
 
 
-def cases(quick: bool) -> list[Case]:
+def cases(quick: bool, device: str = "cpu") -> list[Case]:
+    """Every case runs on CUDA too: BoxCoder and box_iou are plain tensor code there."""
     g = torch.Generator().manual_seed(0)
     coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
     n = 8 * 6000 if not quick else 6000
@@ -29,6 +30,8 @@ def cases(quick: bool) -> list[Case]:
     deltas = torch.randn(n, 4, generator=g) * 0.5
     targets = coder.decode_single(deltas, anchors)
     a, b = _boxes(1000, g), _boxes(1000 if not quick else 300, g)
+    # Drawn on the CPU generator as for the CPU run, then moved (a no-op on the CPU).
+    anchors, deltas, targets, a, b = (t.to(device) for t in (anchors, deltas, targets, a, b))
     return [
         Case(
             "boxes",

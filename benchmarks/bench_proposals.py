@@ -23,27 +23,39 @@ def _equal(ours, anchor):
     torch.testing.assert_close(ours, anchor, rtol=0, atol=0)
 
 
-def _nms_cases(quick: bool, g: torch.Generator) -> list[Case]:
+def _nms_case(boxes: torch.Tensor, scores: torch.Tensor) -> Case:
+    n = len(boxes)
+    return Case(
+        "proposals",
+        "nms",
+        f"N={n}, iou 0.5",
+        lambda: mlkernels.ops.nms(boxes, scores, 0.5),
+        lambda: torchvision.ops.nms(boxes, scores, 0.5),
+        "torchvision.ops.nms",
+        _equal,
+        target_ratio=5.0 if n == 6000 else None,
+    )
+
+
+def _nms_cases(quick: bool, g: torch.Generator, device: str) -> list[Case]:
     cases = []
     for n in (1000, 6000) if quick else (1000, 6000, 20000):
         boxes, scores = _boxes(n, g), torch.rand(n, generator=g)
-        cases.append(
-            Case(
-                "proposals",
-                "nms",
-                f"N={n}, iou 0.5",
-                lambda b=boxes, s=scores: mlkernels.ops.nms(b, s, 0.5),
-                lambda b=boxes, s=scores: torchvision.ops.nms(b, s, 0.5),
-                "torchvision.ops.nms",
-                _equal,
-                target_ratio=5.0 if n == 6000 else None,
-            )
-        )
+        cases.append(_nms_case(boxes.to(device), scores.to(device)))
+    if torch.device(device).type == "cuda" and not quick:
+        # N = 100,000 on the GPU only: torchvision's CPU nms would take ~13 s a call there (it
+        # grows as N^2: 0.5 s at N = 20,000). Its own generator, so that the CPU cases above
+        # and below keep their inputs. Both sides hold an N x N bit mask (1.25 GB).
+        g_large = torch.Generator().manual_seed(1)
+        n = 100_000
+        boxes_large, scores_large = _boxes(n, g_large), torch.rand(n, generator=g_large)
+        cases.append(_nms_case(boxes_large.to(device), scores_large.to(device)))
     images = 2 if quick else 8
     boxes = _boxes(images * 6000, g)
     # Distinct scores: torchvision's per-group path orders equal scores with an unstable sort.
     scores = torch.randperm(images * 6000, generator=g).float()
     idxs = torch.arange(images).repeat_interleave(6000)
+    boxes, scores, idxs = boxes.to(device), scores.to(device), idxs.to(device)
     cases.append(
         Case(
             "proposals",
@@ -58,12 +70,13 @@ def _nms_cases(quick: bool, g: torch.Generator) -> list[Case]:
     return cases
 
 
-def _propose_case(quick: bool, g: torch.Generator) -> Case:
+def _propose_case(quick: bool, g: torch.Generator, device: str) -> Case:
     """RLSD's shape: 12 anchors on a 38x50 map (22,800 per image), pre 6000, post 256."""
     images, height, width, stride = (2 if quick else 8), 38, 50, 16
     anchors = mlkernels.ops.generate_anchors((height, width), stride)
     deltas = torch.randn(images, anchors.shape[0], 4, generator=g) * 0.3
     objectness = torch.randn(images, anchors.shape[0], generator=g)
+    anchors, deltas, objectness = anchors.to(device), deltas.to(device), objectness.to(device)
     sizes = [(height * stride, width * stride)] * images
     rpn = RegionProposalNetwork(
         AnchorGenerator(),
@@ -107,6 +120,8 @@ def _propose_case(quick: bool, g: torch.Generator) -> Case:
     )
 
 
-def cases(quick: bool) -> list[Case]:
+def cases(quick: bool, device: str = "cpu") -> list[Case]:
+    """Every case runs on CUDA too (torchvision's nms, batched_nms and RPN filter_proposals all
+    have CUDA paths); the CUDA run adds nms at N = 100,000."""
     g = torch.Generator().manual_seed(0)
-    return [*_nms_cases(quick, g), _propose_case(quick, g)]
+    return [*_nms_cases(quick, g, device), _propose_case(quick, g, device)]

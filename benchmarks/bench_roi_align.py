@@ -48,12 +48,14 @@ def _forward_backward(fn, feat, boxes, grad, box_grad: bool):
     return run
 
 
-def cases(quick: bool) -> list[Case]:
+def cases(quick: bool, device: str = "cpu") -> list[Case]:
+    """Every case runs on CUDA too: torchvision's roi_align and the affine_grid + grid_sample path
+    have CUDA kernels."""
     g = torch.Generator().manual_seed(0)
     shapes = [(1, 256)] if quick else [(1, 256), (8, 256)]
     out = []
     for images, per_image in shapes:
-        feat, boxes, grad = _inputs(images, per_image, g)
+        feat, boxes, grad = (t.to(device) for t in _inputs(images, per_image, g))
         shape = f"{images}x512x38x50, {images * per_image} RoIs, 7x7, ratio 2"
         rlsd = images == 1
 
