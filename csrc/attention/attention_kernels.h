@@ -1,0 +1,165 @@
+// The attention kernels, written once over a Runner: CpuParallelRunner (attention_cpu.cpp) runs
+// them on the CPU's threads, CudaRunner (attention_cuda.cu) on a GPU, EmulatorRunner
+// (attention_emulated.cpp) on the CPU grid emulator in the tests. One thread per output row (see
+// attention_math.h): simple, deterministic and exact; no CPU- or GPU-specific tiling yet.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "attention.h"
+
+namespace mlk {
+namespace attention {
+
+using MaybeTensor = std::optional<at::Tensor>;
+
+inline bool has_bias(const MaybeTensor& bias) { return bias.has_value() && bias->defined(); }
+
+// Sizes, scale and the (contiguous) bias's broadcast strides.
+template <typename T>
+Dims<T> make_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& bias, double scale, bool is_causal) {
+  Dims<T> d{q.size(0), q.size(1),    q.size(2),      k.size(2), q.size(3),
+            v.size(3), {0, 0, 0, 0}, bias.defined(), is_causal, static_cast<T>(scale)};
+  for (int64_t i = 0; bias.defined() && i < 4; ++i) {
+    d.bias_stride[i] = bias.size(i) == 1 ? 0 : bias.stride(i);
+  }
+  return d;
+}
+
+template <typename Runner>
+std::tuple<at::Tensor, at::Tensor> forward_kernel(const Runner& run, const at::Tensor& query,
+                                                  const at::Tensor& key, const at::Tensor& value,
+                                                  const MaybeTensor& bias, double scale,
+                                                  bool is_causal) {
+  check_inputs(kOp, query, key, value, bias, scale);
+  const auto acc_options = query.options().dtype(accumulation_type(query.scalar_type()));
+  const int64_t rows = query.size(0) * query.size(1) * query.size(2);
+  auto out = allocate_output(kOp, {query.size(0), query.size(1), query.size(2), value.size(3)},
+                             acc_options);
+  auto lse = allocate_output(kOp, {query.size(0), query.size(1), query.size(2)}, acc_options);
+  if (rows > 0) {
+    const auto q = contiguous_input(kOp, "query", query);
+    const auto k = contiguous_input(kOp, "key", key);
+    const auto v = contiguous_input(kOp, "value", value);
+    const auto b = has_bias(bias) ? contiguous_input(kOp, "bias", *bias) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention", [&] {
+      using T = at::opmath_type<scalar_t>;
+      const Dims<T> d = make_dims<T>(q, k, v, b, scale, is_causal);
+      const scalar_t* qp = q.data_ptr<scalar_t>();
+      const scalar_t* kp = k.data_ptr<scalar_t>();
+      const scalar_t* vp = v.data_ptr<scalar_t>();
+      const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+      T* out_p = out.data_ptr<T>();
+      T* lse_p = lse.data_ptr<T>();
+      run.threads(launch_config_1d(rows), [=] MLK_LAMBDA(const ThreadIndex& t) {
+        forward_thread(t, d, qp, kp, vp, bp, out_p, lse_p);
+      });
+    });
+  }
+  return {out.to(query.scalar_type()), lse};
+}
+
+template <typename Runner>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernel(
+    const Runner& run, const at::Tensor& grad, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const MaybeTensor& bias, const at::Tensor& out, const at::Tensor& lse,
+    double scale, bool is_causal, std::array<bool, 4> mask) {
+  const char* op = kBackwardOp;
+  check_backward_inputs(grad, query, key, value, bias, out, lse, scale);
+  const auto acc_options = query.options().dtype(accumulation_type(query.scalar_type()));
+  mask[3] = mask[3] && has_bias(bias);
+  auto maybe_allocate = [&](bool wanted, at::IntArrayRef sizes) {
+    return wanted ? allocate_output(op, sizes, acc_options) : at::empty({0}, acc_options);
+  };
+  at::Tensor dq = maybe_allocate(mask[0], query.sizes());
+  at::Tensor dk = maybe_allocate(mask[1], key.sizes());
+  at::Tensor dv = maybe_allocate(mask[2], value.sizes());
+  at::Tensor dbias = maybe_allocate(mask[3], mask[3] ? bias->sizes() : at::IntArrayRef({0}));
+  const int64_t rows = query.size(0) * query.size(1) * query.size(2);
+  const int64_t key_rows = key.size(0) * key.size(1) * key.size(2);
+  if (mask[0] || mask[1] || mask[2] || mask[3]) {
+    const auto q = contiguous_input(op, "query", query);
+    const auto k = contiguous_input(op, "key", key);
+    const auto v = contiguous_input(op, "value", value);
+    const auto g = contiguous_input(op, "grad", grad);
+    const auto o = contiguous_input(op, "out", out);
+    const auto l = contiguous_input(op, "lse", lse);
+    const auto b = has_bias(bias) ? contiguous_input(op, "bias", *bias) : at::Tensor();
+    auto delta = allocate_output(op, {rows}, acc_options);
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, q.scalar_type(), "attention_backward", [&] {
+          using T = at::opmath_type<scalar_t>;
+          const Dims<T> d = make_dims<T>(q, k, v, b, scale, is_causal);
+          const scalar_t* qp = q.data_ptr<scalar_t>();
+          const scalar_t* kp = k.data_ptr<scalar_t>();
+          const scalar_t* vp = v.data_ptr<scalar_t>();
+          const scalar_t* gp = g.data_ptr<scalar_t>();
+          const scalar_t* op_ = o.data_ptr<scalar_t>();
+          const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+          const T* lp = l.data_ptr<T>();
+          T* delta_p = delta.data_ptr<T>();
+          const int64_t ev = v.size(3);
+          run.threads(launch_config_1d(rows), [=] MLK_LAMBDA(const ThreadIndex& t) {
+            delta_thread(t, rows, ev, gp, op_, delta_p);
+          });
+          if (mask[0]) {
+            T* dq_p = dq.data_ptr<T>();
+            run.threads(launch_config_1d(rows), [=] MLK_LAMBDA(const ThreadIndex& t) {
+              grad_query_thread(t, d, qp, kp, vp, bp, gp, lp, delta_p, dq_p);
+            });
+          }
+          if (mask[1] || mask[2]) {
+            T* dk_p = mask[1] ? dk.data_ptr<T>() : nullptr;
+            T* dv_p = mask[2] ? dv.data_ptr<T>() : nullptr;
+            run.threads(launch_config_1d(key_rows), [=] MLK_LAMBDA(const ThreadIndex& t) {
+              grad_key_value_thread(t, d, qp, kp, vp, bp, gp, lp, delta_p, dk_p, dv_p);
+            });
+          }
+          if (mask[3]) {
+            BiasShape shape{{b.size(0), b.size(1), b.size(2), b.size(3)}};
+            T* db_p = dbias.data_ptr<T>();
+            run.threads(launch_config_1d(b.numel()), [=] MLK_LAMBDA(const ThreadIndex& t) {
+              grad_bias_thread(t, d, shape, qp, kp, vp, bp, gp, lp, delta_p, db_p);
+            });
+          }
+        });
+  }
+  const auto type = query.scalar_type();
+  return {dq.to(type), dk.to(type), dv.to(type), dbias.to(type)};
+}
+
+// Every op of the family with the dispatcher's signatures, over one Runner.
+template <typename Runner>
+struct Kernels {
+  static std::tuple<at::Tensor, at::Tensor> scaled_dot_product_attention(
+      const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+      const MaybeTensor& bias, double scale, bool is_causal) {
+    return forward_kernel(Runner::on(query), query, key, value, bias, scale, is_causal);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+  scaled_dot_product_attention_backward(const at::Tensor& grad, const at::Tensor& query,
+                                        const at::Tensor& key, const at::Tensor& value,
+                                        const MaybeTensor& bias, const at::Tensor& out,
+                                        const at::Tensor& lse, double scale, bool is_causal,
+                                        std::array<bool, 4> output_mask) {
+    return backward_kernel(Runner::on(query), grad, query, key, value, bias, out, lse, scale,
+                           is_causal, output_mask);
+  }
+};
+
+// The family's registration, written once.
+template <typename K>
+void register_attention(torch::Library& m) {
+  m.impl("scaled_dot_product_attention", &K::scaled_dot_product_attention);
+  m.impl("scaled_dot_product_attention_backward", &K::scaled_dot_product_attention_backward);
+}
+
+}  // namespace attention
+}  // namespace mlk
