@@ -4,6 +4,7 @@ They are slow and simple on purpose: tests compare the compiled kernels with the
 use them as a baseline, and anyone can read them to see what an op computes.
 """
 
+from .attention import check_attention_args, scaled_dot_product_attention
 from .boxes import box_iou, decode_boxes, encode_boxes
 from .proposals import batched_nms, generate_anchors, nms, propose
 from .roi_align import roi_align, roi_align_grid_sample
@@ -11,6 +12,7 @@ from .roi_align import roi_align, roi_align_grid_sample
 __all__ = [
     "batched_nms",
     "box_iou",
+    "check_attention_args",
     "decode_boxes",
     "encode_boxes",
     "generate_anchors",
@@ -18,4 +20,5 @@ __all__ = [
     "propose",
     "roi_align",
     "roi_align_grid_sample",
+    "scaled_dot_product_attention",
 ]
