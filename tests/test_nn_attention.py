@@ -302,6 +302,16 @@ def test_low_precision_error_within_twice_torchs(dtype):
         assert our_error <= 2 * torch_error + 1e-3, (index, our_error, torch_error)
 
 
+def test_non_contiguous_masks():
+    theirs, ours = make_pair()
+    query, key, value = make_inputs({})
+    kpm = make_key_padding_mask("bool").t().contiguous().t()
+    attn = make_attn_mask("float3d").transpose(1, 2).contiguous().transpose(1, 2)
+    assert not kpm.is_contiguous() and not attn.is_contiguous()
+    expected, got = run_both(theirs, ours, query, key, value, key_padding_mask=kpm, attn_mask=attn)
+    assert_same(expected, got, True)
+
+
 # ---- gradients -------------------------------------------------------------------------------
 
 GRAD_CASES = {

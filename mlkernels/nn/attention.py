@@ -292,10 +292,10 @@ class MultiheadAttention(nn.MultiheadAttention):
         masks = []
         if attn_mask is not None:
             if attn_mask.dim() == 3:
-                attn_mask = attn_mask.view(batch, self.num_heads, tgt_len, src_len)
+                attn_mask = attn_mask.reshape(batch, self.num_heads, tgt_len, src_len)
             masks.append(attn_mask)
         if key_padding_mask is not None:
-            masks.append(key_padding_mask.view(batch, 1, 1, src_len))
+            masks.append(key_padding_mask.reshape(batch, 1, 1, src_len))
         if not masks:
             return None
         if all(m.dtype == torch.bool for m in masks):
