@@ -1,6 +1,7 @@
 """nn.Module layers built on mlkernels.ops; drop-in where a torch/torchvision module exists."""
 
+from .attention import MultiheadAttention
 from .proposals import AnchorGenerator, ProposalLayer, Proposals
 from .roi_align import RoIAlign
 
-__all__ = ["AnchorGenerator", "ProposalLayer", "Proposals", "RoIAlign"]
+__all__ = ["AnchorGenerator", "MultiheadAttention", "ProposalLayer", "Proposals", "RoIAlign"]
