@@ -13,12 +13,16 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+import mlkernels
 from mlkernels import reference
 
 OP = "scaled_dot_product_attention"
 
 # (name, function): the implementations under test, all with the reference's signature.
-IMPLEMENTATIONS = [("reference", reference.scaled_dot_product_attention)]
+IMPLEMENTATIONS = [
+    ("reference", reference.scaled_dot_product_attention),
+    ("ops", mlkernels.ops.scaled_dot_product_attention),
+]
 
 SDPA = pytest.mark.parametrize(
     "sdpa", [fn for _, fn in IMPLEMENTATIONS], ids=[name for name, _ in IMPLEMENTATIONS]

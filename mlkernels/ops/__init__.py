@@ -1,6 +1,7 @@
 """The public ops. Each validates its arguments, documents shapes, and dispatches to
 torch.ops.mlkernels.* (CPU or CUDA kernels); each has a pure-PyTorch twin in mlkernels.reference."""
 
+from .attention import scaled_dot_product_attention
 from .boxes import box_iou, decode_boxes, encode_boxes
 from .proposals import ProposeConfig, batched_nms, generate_anchors, nms, propose
 from .roi_align import roi_align
@@ -15,4 +16,5 @@ __all__ = [
     "nms",
     "propose",
     "roi_align",
+    "scaled_dot_product_attention",
 ]

@@ -1,0 +1,186 @@
+"""The raw attention ops on every implementation (CPU, the CUDA kernels on the grid emulator, CUDA):
+the emulator against the CPU kernels bitwise, output masks, opcheck, determinism, autograd edges.
+The public function's contract is tested in test_attention.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import ALL_IMPLS, DEVICE_IMPLS, run_opcheck
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mlkernels import ops, reference
+
+OP = "scaled_dot_product_attention"
+
+
+def _inputs(seed, b, h, lq, lk, e, ev, bias_shape, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    q, k, v = rand(b, h, lq, e), rand(b, h, lk, e), rand(b, h, lk, ev)
+    bias = None
+    if bias_shape is not None:
+        bias = rand(*bias_shape)
+        if bias.numel():
+            bias.view(-1)[:: max(1, bias.numel() // 5)] = -math.inf  # some masked entries
+    return q, k, v, bias
+
+
+bias_shapes = st.sampled_from(["none", "full", "2d", "key", "head"])
+
+
+def _bias_shape(kind, b, h, lq, lk):
+    return {
+        "none": None,
+        "full": (b, h, lq, lk),
+        "2d": (1, 1, lq, lk),
+        "key": (b, 1, 1, lk),
+        "head": (1, h, lq, 1),
+    }[kind]
+
+
+@ALL_IMPLS
+@given(
+    seed=st.integers(0, 2**31),
+    b=st.integers(1, 2),
+    h=st.integers(1, 3),
+    lq=st.integers(0, 9),
+    lk=st.integers(0, 9),
+    e=st.integers(1, 7),
+    ev=st.integers(1, 5),
+    kind=bias_shapes,
+    causal=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+)
+def test_raw_ops_match_cpu_and_reference(impl, seed, b, h, lq, lk, e, ev, kind, causal, dtype):
+    """Forward and backward of every implementation: bitwise the CPU kernels' on the emulator, and
+    the reference's values."""
+    shape = _bias_shape(kind, b, h, lq, lk)
+    q, k, v, bias = _inputs(seed, b, h, lq, lk, e, ev, shape, dtype)
+    causal = causal and bias is None
+    scale = 0.7
+    out, lse = impl.call(OP, q, k, v, bias, scale, causal)
+    impl.assert_matches_cpu((out, lse), OP, q, k, v, bias, scale, causal, equal_nan=True)
+    expected, expected_lse = reference.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        None if bias is None else bias.squeeze(0).squeeze(0) if kind == "2d" else bias,
+        is_causal=causal,
+        scale=scale,
+        return_lse=True,
+    )
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(out, expected, **tol)
+    torch.testing.assert_close(lse.float(), expected_lse, **tol)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    args = (grad, q, k, v, bias, out, lse, scale, causal)
+    grads = impl.call(f"{OP}_backward", *args)
+    impl.assert_matches_cpu(grads, f"{OP}_backward", *args)
+    # Each gradient alone equals the same gradient computed with the others.
+    for i in range(4):
+        mask = [j == i for j in range(4)]
+        alone = impl.call(f"{OP}_backward", *args, mask)
+        for j in range(4):
+            if j == i and (j < 3 or bias is not None):
+                assert torch.equal(alone[j], grads[j])
+            else:
+                assert alone[j].shape == (0,)
+
+
+@pytest.mark.parametrize("kind", ["full", "2d", "key", "head"])
+def test_gradcheck_with_broadcast_bias(kind):
+    b, h, lq, lk = 2, 2, 4, 5
+    q, k, v, bias = _inputs(3, b, h, lq, lk, 3, 2, _bias_shape(kind, b, h, lq, lk))
+    bias = torch.randn_like(bias)  # no -inf: gradcheck perturbs every entry
+    inputs = tuple(t.requires_grad_() for t in (q, k, v, bias))
+
+    def fn(q, k, v, bias):
+        return torch.ops.mlkernels.scaled_dot_product_attention(q, k, v, bias, 0.6, False)[0]
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_backward_is_deterministic():
+    q, k, v, bias = _inputs(4, 2, 4, 33, 47, 16, 8, (1, 1, 33, 47), torch.float32)
+    inputs = [t.requires_grad_() for t in (q, k, v, bias)]
+
+    def grads():
+        out = ops.scaled_dot_product_attention(*inputs[:3], inputs[3][0, 0])
+        return torch.autograd.grad(out.square().sum(), inputs)
+
+    first = grads()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = grads()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, grads(), single, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_double_backward_raises():
+    q, k, v, _ = _inputs(5, 1, 1, 3, 3, 2, 2, None)
+    q.requires_grad_()
+    out = ops.scaled_dot_product_attention(q, k, v)
+    (g,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        g.sum().backward()
+
+
+def _opcheck_samples():
+    q, k, v, bias = _inputs(6, 2, 2, 5, 6, 4, 3, (2, 1, 1, 6), torch.float32)
+    grad = torch.randn(2, 2, 5, 3)
+    yield OP, (q.requires_grad_(), k.requires_grad_(), v, bias.requires_grad_(), 0.5, False)
+    yield OP, (q.detach(), k.detach(), v, None, 0.5, True)
+    with torch.no_grad():
+        out, lse = torch.ops.mlkernels.scaled_dot_product_attention(q, k, v, bias, 0.5, False)
+    yield f"{OP}_backward", (grad, q.detach(), k.detach(), v, bias.detach(), out, lse, 0.5, False)
+
+
+@DEVICE_IMPLS
+@pytest.mark.parametrize(
+    "name,args", list(_opcheck_samples()), ids=lambda x: x if isinstance(x, str) else ""
+)
+def test_opcheck(impl, name, args):
+    run_opcheck(impl, name, args)
+
+
+@DEVICE_IMPLS
+def test_wrapper_on_device_matches_reference(impl):
+    q, k, v, bias = _inputs(7, 2, 3, 6, 9, 5, 4, (2, 1, 1, 9), torch.float32)
+    bias = bias.requires_grad_()
+    inputs = [t.requires_grad_() for t in (q, k, v)] + [bias]
+    on_device = [impl.to(t.detach()).requires_grad_() for t in inputs]
+    out = ops.scaled_dot_product_attention(*on_device)
+    expected = reference.scaled_dot_product_attention(*inputs)
+    torch.testing.assert_close(out.cpu(), expected)
+    grads = torch.autograd.grad(out.square().sum(), on_device)
+    expected_grads = torch.autograd.grad(expected.square().sum(), inputs)
+    for a, b in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(a.cpu(), b, equal_nan=True)
+
+
+@ALL_IMPLS
+def test_raw_op_bad_input(impl):
+    q, k, v, _ = _inputs(8, 1, 2, 3, 4, 5, 6, None, torch.float32)
+    call = impl.op(OP)
+    with pytest.raises(RuntimeError, match=rf"{OP}: query must be Tensor\[B, H, Lq, E\], got"):
+        call(q[0], k, v, None, 1.0, False)
+    with pytest.raises(RuntimeError, match=rf"{OP}: key must be Tensor\[1, 2, Lk, 5\]"):
+        call(q, k[..., :4], v, None, 1.0, False)
+    with pytest.raises(RuntimeError, match=rf"{OP}: value must be Tensor\[1, 2, 4, Ev\]"):
+        call(q, k, v[:, :, :3], None, 1.0, False)
+    with pytest.raises(RuntimeError, match=rf"{OP}: bias must broadcast to the scores"):
+        call(q, k, v, torch.zeros(1, 1, 2, 4), 1.0, False)
+    with pytest.raises(RuntimeError, match=rf"{OP}: key must have the dtype of query"):
+        call(q, k.double(), v, None, 1.0, False)
+    with pytest.raises(ValueError, match=rf"{OP}: scale must be finite, got nan"):
+        call(q, k, v, None, float("nan"), False)
