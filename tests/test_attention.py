@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import mlkernels
@@ -143,6 +143,9 @@ def test_forward_matches_math(sdpa, case, dtype):
 @given(case=_cases(fully_masked_rows=False), dtype=st.sampled_from(DTYPES))
 def test_forward_matches_torch(sdpa, case, dtype):
     q, k, v, mask, is_causal, scale = case
+    # torch's CPU kernel scales masked (-inf) scores too: with a negative scale they become +inf
+    # and its rows NaN (torch 2.14: is_causal with scale=-0.5 gives NaN). Compare elsewhere.
+    assume(scale is None or scale > 0 or (mask is None and not is_causal))
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(dtype)

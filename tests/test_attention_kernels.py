@@ -66,7 +66,14 @@ def test_raw_ops_match_cpu_and_reference(impl, seed, b, h, lq, lk, e, ev, kind, 
     causal = causal and bias is None
     scale = 0.7
     out, lse = impl.call(OP, q, k, v, bias, scale, causal)
-    impl.assert_matches_cpu((out, lse), OP, q, k, v, bias, scale, causal, equal_nan=True)
+    # The CPU kernels (ATen's batched products) and the CUDA ones (a thread per row) add in
+    # different orders: the same values within the dtype's tolerance, not bitwise.
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
+    cpu_out, cpu_lse = torch.ops.mlkernels.scaled_dot_product_attention(
+        q, k, v, bias, scale, causal
+    )
+    torch.testing.assert_close(out, cpu_out, **tol)
+    torch.testing.assert_close(lse, cpu_lse, **tol)
     expected, expected_lse = reference.scaled_dot_product_attention(
         q,
         k,
@@ -76,13 +83,14 @@ def test_raw_ops_match_cpu_and_reference(impl, seed, b, h, lq, lk, e, ev, kind, 
         scale=scale,
         return_lse=True,
     )
-    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
     torch.testing.assert_close(out, expected, **tol)
     torch.testing.assert_close(lse.float(), expected_lse, **tol)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     args = (grad, q, k, v, bias, out, lse, scale, causal)
     grads = impl.call(f"{OP}_backward", *args)
-    impl.assert_matches_cpu(grads, f"{OP}_backward", *args)
+    cpu_grads = torch.ops.mlkernels.scaled_dot_product_attention_backward(*args)
+    for got, want in zip(grads, cpu_grads, strict=True):
+        torch.testing.assert_close(got, want, **tol)
     # Each gradient alone equals the same gradient computed with the others.
     for i in range(4):
         mask = [j == i for j in range(4)]

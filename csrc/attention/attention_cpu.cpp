@@ -1,7 +1,168 @@
-// CPU registration of the attention ops: the runner kernels of attention_kernels.h on
-// CpuParallelRunner (no CPU-specific kernel yet).
+// The CPU's attention kernels: the heads of one image at a time, as chunks, through ATen's batched
+// matrix products (its BLAS, vectorized and multi-threaded) and element-wise ops, so the scores
+// exist only for one chunk (at most kChunkBytes, not [B, H, Lq, Lk]); the log-sum-exp of every
+// query row is kept, and the backward recomputes the probabilities from it. Chunks run in a fixed
+// order, so results are the same run to run; the bias gradient adds up chunk by chunk in that
+// order. The CUDA kernels (attention_kernels.h) compute the same values, one thread per row.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
 #include "../common/cpu_runner.h"
 #include "attention_kernels.h"
+
+namespace mlk {
+namespace attention {
+namespace {
+
+// Scores per chunk: a few MB keep a chunk's scores in cache-friendly sizes while amortizing
+// the per-op overhead (a chunk is ~10 ATen calls).
+constexpr int64_t kChunkBytes = int64_t(4) << 20;
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// Inputs in the accumulation type (float32 for float16/bfloat16), and the chunking.
+struct Chunked {
+  at::Tensor q, k, v, bias;  // bias: 4-D, broadcast dims of size 1, or undefined
+  at::Tensor causal_mask;    // [Lq, Lk] true where j > i, or undefined
+  int64_t batch, heads, heads_per_chunk;
+  double scale;
+
+  Chunked(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+          const MaybeTensor& bias_in, double scale_in, bool is_causal)
+      : batch(query.size(0)), heads(query.size(1)), scale(scale_in) {
+    const auto acc = accumulation_type(query.scalar_type());
+    q = query.to(acc);
+    k = key.to(acc);
+    v = value.to(acc);
+    if (has_bias(bias_in)) bias = bias_in->to(acc);
+    const int64_t lq = query.size(2), lk = key.size(2);
+    if (is_causal) {
+      causal_mask = at::ones({lq, lk}, query.options().dtype(at::kBool)).triu(1);
+    }
+    const int64_t per_head = std::max<int64_t>(1, lq * lk * at::elementSize(acc));
+    heads_per_chunk = std::clamp<int64_t>(kChunkBytes / per_head, 1, std::max<int64_t>(heads, 1));
+  }
+
+  // The slice [b, h0:h1] of a [B, H, ...] tensor, or of the bias along its non-broadcast dims.
+  static at::Tensor slice(const at::Tensor& t, int64_t b, int64_t h0, int64_t h1) {
+    const at::Tensor row = t.size(0) == 1 ? t.narrow(0, 0, 1) : t.narrow(0, b, 1);
+    return t.size(1) == 1 ? row : row.narrow(1, h0, h1 - h0);
+  }
+
+  // scale * q k^T + bias, -inf where causal masks: [1, h, Lq, Lk].
+  at::Tensor scores(int64_t b, int64_t h0, int64_t h1) const {
+    at::Tensor s = at::matmul(slice(q, b, h0, h1), slice(k, b, h0, h1).transpose(-2, -1));
+    s.mul_(scale);
+    if (bias.defined()) s.add_(slice(bias, b, h0, h1));
+    if (causal_mask.defined()) s.masked_fill_(causal_mask, -kInf);
+    return s;
+  }
+
+  template <typename Fn>
+  void for_each_chunk(Fn fn) const {
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t h0 = 0; h0 < heads; h0 += heads_per_chunk) {
+        fn(b, h0, std::min(heads, h0 + heads_per_chunk));
+      }
+    }
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> forward_kernel(const CpuParallelRunner&, const at::Tensor& query,
+                                                  const at::Tensor& key, const at::Tensor& value,
+                                                  const MaybeTensor& bias, double scale,
+                                                  bool is_causal) {
+  check_inputs(kOp, query, key, value, bias, scale);
+  const auto acc_options = query.options().dtype(accumulation_type(query.scalar_type()));
+  auto out = allocate_output(kOp, {query.size(0), query.size(1), query.size(2), value.size(3)},
+                             acc_options);
+  auto lse = allocate_output(kOp, {query.size(0), query.size(1), query.size(2)}, acc_options);
+  if (key.size(2) == 0) {  // no keys: every row fully masked
+    return {out.zero_().to(query.scalar_type()), lse.fill_(-kInf)};
+  }
+  const Chunked c(query, key, value, bias, scale, is_causal);
+  c.for_each_chunk([&](int64_t b, int64_t h0, int64_t h1) {
+    at::Tensor s = c.scores(b, h0, h1);
+    // The row maximum, 0 for a fully masked row (all -inf), whose probabilities are then all 0
+    // instead of exp(-inf - -inf) = NaN; a NaN score keeps the row NaN.
+    at::Tensor m = s.amax(-1, /*keepdim=*/true);
+    m.masked_fill_(m == -kInf, 0);
+    s.sub_(m).exp_();
+    at::Tensor l = s.sum(-1, /*keepdim=*/true);
+    const at::Tensor empty = l == 0;
+    l.masked_fill_(empty, 1);
+    at::Tensor out_c = Chunked::slice(out, b, h0, h1);
+    out_c.copy_(at::matmul(s, Chunked::slice(c.v, b, h0, h1)).div_(l));
+    Chunked::slice(lse, b, h0, h1).copy_(m.add_(l.log_()).masked_fill_(empty, -kInf).squeeze(-1));
+  });
+  return {out.to(query.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernel(
+    const CpuParallelRunner&, const at::Tensor& grad, const at::Tensor& query,
+    const at::Tensor& key, const at::Tensor& value, const MaybeTensor& bias, const at::Tensor& out,
+    const at::Tensor& lse, double scale, bool is_causal, std::array<bool, 4> mask) {
+  const char* op = kBackwardOp;
+  check_backward_inputs(grad, query, key, value, bias, out, lse, scale);
+  const auto acc_options = query.options().dtype(accumulation_type(query.scalar_type()));
+  mask[3] = mask[3] && has_bias(bias);
+  auto zeros_if = [&](bool wanted, at::IntArrayRef sizes) {
+    return wanted ? allocate_zeros(op, sizes, acc_options) : at::empty({0}, acc_options);
+  };
+  at::Tensor dq = zeros_if(mask[0], query.sizes());
+  at::Tensor dk = zeros_if(mask[1], key.sizes());
+  at::Tensor dv = zeros_if(mask[2], value.sizes());
+  at::Tensor dbias = zeros_if(mask[3], mask[3] ? bias->sizes() : at::IntArrayRef({0}));
+  if ((mask[0] || mask[1] || mask[2] || mask[3]) && key.size(2) > 0) {
+    const Chunked c(query, key, value, bias, scale, is_causal);
+    const auto acc = acc_options.dtype();
+    const at::Tensor g = grad.to(acc), o = out.to(acc);
+    // A fully masked row's lse is -inf; +inf makes its probabilities exp(s - inf) = 0.
+    const at::Tensor lse_rows = lse.masked_fill(lse == -kInf, kInf).unsqueeze(-1);
+    // Dims along which the bias was broadcast: its gradient sums over them.
+    std::vector<int64_t> bias_sum_dims;
+    if (mask[3]) {
+      for (int64_t d = 2; d < 4; ++d) {
+        if (bias->size(d) == 1) bias_sum_dims.push_back(d);
+      }
+    }
+    c.for_each_chunk([&](int64_t b, int64_t h0, int64_t h1) {
+      const at::Tensor g_c = Chunked::slice(g, b, h0, h1);
+      at::Tensor p = c.scores(b, h0, h1).sub_(Chunked::slice(lse_rows, b, h0, h1)).exp_();
+      if (mask[2]) {
+        Chunked::slice(dv, b, h0, h1).copy_(at::matmul(p.transpose(-2, -1), g_c));
+      }
+      if (!(mask[0] || mask[1] || mask[3])) return;
+      const at::Tensor delta = (g_c * Chunked::slice(o, b, h0, h1)).sum(-1, /*keepdim=*/true);
+      // dS = P * (dO V^T - delta), in place of P's buffer once dV has used P.
+      at::Tensor ds = at::matmul(g_c, Chunked::slice(c.v, b, h0, h1).transpose(-2, -1));
+      ds.sub_(delta).mul_(p);
+      if (mask[0]) {
+        Chunked::slice(dq, b, h0, h1).copy_(at::matmul(ds, Chunked::slice(c.k, b, h0, h1)));
+      }
+      if (mask[1]) {
+        Chunked::slice(dk, b, h0, h1)
+            .copy_(at::matmul(ds.transpose(-2, -1), Chunked::slice(c.q, b, h0, h1)));
+      }
+      if (mask[3]) {
+        at::Tensor reduced = bias_sum_dims.empty() ? ds : ds.sum(bias_sum_dims, /*keepdim=*/true);
+        if (bias->size(1) == 1) reduced = reduced.sum(1, /*keepdim=*/true);
+        Chunked::slice(dbias, b, h0, h1).add_(reduced);
+      }
+    });
+    if (mask[0]) dq.mul_(scale);
+    if (mask[1]) dk.mul_(scale);
+  }
+  const auto type = query.scalar_type();
+  return {dq.to(type), dk.to(type), dv.to(type), dbias.to(type)};
+}
+
+}  // namespace attention
+}  // namespace mlk
 
 TORCH_LIBRARY_IMPL(mlkernels, CPU, m) {
   mlk::attention::register_attention<mlk::attention::Kernels<mlk::CpuParallelRunner>>(m);

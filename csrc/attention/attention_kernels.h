@@ -1,7 +1,7 @@
-// The attention kernels, written once over a Runner: CpuParallelRunner (attention_cpu.cpp) runs
-// them on the CPU's threads, CudaRunner (attention_cuda.cu) on a GPU, EmulatorRunner
-// (attention_emulated.cpp) on the CPU grid emulator in the tests. One thread per output row (see
-// attention_math.h): simple, deterministic and exact; no CPU- or GPU-specific tiling yet.
+// The attention CUDA kernels, written once over a Runner: CudaRunner (attention_cuda.cu) runs them
+// on a GPU, EmulatorRunner (attention_emulated.cpp) on the CPU grid emulator in the tests. One
+// thread per output row (see attention_math.h): simple, deterministic, no atomics; no shared-
+// memory tiling yet. The CPU has its own kernels (attention_cpu.cpp), declared below.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -15,6 +15,9 @@
 #include "attention.h"
 
 namespace mlk {
+
+struct CpuParallelRunner;  // csrc/common/cpu_runner.h
+
 namespace attention {
 
 using MaybeTensor = std::optional<at::Tensor>;
@@ -32,6 +35,17 @@ Dims<T> make_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
   return d;
 }
+
+// The CPU's own kernels (attention_cpu.cpp: chunks of heads through ATen's batched matrix
+// products): for CpuParallelRunner, overload resolution picks them over the runner templates.
+std::tuple<at::Tensor, at::Tensor> forward_kernel(const CpuParallelRunner& run,
+                                                  const at::Tensor& query, const at::Tensor& key,
+                                                  const at::Tensor& value, const MaybeTensor& bias,
+                                                  double scale, bool is_causal);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernel(
+    const CpuParallelRunner& run, const at::Tensor& grad, const at::Tensor& query,
+    const at::Tensor& key, const at::Tensor& value, const MaybeTensor& bias, const at::Tensor& out,
+    const at::Tensor& lse, double scale, bool is_causal, std::array<bool, 4> mask);
 
 template <typename Runner>
 std::tuple<at::Tensor, at::Tensor> forward_kernel(const Runner& run, const at::Tensor& query,
