@@ -51,13 +51,16 @@ struct Chunked {
     return t.size(1) == 1 ? row : row.narrow(1, h0, h1 - h0);
   }
 
-  // scale * q k^T + bias, -inf where causal masks: [1, h, Lq, Lk].
+  // scale * q k^T + bias, -inf where causal masks: [1, h, Lq, Lk]. With a bias, one baddbmm: the
+  // bias is the product's initial value, so scaling and adding cost no extra pass.
   at::Tensor scores(int64_t b, int64_t h0, int64_t h1) const {
-    at::Tensor s = at::matmul(slice(q, b, h0, h1), slice(k, b, h0, h1).transpose(-2, -1));
-    s.mul_(scale);
-    if (bias.defined()) s.add_(slice(bias, b, h0, h1));
+    const at::Tensor qc = slice(q, b, h0, h1).select(0, 0);
+    const at::Tensor kt = slice(k, b, h0, h1).select(0, 0).transpose(1, 2);
+    at::Tensor s = bias.defined()
+                       ? at::baddbmm(slice(bias, b, h0, h1).select(0, 0), qc, kt, 1, scale)
+                       : at::bmm(qc, kt).mul_(scale);
     if (causal_mask.defined()) s.masked_fill_(causal_mask, -kInf);
-    return s;
+    return s.unsqueeze(0);
   }
 
   template <typename Fn>
