@@ -530,3 +530,14 @@ def test_shape_errors_are_shape_errors():
     with pytest.raises(ShapeError):
         reference.check_attention_args(OP, Q, K, V, torch.zeros(3, 10, 12), 0.0, False, None)
     assert reference.check_attention_args(OP, Q, K, V, None, 0.0, False, None) is None
+
+
+@SDPA
+def test_zero_head_dim_is_uniform_attention(sdpa):
+    # E = 0: every score is 0 (an empty dot product), so each row averages the attended values
+    q, k, v = _inputs(20, (2,), 4, 5, 0, 3)
+    attend = _attend(20, (4, 5), 0.5, full_rows=False)
+    expected = (attend.double() / attend.sum(-1, keepdim=True)) @ v
+    torch.testing.assert_close(sdpa(q, k, v), v.mean(-2, keepdim=True).expand(2, 4, 3))
+    torch.testing.assert_close(sdpa(q, k, v, attend), expected)
+    torch.testing.assert_close(sdpa(q, k, v), F.scaled_dot_product_attention(q, k, v))
