@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += harness.run_cases(cases, min_run_time, args.device)
     print()
     table = harness.markdown_table(rows, info)
+    extras = harness.extras_table(rows, info)  # "" unless a family reports memory or GFLOP/s
+    if extras:
+        table += "\n\n" + extras
     print(table)
     if args.markdown is not None:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
