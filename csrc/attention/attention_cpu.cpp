@@ -1,14 +1,16 @@
-// The CPU's attention kernels: the heads of one image at a time, as chunks, through ATen's batched
-// matrix products (its BLAS, vectorized and multi-threaded) and element-wise ops, so the scores
-// exist only for one chunk (at most kChunkBytes, not [B, H, Lq, Lk]); the log-sum-exp of every
-// query row is kept, and the backward recomputes the probabilities from it. Chunks run in a fixed
-// order, so results are the same run to run; the bias gradient adds up chunk by chunk in that
-// order. The CUDA kernels (attention_kernels.h) compute the same values, one thread per row.
+// The CPU's attention kernels: chunks of heads of one image, in parallel, each through ATen's
+// batched matrix products (its BLAS) and vectorized element-wise ops on its own thread, so the
+// scores exist only per chunk (at most kChunkBytes per thread, not [B, H, Lq, Lk]); the
+// log-sum-exp of every query row is kept, and the backward recomputes the probabilities from it.
+// Results are the same run to run at a given thread count (a broadcast bias's gradient adds up per
+// thread, then over threads in order). The CUDA kernels (attention_kernels.h) compute the same
+// values, one thread per row.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
+#include <vector>
 
 #include "../common/cpu_runner.h"
 #include "attention_kernels.h"
@@ -17,9 +19,9 @@ namespace mlk {
 namespace attention {
 namespace {
 
-// Scores per chunk: a few MB keep a chunk's scores in cache-friendly sizes while amortizing
-// the per-op overhead (a chunk is ~10 ATen calls).
-constexpr int64_t kChunkBytes = int64_t(4) << 20;
+// Scores per chunk: within a core's L2 cache (the backward holds two such buffers), and large
+// enough to amortize the overhead of a chunk's ~15 ATen calls.
+constexpr int64_t kChunkBytes = int64_t(256) << 10;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // Inputs in the accumulation type (float32 for float16/bfloat16), and the chunking.
@@ -33,10 +35,11 @@ struct Chunked {
           const MaybeTensor& bias_in, double scale_in, bool is_causal)
       : batch(query.size(0)), heads(query.size(1)), scale(scale_in) {
     const auto acc = accumulation_type(query.scalar_type());
-    q = query.to(acc);
-    k = key.to(acc);
-    v = value.to(acc);
-    if (has_bias(bias_in)) bias = bias_in->to(acc);
+    // Detached: the chunks run on ATen's worker threads, whose grad mode is not the caller's.
+    q = query.detach().to(acc);
+    k = key.detach().to(acc);
+    v = value.detach().to(acc);
+    if (has_bias(bias_in)) bias = bias_in->detach().to(acc);
     const int64_t lq = query.size(2), lk = key.size(2);
     if (is_causal) {
       causal_mask = at::ones({lq, lk}, query.options().dtype(at::kBool)).triu(1);
@@ -63,13 +66,22 @@ struct Chunked {
     return s.unsqueeze(0);
   }
 
+  int64_t chunks_per_image() const { return (heads + heads_per_chunk - 1) / heads_per_chunk; }
+
+  // fn(b, h0, h1) for every chunk, the chunks spread over ATen's threads (each chunk's ATen ops
+  // then run on its thread alone, on a chunk that fits the thread's cache). at::parallel_for
+  // splits the range statically by thread number, so with a given thread count every chunk
+  // always runs on the same thread, in the same order.
   template <typename Fn>
   void for_each_chunk(Fn fn) const {
-    for (int64_t b = 0; b < batch; ++b) {
-      for (int64_t h0 = 0; h0 < heads; h0 += heads_per_chunk) {
+    const int64_t per_image = chunks_per_image();
+    at::parallel_for(0, batch * per_image, 1, [&](int64_t begin, int64_t end) {
+      const at::NoGradGuard no_grad;  // worker threads do not inherit the caller's grad mode
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t b = n / per_image, h0 = (n % per_image) * heads_per_chunk;
         fn(b, h0, std::min(heads, h0 + heads_per_chunk));
       }
-    }
+    });
   }
 };
 
@@ -123,9 +135,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernel(
   if ((mask[0] || mask[1] || mask[2] || mask[3]) && key.size(2) > 0) {
     const Chunked c(query, key, value, bias, scale, is_causal);
     const auto acc = acc_options.dtype();
-    const at::Tensor g = grad.to(acc), o = out.to(acc);
+    const at::Tensor g = grad.detach().to(acc), o = out.detach().to(acc);
     // A fully masked row's lse is -inf; +inf makes its probabilities exp(s - inf) = 0.
-    const at::Tensor lse_rows = lse.masked_fill(lse == -kInf, kInf).unsqueeze(-1);
+    const at::Tensor lse_rows = lse.detach().masked_fill(lse == -kInf, kInf).unsqueeze(-1);
     // Dims along which the bias was broadcast: its gradient sums over them.
     std::vector<int64_t> bias_sum_dims;
     if (mask[3]) {
@@ -133,6 +145,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernel(
         if (bias->size(d) == 1) bias_sum_dims.push_back(d);
       }
     }
+    // Chunks that share a slice of a broadcast bias would race on its gradient: each thread then
+    // adds into its own copy, and the copies are summed in thread order.
+    const bool shared_bias = mask[3] && ((bias->size(0) == 1 && c.batch > 1) ||
+                                         (bias->size(1) == 1 && c.chunks_per_image() > 1));
+    const at::Tensor per_thread =
+        shared_bias ? allocate_zeros(
+                          op,
+                          [&] {
+                            std::vector<int64_t> sizes{at::get_num_threads()};
+                            sizes.insert(sizes.end(), bias->sizes().begin(), bias->sizes().end());
+                            return sizes;
+                          }(),
+                          acc_options)
+                    : at::Tensor();
     c.for_each_chunk([&](int64_t b, int64_t h0, int64_t h1) {
       const at::Tensor g_c = Chunked::slice(g, b, h0, h1);
       at::Tensor p = c.scores(b, h0, h1).sub_(Chunked::slice(lse_rows, b, h0, h1)).exp_();
@@ -154,9 +180,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernel(
       if (mask[3]) {
         at::Tensor reduced = bias_sum_dims.empty() ? ds : ds.sum(bias_sum_dims, /*keepdim=*/true);
         if (bias->size(1) == 1) reduced = reduced.sum(1, /*keepdim=*/true);
-        Chunked::slice(dbias, b, h0, h1).add_(reduced);
+        const at::Tensor target = shared_bias ? per_thread[at::get_thread_num()] : dbias;
+        Chunked::slice(target, b, h0, h1).add_(reduced);
       }
     });
+    if (shared_bias) at::sum_out(dbias, per_thread, 0);
     if (mask[0]) dq.mul_(scale);
     if (mask[1]) dk.mul_(scale);
   }

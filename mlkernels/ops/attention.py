@@ -107,7 +107,9 @@ def _check_inputs(op, query, key, value, bias, scale):
     C.check_same_device(op, "query", query, "value", value)
     if bias is not None:
         scores = (b, h, lq, key.shape[2])
-        ok = bias.dim() == 4 and all(s == 1 or s == t for s, t in zip(bias.shape, scores))
+        ok = bias.dim() == 4 and all(
+            s == 1 or s == t for s, t in zip(bias.shape, scores, strict=True)
+        )
         C.check(
             ok,
             f"{op}: bias must broadcast to the scores Tensor[{', '.join(map(str, scores))}] "
