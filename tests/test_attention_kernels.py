@@ -185,5 +185,8 @@ def test_raw_op_bad_input(impl):
         call(q, k, v, torch.zeros(1, 1, 2, 4), 1.0, False)
     with pytest.raises(RuntimeError, match=rf"{OP}: key must have the dtype of query"):
         call(q, k.double(), v, None, 1.0, False)
-    with pytest.raises(ValueError, match=rf"{OP}: scale must be finite, got nan"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{OP}: scale must be finite in the inputs' accumulation type \(float32\), got nan",
+    ):
         call(q, k, v, None, float("nan"), False)

@@ -8,6 +8,7 @@
 
 #include <array>
 #include <cmath>
+#include <limits>
 
 #include "../common/checks.h"
 #include "attention_math.h"
@@ -47,7 +48,12 @@ inline void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& 
     check_same_dtype(op, "query", q, "bias", *bias);
     check_same_device(op, "query", q, "bias", *bias);
   }
-  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  // Finite in the accumulation type too (float32 for all but float64 inputs).
+  const double largest = q.scalar_type() == at::kDouble ? std::numeric_limits<double>::max()
+                                                        : std::numeric_limits<float>::max();
+  TORCH_CHECK_VALUE(std::isfinite(scale) && std::abs(scale) <= largest, op,
+                    ": scale must be finite in the inputs' accumulation type (",
+                    q.scalar_type() == at::kDouble ? "float64" : "float32", "), got ", scale);
 }
 
 // The accumulation type: float32 for float16/bfloat16, else the input's.

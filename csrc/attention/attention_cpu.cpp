@@ -54,14 +54,15 @@ struct Chunked {
     return t.size(1) == 1 ? row : row.narrow(1, h0, h1 - h0);
   }
 
-  // scale * q k^T + bias, -inf where causal masks: [1, h, Lq, Lk]. With a bias, one baddbmm: the
-  // bias is the product's initial value, so scaling and adding cost no extra pass.
+  // (q k^T) * scale + bias, -inf where causal masks: [1, h, Lq, Lk]. In that order, as the
+  // reference and the CUDA kernels, so scores near the dtype's limit overflow alike (a baddbmm
+  // with alpha = scale and the bias as its initial value saves two passes but rounds, and
+  // overflows, differently).
   at::Tensor scores(int64_t b, int64_t h0, int64_t h1) const {
-    const at::Tensor qc = slice(q, b, h0, h1).select(0, 0);
-    const at::Tensor kt = slice(k, b, h0, h1).select(0, 0).transpose(1, 2);
-    at::Tensor s = bias.defined()
-                       ? at::baddbmm(slice(bias, b, h0, h1).select(0, 0), qc, kt, 1, scale)
-                       : at::bmm(qc, kt).mul_(scale);
+    at::Tensor s =
+        at::bmm(slice(q, b, h0, h1).select(0, 0), slice(k, b, h0, h1).select(0, 0).transpose(1, 2));
+    s.mul_(scale);
+    if (bias.defined()) s.add_(slice(bias, b, h0, h1).select(0, 0));
     if (causal_mask.defined()) s.masked_fill_(causal_mask, -kInf);
     return s.unsqueeze(0);
   }
@@ -110,8 +111,10 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(const CpuParallelRunner&, cons
     at::Tensor l = s.sum(-1, /*keepdim=*/true);
     const at::Tensor empty = l == 0;
     l.masked_fill_(empty, 1);
+    // Normalized before the product, so huge values overflow no sooner than the result does.
+    s.div_(l);
     at::Tensor out_c = Chunked::slice(out, b, h0, h1);
-    out_c.copy_(at::matmul(s, Chunked::slice(c.v, b, h0, h1)).div_(l));
+    out_c.copy_(at::matmul(s, Chunked::slice(c.v, b, h0, h1)));
     Chunked::slice(lse, b, h0, h1).copy_(m.add_(l.log_()).masked_fill_(empty, -kInf).squeeze(-1));
   });
   return {out.to(query.scalar_type()), lse};

@@ -3,8 +3,9 @@
 // no [B, H, Lq, Lk] buffer). T is the accumulation type (float32 for float16/bfloat16 inputs),
 // S the storage type.
 //
-//  forward:  per query row, pass 1 finds the row's largest score, pass 2 sums exp(s - max) and
-//            the weighted values; the row's log-sum-exp is kept for the backward.
+//  forward:  per query row, pass 1 finds the row's largest score and the sum of exp(s - max)
+//            (online), pass 2 adds the normalized probabilities times the values; the row's
+//            log-sum-exp is kept for the backward.
 //  backward: probabilities recomputed from the log-sum-exp, p = exp(s - lse):
 //            dq per query row (over keys), dk and dv per key row (over queries), the bias
 //            gradient per element of the bias as given (over the rows and heads it was broadcast
@@ -77,12 +78,19 @@ MLK_HOST_DEVICE void forward_thread(const ThreadIndex& t, const Dims<T>& d, cons
     const S* values = v + bh * d.lk * d.ev;
     T* o = out + r * d.ev;
     for (int64_t e = 0; e < d.ev; ++e) o[e] = 0;
-    T m = neg_inf<T>();
+    // Pass 1: the row's maximum m and l = sum_j exp(s_j - m), rescaled as m grows (online).
+    T m = neg_inf<T>(), l = 0;
     bool nan = false;
     for (int64_t j = 0; j < d.lk; ++j) {
       const T s = score(d, q_row, keys + j * d.e, bias, b, h, i, j);
-      nan = nan || s != s;
-      m = s > m ? s : m;
+      if (s != s) nan = true;
+      if (!(s > neg_inf<T>())) continue;  // masked (or NaN, flagged)
+      if (s > m) {
+        l = l * static_cast<T>(std::exp(m - s)) + T(1);
+        m = s;
+      } else {
+        l += static_cast<T>(std::exp(s - m));
+      }
     }
     if (nan) {
       const T q_nan = std::numeric_limits<T>::quiet_NaN();
@@ -94,15 +102,15 @@ MLK_HOST_DEVICE void forward_thread(const ThreadIndex& t, const Dims<T>& d, cons
       lse[r] = m;
       continue;
     }
-    T l = 0;
+    // Pass 2: the normalized probabilities times the values (normalized first, so huge values
+    // overflow no sooner than the result does).
     for (int64_t j = 0; j < d.lk; ++j) {
-      const T p = static_cast<T>(std::exp(score(d, q_row, keys + j * d.e, bias, b, h, i, j) - m));
+      const T p =
+          static_cast<T>(std::exp(score(d, q_row, keys + j * d.e, bias, b, h, i, j) - m)) / l;
       if (p == T(0)) continue;
-      l += p;
       const S* v_row = values + j * d.ev;
       for (int64_t e = 0; e < d.ev; ++e) o[e] += p * static_cast<T>(v_row[e]);
     }
-    for (int64_t e = 0; e < d.ev; ++e) o[e] /= l;
     lse[r] = m + static_cast<T>(std::log(l));
   }
 }

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops import _checks as C
 from ..ops._checks import ShapeError, shape_str
 
 _NAME = "MultiheadAttention"
@@ -91,6 +92,54 @@ class MultiheadAttention(nn.MultiheadAttention):
     probabilities before dropout (torch returns them after its dropout). torch's inference fast
     path (``torch._native_multi_head_attention``) is never taken.
     """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        # torch's constructor checks with bare asserts and messages without the class name.
+        embed_dim = C.as_int(_NAME, "embed_dim", embed_dim)
+        num_heads = C.as_int(_NAME, "num_heads", num_heads)
+        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
+            raise ValueError(
+                f"{_NAME}: embed_dim and num_heads must be positive with embed_dim divisible by "
+                f"num_heads, got embed_dim={embed_dim}, num_heads={num_heads}"
+            )
+        for name, dim in (("kdim", kdim), ("vdim", vdim)):
+            if dim is not None and C.as_int(_NAME, name, dim) <= 0:
+                raise ValueError(f"{_NAME}: {name} must be positive or None, got {dim}")
+        p = C.as_float(_NAME, "dropout", dropout)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{_NAME}: dropout must be in [0, 1], got {dropout}")
+        try:
+            super().__init__(
+                embed_dim,
+                num_heads,
+                p,
+                bias,
+                add_bias_kv,
+                add_zero_attn,
+                kdim,
+                vdim,
+                batch_first,
+                device,
+                dtype,
+            )
+        except (RuntimeError, TypeError) as error:  # parameters beyond memory or int64
+            raise RuntimeError(
+                f"{_NAME}: the parameters for embed_dim={embed_dim}, kdim={kdim}, vdim={vdim} "
+                f"could not be allocated ({str(error).strip().splitlines()[0]})"
+            ) from None
 
     def forward(
         self,
@@ -198,6 +247,34 @@ class MultiheadAttention(nn.MultiheadAttention):
         attn_mask: Tensor | None,
     ) -> bool:
         """Torch's shape rules, our messages. Returns whether the input is batched."""
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            C.check_tensor(_NAME, name, t)
+            if not t.is_floating_point():
+                raise TypeError(
+                    f"{_NAME}: {name} must be a floating tensor, got {C.dtype_str(t.dtype)}"
+                )
+        weight = self.out_proj.weight
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.dtype != weight.dtype:
+                raise RuntimeError(
+                    f"{_NAME}: {name} must have the module's dtype ({C.dtype_str(weight.dtype)}), "
+                    f"got {C.dtype_str(t.dtype)}"
+                )
+        for name, t in (
+            ("query", query),
+            ("key", key),
+            ("value", value),
+            ("key_padding_mask", key_padding_mask),
+            ("attn_mask", attn_mask),
+        ):
+            if t is None:
+                continue
+            C.check_tensor(_NAME, name, t)
+            if t.device != weight.device:
+                raise RuntimeError(
+                    f"{_NAME}: {name} must be on the module's device ({weight.device}), "
+                    f"got {t.device}"
+                )
         if query.dim() not in (2, 3):
             raise ShapeError(
                 f"{_NAME}: query must be Tensor[L, N, E], Tensor[N, L, E] (batch_first) or "

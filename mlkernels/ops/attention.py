@@ -117,7 +117,14 @@ def _check_inputs(op, query, key, value, bias, scale):
         )
         C.check_same_dtype(op, "query", query, "bias", bias)
         C.check_same_device(op, "query", query, "bias", bias)
-    C.check(math.isfinite(scale), f"{op}: scale must be finite, got {C.num_str(scale)}", ValueError)
+    acc = "float64" if query.dtype == torch.float64 else "float32"
+    largest = torch.finfo(_accumulation_type(query.dtype)).max
+    C.check(
+        math.isfinite(scale) and abs(scale) <= largest,
+        f"{op}: scale must be finite in the inputs' accumulation type ({acc}), "
+        f"got {C.num_str(scale)}",
+        ValueError,
+    )
 
 
 def _accumulation_type(dtype: torch.dtype) -> torch.dtype:
@@ -146,7 +153,16 @@ def _attention_backward_fake(
             f"{op}: {name} must be Tensor[{', '.join(map(str, out_shape))}] (the output's "
             f"shape), got {C.shape_str(t)}",
         )
+        C.check_same_dtype(op, "query", query, name, t)
+        C.check_same_device(op, "query", query, name, t)
     C.check_defined(op, "lse", lse)
+    acc = _accumulation_type(query.dtype)
+    C.check(
+        tuple(lse.shape) == out_shape[:3] and lse.dtype == acc,
+        f"{op}: lse must be {C.dtype_str(acc)} Tensor[{', '.join(map(str, out_shape[:3]))}] "
+        f"(the forward's), got {C.dtype_str(lse.dtype)} {C.shape_str(lse)}",
+    )
+    C.check_same_device(op, "query", query, "lse", lse)
     like_bias = bias if bias is not None else query.new_empty((0,))
     mask = list(output_mask)
     if bias is None and len(mask) == 4:

@@ -75,6 +75,14 @@ def check_attention_args(
             )
         C.check_same_device(op, "query", query, "attn_mask", attn_mask)
 
+    if scale is not None and query.dtype != torch.float64:
+        # float32 is the accumulation type of every other dtype: a larger scale would be inf.
+        if abs(float(scale)) > torch.finfo(torch.float32).max:
+            raise ValueError(
+                f"{op}: scale must be finite in the inputs' accumulation type (float32), "
+                f"got {C.num_str(float(scale))}"
+            )
+
     # shapes
     if not 2 <= query.dim() <= 2 + MAX_LEADING_DIMS:
         raise C.ShapeError(
