@@ -473,16 +473,20 @@ def _make_attention_backward(g):
 def _attention_backward_reference(
     grad, query, key, value, bias, out, lse, scale, is_causal, output_mask=(True,) * 4
 ):
-    """The gradients from the given out and lse (the backward's inputs), in float64: P =
-    exp(S - lse), dS = P * (dO V^T - rowsum(dO * O))."""
+    """The gradients from the given out (the backward's input), in float64: P = softmax(S)
+    recomputed from the scores (the op recomputes it as the forward's; lse is only checked),
+    dS = P * (dO V^T - rowsum(dO * O))."""
     q, k, v, g, o = (t.double() for t in (query, key, value, grad, out))
     s = q @ k.transpose(-2, -1) * scale
     if bias is not None:
         s = s + bias.double()
     if is_causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), -math.inf)
-    rows = lse.double().unsqueeze(-1)
-    p = torch.exp(s - rows.masked_fill(rows == -math.inf, math.inf))
+    m = s.amax(-1, keepdim=True)
+    m = m.masked_fill(m == -math.inf, 0.0)
+    p = torch.exp(s - m)
+    total = p.sum(-1, keepdim=True)
+    p = p / total.masked_fill(total == 0, 1.0)
     ds = p * (g @ v.transpose(-2, -1) - (g * o).sum(-1, keepdim=True))
     grads = [ds @ k * scale, ds.transpose(-2, -1) @ q * scale, p.transpose(-2, -1) @ g]
     grads.append(ds.sum_to_size(bias.shape) if bias is not None else None)

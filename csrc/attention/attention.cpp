@@ -14,7 +14,9 @@ namespace {
 // output [B, H, Lq, Ev] and each row's log-sum-exp [B, H, Lq] in the accumulation type (float64
 // for float64 inputs, else float32; -inf for a fully masked row, whose output is zeros). The
 // backward returns the gradients of query, key, value and bias (in bias's own shape: summed over
-// the dimensions it was broadcast along), each only where output_mask asks (else Tensor[0]).
+// the dimensions it was broadcast along), each only where output_mask asks (else Tensor[0]). It
+// recomputes the probabilities as the forward normalizes them (lse is checked, not used: it
+// rounds the row sum's digits away when the scores are large).
 void define_attention_ops(torch::Library& m) {
   m.def(
       "scaled_dot_product_attention(Tensor query, Tensor key, Tensor value, Tensor? bias, "

@@ -67,6 +67,24 @@ struct Chunked {
     return s.unsqueeze(0);
   }
 
+  // The softmax of the scores over keys, normalized before the product with the values (so huge
+  // values overflow no sooner than the result does); a fully masked row (all -inf) gives zeros,
+  // a NaN score a NaN row. The backward recomputes exactly these probabilities (not exp(s - lse):
+  // lse rounds away the row sum's digits when the scores are large). Optionally returns the row
+  // maximum (0 for a fully masked row) and sum of exp(s - max) (0 there), [1, h, Lq, 1].
+  at::Tensor probabilities(int64_t b, int64_t h0, int64_t h1, at::Tensor* max_out = nullptr,
+                           at::Tensor* sum_out = nullptr) const {
+    at::Tensor p = scores(b, h0, h1);
+    at::Tensor m = p.amax(-1, /*keepdim=*/true);
+    m.masked_fill_(m == -kInf, 0);
+    p.sub_(m).exp_();
+    at::Tensor l = p.sum(-1, /*keepdim=*/true);
+    p.div_(l.masked_fill(l == 0, 1));
+    if (max_out != nullptr) *max_out = m;
+    if (sum_out != nullptr) *sum_out = l;
+    return p;
+  }
+
   int64_t chunks_per_image() const { return (heads + heads_per_chunk - 1) / heads_per_chunk; }
 
   // fn(b, h0, h1) for every chunk, the chunks spread over ATen's threads (each chunk's ATen ops
@@ -102,20 +120,13 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(const CpuParallelRunner&, cons
   }
   const Chunked c(query, key, value, bias, scale, is_causal);
   c.for_each_chunk([&](int64_t b, int64_t h0, int64_t h1) {
-    at::Tensor s = c.scores(b, h0, h1);
-    // The row maximum, 0 for a fully masked row (all -inf), whose probabilities are then all 0
-    // instead of exp(-inf - -inf) = NaN; a NaN score keeps the row NaN.
-    at::Tensor m = s.amax(-1, /*keepdim=*/true);
-    m.masked_fill_(m == -kInf, 0);
-    s.sub_(m).exp_();
-    at::Tensor l = s.sum(-1, /*keepdim=*/true);
+    at::Tensor m, l;
+    const at::Tensor p = c.probabilities(b, h0, h1, &m, &l);
+    Chunked::slice(out, b, h0, h1).copy_(at::matmul(p, Chunked::slice(c.v, b, h0, h1)));
+    // l is 0 only in a fully masked row (an attended key's exp(s - max) is 1).
     const at::Tensor empty = l == 0;
-    l.masked_fill_(empty, 1);
-    // Normalized before the product, so huge values overflow no sooner than the result does.
-    s.div_(l);
-    at::Tensor out_c = Chunked::slice(out, b, h0, h1);
-    out_c.copy_(at::matmul(s, Chunked::slice(c.v, b, h0, h1)));
-    Chunked::slice(lse, b, h0, h1).copy_(m.add_(l.log_()).masked_fill_(empty, -kInf).squeeze(-1));
+    Chunked::slice(lse, b, h0, h1)
+        .copy_(m.add_(l.masked_fill_(empty, 1).log_()).masked_fill_(empty, -kInf).squeeze(-1));
   });
   return {out.to(query.scalar_type()), lse};
 }
@@ -139,8 +150,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernel(
     const Chunked c(query, key, value, bias, scale, is_causal);
     const auto acc = acc_options.dtype();
     const at::Tensor g = grad.detach().to(acc), o = out.detach().to(acc);
-    // A fully masked row's lse is -inf; +inf makes its probabilities exp(s - inf) = 0.
-    const at::Tensor lse_rows = lse.detach().masked_fill(lse == -kInf, kInf).unsqueeze(-1);
     // Dims along which the bias was broadcast: its gradient sums over them.
     std::vector<int64_t> bias_sum_dims;
     if (mask[3]) {
@@ -164,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernel(
                     : at::Tensor();
     c.for_each_chunk([&](int64_t b, int64_t h0, int64_t h1) {
       const at::Tensor g_c = Chunked::slice(g, b, h0, h1);
-      at::Tensor p = c.scores(b, h0, h1).sub_(Chunked::slice(lse_rows, b, h0, h1)).exp_();
+      at::Tensor p = c.probabilities(b, h0, h1);
       if (mask[2]) {
         Chunked::slice(dv, b, h0, h1).copy_(at::matmul(p.transpose(-2, -1), g_c));
       }

@@ -104,9 +104,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernel(
     const auto v = contiguous_input(op, "value", value);
     const auto g = contiguous_input(op, "grad", grad);
     const auto o = contiguous_input(op, "out", out);
-    const auto l = contiguous_input(op, "lse", lse);
     const auto b = has_bias(bias) ? contiguous_input(op, "bias", *bias) : at::Tensor();
+    // The probabilities are recomputed as the forward's (row maximum and sum per row), not from
+    // lse, which rounds the sum's digits away when the scores are large.
     auto delta = allocate_output(op, {rows}, acc_options);
+    auto stats = allocate_output(op, {rows, 2}, acc_options);
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, q.scalar_type(), "attention_backward", [&] {
           using T = at::opmath_type<scalar_t>;
@@ -117,11 +119,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernel(
           const scalar_t* gp = g.data_ptr<scalar_t>();
           const scalar_t* op_ = o.data_ptr<scalar_t>();
           const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
-          const T* lp = l.data_ptr<T>();
           T* delta_p = delta.data_ptr<T>();
-          const int64_t ev = v.size(3);
+          T* lp = stats.data_ptr<T>();
           run.threads(launch_config_1d(rows), [=] MLK_LAMBDA(const ThreadIndex& t) {
-            delta_thread(t, rows, ev, gp, op_, delta_p);
+            row_thread(t, d, qp, kp, bp, gp, op_, delta_p, lp);
           });
           if (mask[0]) {
             T* dq_p = dq.data_ptr<T>();

@@ -6,7 +6,8 @@
 //  forward:  per query row, pass 1 finds the row's largest score and the sum of exp(s - max)
 //            (online), pass 2 adds the normalized probabilities times the values; the row's
 //            log-sum-exp is kept for the backward.
-//  backward: probabilities recomputed from the log-sum-exp, p = exp(s - lse):
+//  backward: probabilities recomputed as the forward's, p = exp(s - max) / sum (row statistics
+//            recomputed per row first: exp(s - lse) loses digits when the scores are large):
 //            dq per query row (over keys), dk and dv per key row (over queries), the bias
 //            gradient per element of the bias as given (over the rows and heads it was broadcast
 //            to), each from dS = p * (dO.v - D), D = dO.O per query row.
@@ -51,18 +52,40 @@ MLK_HOST_DEVICE T score(const Dims<T>& d, const S* q_row, const S* k_row, const 
   return s;
 }
 
-// The probability of a score given its row's log-sum-exp: 0 in a fully masked row (lse = -inf),
-// where exp(-inf - -inf) would be NaN.
-template <typename T>
-MLK_HOST_DEVICE T probability(T s, T lse) {
-  return lse == neg_inf<T>() ? T(0) : static_cast<T>(std::exp(s - lse));
-}
-
 template <typename S, typename T>
 MLK_HOST_DEVICE T dot(const S* a, const S* b, int64_t n) {
   T sum = 0;
   for (int64_t e = 0; e < n; ++e) sum += static_cast<T>(a[e]) * static_cast<T>(b[e]);
   return sum;
+}
+
+// A query row's maximum score m and l = sum_j exp(s_j - m) (online: rescaled as m grows); m is
+// -inf for a fully masked row (l = 0 there) and NaN when a score is NaN.
+template <typename S, typename T>
+MLK_HOST_DEVICE void row_stats(const Dims<T>& d, const S* q_row, const S* keys, const S* bias,
+                               int64_t b, int64_t h, int64_t i, T* m_out, T* l_out) {
+  T m = neg_inf<T>(), l = 0;
+  bool nan = false;
+  for (int64_t j = 0; j < d.lk; ++j) {
+    const T s = score(d, q_row, keys + j * d.e, bias, b, h, i, j);
+    if (s != s) nan = true;
+    if (!(s > neg_inf<T>())) continue;  // masked (or NaN, flagged)
+    if (s > m) {
+      l = l * static_cast<T>(std::exp(m - s)) + T(1);
+      m = s;
+    } else {
+      l += static_cast<T>(std::exp(s - m));
+    }
+  }
+  *m_out = nan ? std::numeric_limits<T>::quiet_NaN() : m;
+  *l_out = l;
+}
+
+// A probability from its score and its row's statistics: exp(s - m) / l, as the forward
+// normalizes it (0 in a fully masked row, NaN in a NaN row).
+template <typename T>
+MLK_HOST_DEVICE T probability(T s, T m, T l) {
+  return m == neg_inf<T>() ? T(0) : static_cast<T>(std::exp(s - m)) / l;
 }
 
 // out: [B*H*Lq, Ev] in T; lse: [B*H*Lq] in T. A row whose scores are all -inf (fully masked)
@@ -78,20 +101,10 @@ MLK_HOST_DEVICE void forward_thread(const ThreadIndex& t, const Dims<T>& d, cons
     const S* values = v + bh * d.lk * d.ev;
     T* o = out + r * d.ev;
     for (int64_t e = 0; e < d.ev; ++e) o[e] = 0;
-    // Pass 1: the row's maximum m and l = sum_j exp(s_j - m), rescaled as m grows (online).
-    T m = neg_inf<T>(), l = 0;
-    bool nan = false;
-    for (int64_t j = 0; j < d.lk; ++j) {
-      const T s = score(d, q_row, keys + j * d.e, bias, b, h, i, j);
-      if (s != s) nan = true;
-      if (!(s > neg_inf<T>())) continue;  // masked (or NaN, flagged)
-      if (s > m) {
-        l = l * static_cast<T>(std::exp(m - s)) + T(1);
-        m = s;
-      } else {
-        l += static_cast<T>(std::exp(s - m));
-      }
-    }
+    // Pass 1: the row's maximum and sum of exp(s - max).
+    T m, l;
+    row_stats(d, q_row, keys, bias, b, h, i, &m, &l);
+    const bool nan = m != m;
     if (nan) {
       const T q_nan = std::numeric_limits<T>::quiet_NaN();
       for (int64_t e = 0; e < d.ev; ++e) o[e] = q_nan;
@@ -105,8 +118,7 @@ MLK_HOST_DEVICE void forward_thread(const ThreadIndex& t, const Dims<T>& d, cons
     // Pass 2: the normalized probabilities times the values (normalized first, so huge values
     // overflow no sooner than the result does).
     for (int64_t j = 0; j < d.lk; ++j) {
-      const T p =
-          static_cast<T>(std::exp(score(d, q_row, keys + j * d.e, bias, b, h, i, j) - m)) / l;
+      const T p = probability(score(d, q_row, keys + j * d.e, bias, b, h, i, j), m, l);
       if (p == T(0)) continue;
       const S* v_row = values + j * d.ev;
       for (int64_t e = 0; e < d.ev; ++e) o[e] += p * static_cast<T>(v_row[e]);
@@ -115,21 +127,26 @@ MLK_HOST_DEVICE void forward_thread(const ThreadIndex& t, const Dims<T>& d, cons
   }
 }
 
-// delta[r] = dO[r] . O[r], per query row.
+// Per query row, for the backward: delta[r] = dO[r] . O[r], and the row's statistics (row_stats)
+// in stats[2r], stats[2r + 1], from which the probabilities are recomputed exactly as the
+// forward's.
 template <typename S, typename T>
-MLK_HOST_DEVICE void delta_thread(const ThreadIndex& t, int64_t rows, int64_t ev, const S* grad,
-                                  const S* out, T* delta) {
+MLK_HOST_DEVICE void row_thread(const ThreadIndex& t, const Dims<T>& d, const S* q, const S* k,
+                                const S* bias, const S* grad, const S* out, T* delta, T* stats) {
+  const int64_t rows = d.batch * d.heads * d.lq;
   for (int64_t r = t.global_x(); r < rows; r += t.grid_stride_x()) {
-    delta[r] = dot<S, T>(grad + r * ev, out + r * ev, ev);
+    const int64_t i = r % d.lq, bh = r / d.lq, h = bh % d.heads, b = bh / d.heads;
+    delta[r] = dot<S, T>(grad + r * d.ev, out + r * d.ev, d.ev);
+    row_stats(d, q + r * d.e, k + bh * d.lk * d.e, bias, b, h, i, stats + 2 * r, stats + 2 * r + 1);
   }
 }
 
 // dS of query i and key j of head (b, h): p * (dO_i . v_j - delta_i); p returned through `p_out`.
 template <typename S, typename T>
 MLK_HOST_DEVICE T score_grad(const Dims<T>& d, const S* q_row, const S* k_row, const S* v_row,
-                             const S* g_row, const S* bias, T lse_i, T delta_i, int64_t b,
+                             const S* g_row, const S* bias, const T* stats_i, T delta_i, int64_t b,
                              int64_t h, int64_t i, int64_t j, T* p_out) {
-  const T p = probability(score(d, q_row, k_row, bias, b, h, i, j), lse_i);
+  const T p = probability(score(d, q_row, k_row, bias, b, h, i, j), stats_i[0], stats_i[1]);
   *p_out = p;
   if (p == T(0)) return T(0);
   return p * (dot<S, T>(g_row, v_row, d.ev) - delta_i);
@@ -139,7 +156,7 @@ MLK_HOST_DEVICE T score_grad(const Dims<T>& d, const S* q_row, const S* k_row, c
 template <typename S, typename T>
 MLK_HOST_DEVICE void grad_query_thread(const ThreadIndex& t, const Dims<T>& d, const S* q,
                                        const S* k, const S* v, const S* bias, const S* grad,
-                                       const T* lse, const T* delta, T* dq) {
+                                       const T* stats, const T* delta, T* dq) {
   const int64_t rows = d.batch * d.heads * d.lq;
   for (int64_t r = t.global_x(); r < rows; r += t.grid_stride_x()) {
     const int64_t i = r % d.lq, bh = r / d.lq, h = bh % d.heads, b = bh / d.heads;
@@ -149,7 +166,7 @@ MLK_HOST_DEVICE void grad_query_thread(const ThreadIndex& t, const Dims<T>& d, c
       const S* k_row = k + (bh * d.lk + j) * d.e;
       T p;
       const T ds = score_grad(d, q + r * d.e, k_row, v + (bh * d.lk + j) * d.ev, grad + r * d.ev,
-                              bias, lse[r], delta[r], b, h, i, j, &p);
+                              bias, stats + 2 * r, delta[r], b, h, i, j, &p);
       if (ds == T(0)) continue;
       for (int64_t e = 0; e < d.e; ++e) out[e] += ds * static_cast<T>(k_row[e]);
     }
@@ -162,7 +179,7 @@ MLK_HOST_DEVICE void grad_query_thread(const ThreadIndex& t, const Dims<T>& d, c
 template <typename S, typename T>
 MLK_HOST_DEVICE void grad_key_value_thread(const ThreadIndex& t, const Dims<T>& d, const S* q,
                                            const S* k, const S* v, const S* bias, const S* grad,
-                                           const T* lse, const T* delta, T* dk, T* dv) {
+                                           const T* stats, const T* delta, T* dk, T* dv) {
   const int64_t rows = d.batch * d.heads * d.lk;
   for (int64_t r = t.global_x(); r < rows; r += t.grid_stride_x()) {
     const int64_t j = r % d.lk, bh = r / d.lk, h = bh % d.heads, b = bh / d.heads;
@@ -180,8 +197,8 @@ MLK_HOST_DEVICE void grad_key_value_thread(const ThreadIndex& t, const Dims<T>& 
       const int64_t qr = bh * d.lq + i;
       const S* g_row = grad + qr * d.ev;
       T p;
-      const T ds = score_grad(d, q + qr * d.e, k_row, v_row, g_row, bias, lse[qr], delta[qr], b, h,
-                              i, j, &p);
+      const T ds = score_grad(d, q + qr * d.e, k_row, v_row, g_row, bias, stats + 2 * qr, delta[qr],
+                              b, h, i, j, &p);
       if (gv != nullptr && p != T(0)) {
         for (int64_t e = 0; e < d.ev; ++e) gv[e] += p * static_cast<T>(g_row[e]);
       }
@@ -205,7 +222,7 @@ struct BiasShape {
 template <typename S, typename T>
 MLK_HOST_DEVICE void grad_bias_thread(const ThreadIndex& t, const Dims<T>& d,
                                       const BiasShape& bias_shape, const S* q, const S* k,
-                                      const S* v, const S* bias, const S* grad, const T* lse,
+                                      const S* v, const S* bias, const S* grad, const T* stats,
                                       const T* delta, T* dbias) {
   const int64_t* shape = bias_shape.size;
   const int64_t count = shape[0] * shape[1] * shape[2] * shape[3];
@@ -227,7 +244,7 @@ MLK_HOST_DEVICE void grad_bias_thread(const ThreadIndex& t, const Dims<T>& d,
             T p;
             sum +=
                 score_grad(d, q + qr * d.e, k + (bh * d.lk + j) * d.e, v + (bh * d.lk + j) * d.ev,
-                           grad + qr * d.ev, bias, lse[qr], delta[qr], b, h, i, j, &p);
+                           grad + qr * d.ev, bias, stats + 2 * qr, delta[qr], b, h, i, j, &p);
           }
         }
       }
