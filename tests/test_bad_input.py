@@ -1160,7 +1160,8 @@ KNOWN = {
         target.raw_op is not None
         and f"no fallback function is registered for schema mlkernels::{target.raw_op}." in message
     ),
-    # A bool[2] (bool[4]) output_mask of another length fails in the dispatcher's argument parsing, before
+    # A bool[2] (bool[4]) output_mask of another length fails in the dispatcher's argument
+    # parsing, before
     # the op runs, with a message that names neither the op nor the argument.
     "output_mask length": lambda target, message: (
         "output_mask" in target.kinds and "to a fixed-size array of size" in message

@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers import ALL_IMPLS
 
 import mlkernels
 from mlkernels import nn, ops, reference
@@ -403,3 +404,15 @@ def test_registration_is_written_once():
             assert "m.impl(" not in text, f"{family}_{name} registers ops by hand"
             pattern = rf"register_{family}<mlk::{family}::Kernels<mlk::{runner}>>\(m\);"
             assert len(re.findall(pattern, text)) == 1, f"{family}_{name}"
+
+
+@ALL_IMPLS
+def test_roi_align_backward_of_an_empty_huge_map(impl):
+    # The sweep: an expanded input with 2**40 images and width 0 made the CPU backward size its
+    # per-image arrays by the image count (std::bad_alloc). An empty map takes no samples.
+    x = torch.zeros(1, 3, 6, 0).expand(2**40, 3, 6, 0)
+    rois = torch.tensor([[0.0, 1, 1, 4, 4], [1.0, 0, 0, 2, 2]])
+    grad = torch.ones(2, 3, 2, 3)
+    grad_input, grad_boxes = impl.call("roi_align_backward", grad, x, rois, 0.5, 2, 3, 1, False)
+    assert grad_input.shape == x.shape and grad_boxes.shape == rois.shape
+    assert not grad_boxes.any()

@@ -303,7 +303,9 @@ std::tuple<at::Tensor, at::Tensor> roi_align_backward_kernel(const CpuParallelRu
                  : at::empty({0}, acc_options);
   auto grad_rois = mask.boxes ? allocate_zeros(op, {boxes.size(0), 5}, acc_options)
                               : at::empty({0}, acc_options);
-  if (grad.numel() > 0 && (mask.input || mask.boxes)) {
+  // An empty map (H or W = 0) takes no samples: both gradients are zero, and nothing is sized
+  // by the image count (which can be huge for an expanded, empty input).
+  if (grad.numel() > 0 && input.numel() > 0 && (mask.input || mask.boxes)) {
     // [N, H, W, C] contiguous: channels-last memory seen through a permutation
     const auto map =
         contiguous_input(op, "input", input.to(acc_options.dtype()), at::MemoryFormat::ChannelsLast)

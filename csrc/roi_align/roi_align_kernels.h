@@ -97,7 +97,9 @@ std::tuple<at::Tensor, at::Tensor> roi_align_backward_kernel(const Runner& run,
   auto grad_rois = mask.boxes
                        ? allocate_zeros("roi_align_backward", {boxes.size(0), 5}, acc_options)
                        : at::empty({0}, acc_options);
-  if (grad.numel() > 0 && (mask.input || mask.boxes)) {
+  // An empty map (H or W = 0) takes no samples: both gradients are zero, and nothing is sized
+  // by the image count (which can be huge for an expanded, empty input).
+  if (grad.numel() > 0 && input.numel() > 0 && (mask.input || mask.boxes)) {
     const bool deterministic = at::globalContext().deterministicAlgorithms();
     const auto map = contiguous_input("roi_align_backward", "input", input);
     const auto rois = contiguous_input("roi_align_backward", "boxes", boxes);
