@@ -416,3 +416,11 @@ def test_roi_align_backward_of_an_empty_huge_map(impl):
     grad_input, grad_boxes = impl.call("roi_align_backward", grad, x, rois, 0.5, 2, 3, 1, False)
     assert grad_input.shape == x.shape and grad_boxes.shape == rois.shape
     assert not grad_boxes.any()
+
+
+def test_box_iou_fake_names_the_op_when_the_output_cannot_exist():
+    # The sweep: meta boxes of 2**40 rows each make an IoU matrix whose size overflows; the fake
+    # kernel must fail as the C++ one does, naming the op.
+    boxes = torch.zeros(1, 4, device="meta").expand(2**40, 4)
+    with pytest.raises(RuntimeError, match=r"box_iou: the output Tensor\[1099511627776, "):
+        ops.box_iou(boxes, boxes)

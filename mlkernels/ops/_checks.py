@@ -192,10 +192,13 @@ def paired_boxes_shape(
         ) from None
 
 
-def allocate_output(op: str, like: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """like.new_empty(shape), failing as C++'s allocate_output (checks.h) where the size does."""
+def allocate_output(
+    op: str, like: torch.Tensor, shape: Sequence[int], dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """like.new_empty(shape, dtype=dtype), failing as C++'s allocate_output (checks.h) where the
+    size does."""
     try:
-        return like.new_empty(shape)
+        return like.new_empty(shape, dtype=dtype if dtype is not None else like.dtype)
     except RuntimeError as error:
         shape_text = "Tensor[" + ", ".join(str(s) for s in shape) + "]"
         message = str(error).strip().splitlines()[0]

@@ -165,7 +165,8 @@ def _box_iou_fake(boxes1, boxes2):
     C.check_same_dtype("box_iou", "boxes1", boxes1, "boxes2", boxes2)
     C.check_same_device("box_iou", "boxes1", boxes1, "boxes2", boxes2)
     result_type = torch.float64 if dtype == torch.float64 else torch.float32
-    return boxes1.new_empty((boxes1.shape[0], boxes2.shape[0]), dtype=result_type)
+    shape = (boxes1.shape[0], boxes2.shape[0])
+    return C.allocate_output("box_iou", boxes1, shape, dtype=result_type)
 
 
 # ---- autograd ----
