@@ -85,5 +85,25 @@ inline void check_backward_inputs(const at::Tensor& grad, const at::Tensor& q, c
   check_same_device(op, "query", q, "lse", lse);
 }
 
+// The backward's outputs: the gradients of query, key, value and bias where output_mask asks for
+// them (zero-filled when the kernel adds into them), else an empty Tensor[0]. Clears mask[3] when
+// there is no bias.
+inline std::array<at::Tensor, 4> allocate_gradients(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& v,
+                                                    const c10::optional<at::Tensor>& bias,
+                                                    std::array<bool, 4>& mask, bool zeroed) {
+  mask[3] = mask[3] && bias.has_value() && bias->defined();
+  const auto options = q.options().dtype(accumulation_type(q.scalar_type()));
+  const std::array<at::IntArrayRef, 4> sizes{q.sizes(), k.sizes(), v.sizes(),
+                                             mask[3] ? bias->sizes() : at::IntArrayRef()};
+  std::array<at::Tensor, 4> grads;
+  for (size_t i = 0; i < 4; ++i) {
+    grads[i] = !mask[i] ? at::empty({0}, options)
+               : zeroed ? allocate_zeros(kBackwardOp, sizes[i], options)
+                        : allocate_output(kBackwardOp, sizes[i], options);
+  }
+  return grads;
+}
+
 }  // namespace attention
 }  // namespace mlk

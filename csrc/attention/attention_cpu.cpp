@@ -138,14 +138,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernel(
   const char* op = kBackwardOp;
   check_backward_inputs(grad, query, key, value, bias, out, lse, scale);
   const auto acc_options = query.options().dtype(accumulation_type(query.scalar_type()));
-  mask[3] = mask[3] && has_bias(bias);
-  auto zeros_if = [&](bool wanted, at::IntArrayRef sizes) {
-    return wanted ? allocate_zeros(op, sizes, acc_options) : at::empty({0}, acc_options);
-  };
-  at::Tensor dq = zeros_if(mask[0], query.sizes());
-  at::Tensor dk = zeros_if(mask[1], key.sizes());
-  at::Tensor dv = zeros_if(mask[2], value.sizes());
-  at::Tensor dbias = zeros_if(mask[3], mask[3] ? bias->sizes() : at::IntArrayRef({0}));
+  // Zeroed: dbias adds up chunk by chunk, and no chunk runs without keys.
+  std::array<at::Tensor, 4> grads =
+      allocate_gradients(query, key, value, bias, mask, /*zeroed=*/true);
+  at::Tensor &dq = grads[0], &dk = grads[1], &dv = grads[2], &dbias = grads[3];
   if ((mask[0] || mask[1] || mask[2] || mask[3]) && key.size(2) > 0) {
     const Chunked c(query, key, value, bias, scale, is_causal);
     const auto acc = acc_options.dtype();

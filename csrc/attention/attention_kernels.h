@@ -88,14 +88,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernel(
   const char* op = kBackwardOp;
   check_backward_inputs(grad, query, key, value, bias, out, lse, scale);
   const auto acc_options = query.options().dtype(accumulation_type(query.scalar_type()));
-  mask[3] = mask[3] && has_bias(bias);
-  auto maybe_allocate = [&](bool wanted, at::IntArrayRef sizes) {
-    return wanted ? allocate_output(op, sizes, acc_options) : at::empty({0}, acc_options);
-  };
-  at::Tensor dq = maybe_allocate(mask[0], query.sizes());
-  at::Tensor dk = maybe_allocate(mask[1], key.sizes());
-  at::Tensor dv = maybe_allocate(mask[2], value.sizes());
-  at::Tensor dbias = maybe_allocate(mask[3], mask[3] ? bias->sizes() : at::IntArrayRef({0}));
+  // Not zeroed: every thread writes each element it owns.
+  std::array<at::Tensor, 4> grads =
+      allocate_gradients(query, key, value, bias, mask, /*zeroed=*/false);
+  at::Tensor &dq = grads[0], &dk = grads[1], &dv = grads[2], &dbias = grads[3];
   const int64_t rows = query.size(0) * query.size(1) * query.size(2);
   const int64_t key_rows = key.size(0) * key.size(1) * key.size(2);
   if (mask[0] || mask[1] || mask[2] || mask[3]) {
