@@ -1,108 +1,160 @@
-// The CPU's attention kernels: chunks of heads of one image, in parallel, each through ATen's
-// batched matrix products (its BLAS) and vectorized element-wise ops on its own thread, so the
-// scores exist only per chunk (at most kChunkBytes per thread, not [B, H, Lq, Lk]); the
-// log-sum-exp of every query row is kept, and the backward recomputes the probabilities from it.
-// Results are the same run to run at a given thread count (a broadcast bias's gradient adds up per
-// thread, then over threads in order). The CUDA kernels (attention_kernels.h) compute the same
-// values, one thread per row.
+// The CPU's attention kernels, flash-style: the work is cut into tiles (a few heads of one image,
+// or a block of one head's query rows), spread over ATen's threads. A tile's scores against all
+// keys come from one batched BLAS product into a buffer of its thread (at most kBlockBytes, so it
+// stays in the core's cache); each row then becomes probabilities in place in two fused,
+// vectorized passes (attention_cpu_rows.h), and a second batched product multiplies them with
+// the values. Only the log-sum-exp of every query row is kept; the backward recomputes the
+// probabilities tile by tile and holds at most two tiles per thread, so the extra memory is
+// O(B*H*Lq), not O(B*H*Lq*Lk).
+//
+// Results are the same run to run at a given thread count: at::parallel_for splits the tiles
+// statically by thread number, and sums that cross tiles (a broadcast bias's gradient, a key's
+// gradient over split query rows) go through per-thread or per-part buffers added in order.
+// The CUDA kernels (attention_kernels.h) compute the same values in their own order.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
 #include "../common/cpu_runner.h"
+#include "attention_cpu_rows.h"
 #include "attention_kernels.h"
 
 namespace mlk {
 namespace attention {
 namespace {
 
-// Scores per chunk: within a core's L2 cache (the backward holds two such buffers), and large
-// enough to amortize the overhead of a chunk's ~15 ATen calls.
-constexpr int64_t kChunkBytes = int64_t(256) << 10;
-constexpr double kInf = std::numeric_limits<double>::infinity();
+// The scores of a tile, and in the backward their gradients: within the L2 cache of a core, and
+// rows enough that each BLAS call amortizes its overhead.
+constexpr int64_t kBlockBytes = int64_t(512) << 10;
 
-// Inputs in the accumulation type (float32 for float16/bfloat16), and the chunking.
-struct Chunked {
-  at::Tensor q, k, v, bias;  // bias: 4-D, broadcast dims of size 1, or undefined
-  at::Tensor causal_mask;    // [Lq, Lk] true where j > i, or undefined
-  int64_t batch, heads, heads_per_chunk;
-  double scale;
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-  Chunked(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+// One attention problem in the accumulation type T: inputs [B, H, L, E] (views of the caller's
+// tensors when already in T; BLAS takes their strides), the bias as a pointer with stride 0 along
+// the dimensions it is broadcast over, and the tiling: `heads_per_tile` heads of `block_rows`
+// query rows each.
+template <typename T>
+struct Problem {
+  at::Tensor q, k, v, bias;
+  const T* bias_data = nullptr;
+  int64_t bias_stride[4] = {0, 0, 0, 0};
+  int64_t batch, heads, lq, lk;
+  T scale;
+  bool causal;
+  int64_t block_rows = 1, heads_per_tile = 1;
+
+  Problem(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
           const MaybeTensor& bias_in, double scale_in, bool is_causal)
-      : batch(query.size(0)), heads(query.size(1)), scale(scale_in) {
-    const auto acc = accumulation_type(query.scalar_type());
-    // Detached: the chunks run on ATen's worker threads, whose grad mode is not the caller's.
+      : batch(query.size(0)),
+        heads(query.size(1)),
+        lq(query.size(2)),
+        lk(key.size(2)),
+        scale(static_cast<T>(scale_in)),
+        causal(is_causal) {
+    const auto acc = c10::CppTypeToScalarType<T>::value;
+    // Detached: the tiles run on ATen's worker threads, whose grad mode is not the caller's.
     q = query.detach().to(acc);
     k = key.detach().to(acc);
     v = value.detach().to(acc);
-    if (has_bias(bias_in)) bias = bias_in->detach().to(acc);
-    const int64_t lq = query.size(2), lk = key.size(2);
-    if (is_causal) {
-      causal_mask = at::ones({lq, lk}, query.options().dtype(at::kBool)).triu(1);
+    if (has_bias(bias_in)) {
+      bias = bias_in->detach().to(acc);
+      bias_data = bias.data_ptr<T>();
+      for (int64_t d = 0; d < 4; ++d) bias_stride[d] = bias.size(d) == 1 ? 0 : bias.stride(d);
     }
-    const int64_t per_head = std::max<int64_t>(1, lq * lk * at::elementSize(acc));
-    heads_per_chunk = std::clamp<int64_t>(kChunkBytes / per_head, 1, std::max<int64_t>(heads, 1));
+    if (lq == 0 || lk == 0 || batch * heads == 0) return;
+    const int64_t row_bytes = lk * static_cast<int64_t>(sizeof(T));
+    const int64_t max_rows = std::max<int64_t>(1, kBlockBytes / row_bytes);
+    // Enough tiles to keep every thread busy (4 per thread evens out their lengths).
+    const int64_t wanted_tiles = 4 * at::get_num_threads();
+    int64_t row_blocks = ceil_div(lq, max_rows);
+    if (row_blocks == 1) {
+      const int64_t fit = std::max<int64_t>(1, kBlockBytes / (lq * row_bytes));
+      const int64_t spread = std::max<int64_t>(1, batch * heads / wanted_tiles);
+      heads_per_tile = ceil_div(heads, ceil_div(heads, std::min({fit, spread, heads})));
+    }
+    if (heads_per_tile == 1 && batch * heads * row_blocks < wanted_tiles) {
+      row_blocks = std::min(lq, std::max(row_blocks, ceil_div(wanted_tiles, batch * heads)));
+    }
+    block_rows = ceil_div(lq, row_blocks);  // equal blocks: 80 rows of at most 64 are 40 + 40
   }
 
-  // The slice [b, h0:h1] of a [B, H, ...] tensor, or of the bias along its non-broadcast dims.
-  static at::Tensor slice(const at::Tensor& t, int64_t b, int64_t h0, int64_t h1) {
-    const at::Tensor row = t.size(0) == 1 ? t.narrow(0, 0, 1) : t.narrow(0, b, 1);
-    return t.size(1) == 1 ? row : row.narrow(1, h0, h1 - h0);
+  int64_t blocks_per_head() const { return lq == 0 ? 0 : ceil_div(lq, block_rows); }
+  int64_t tiles_per_image() const { return ceil_div(heads, heads_per_tile); }
+
+  // Rows [i0, i0 + rows) of heads [h0, h0 + hc) of image b of a [B, H, L, X] tensor.
+  static at::Tensor tile(const at::Tensor& t, int64_t b, int64_t h0, int64_t hc, int64_t i0,
+                         int64_t rows) {
+    return t.select(0, b).narrow(0, h0, hc).narrow(1, i0, rows);
+  }
+  static at::Tensor heads_of(const at::Tensor& t, int64_t b, int64_t h0, int64_t hc) {
+    return t.select(0, b).narrow(0, h0, hc);
   }
 
-  // (q k^T) * scale + bias, -inf where causal masks: [1, h, Lq, Lk]. In that order, as the
-  // reference and the CUDA kernels, so scores near the dtype's limit overflow alike (a baddbmm
-  // with alpha = scale and the bias as its initial value saves two passes but rounds, and
-  // overflows, differently).
-  at::Tensor scores(int64_t b, int64_t h0, int64_t h1) const {
-    at::Tensor s =
-        at::bmm(slice(q, b, h0, h1).select(0, 0), slice(k, b, h0, h1).select(0, 0).transpose(1, 2));
-    s.mul_(scale);
-    if (bias.defined()) s.add_(slice(bias, b, h0, h1).select(0, 0));
-    if (causal_mask.defined()) s.masked_fill_(causal_mask, -kInf);
-    return s.unsqueeze(0);
-  }
-
-  // The softmax of the scores over keys, normalized before the product with the values (so huge
-  // values overflow no sooner than the result does); a fully masked row (all -inf) gives zeros,
-  // a NaN score a NaN row. The backward recomputes exactly these probabilities (not exp(s - lse):
-  // lse rounds away the row sum's digits when the scores are large). Optionally returns the row
-  // maximum (0 for a fully masked row) and sum of exp(s - max) (0 there), [1, h, Lq, 1].
-  at::Tensor probabilities(int64_t b, int64_t h0, int64_t h1, at::Tensor* max_out = nullptr,
-                           at::Tensor* sum_out = nullptr) const {
-    at::Tensor p = scores(b, h0, h1);
-    at::Tensor m = p.amax(-1, /*keepdim=*/true);
-    m.masked_fill_(m == -kInf, 0);
-    p.sub_(m).exp_();
-    at::Tensor l = p.sum(-1, /*keepdim=*/true);
-    p.div_(l.masked_fill(l == 0, 1));
-    if (max_out != nullptr) *max_out = m;
-    if (sum_out != nullptr) *sum_out = l;
-    return p;
-  }
-
-  int64_t chunks_per_image() const { return (heads + heads_per_chunk - 1) / heads_per_chunk; }
-
-  // fn(b, h0, h1) for every chunk, the chunks spread over ATen's threads (each chunk's ATen ops
-  // then run on its thread alone, on a chunk that fits the thread's cache). at::parallel_for
-  // splits the range statically by thread number, so with a given thread count every chunk
-  // always runs on the same thread, in the same order.
-  template <typename Fn>
-  void for_each_chunk(Fn fn) const {
-    const int64_t per_image = chunks_per_image();
-    at::parallel_for(0, batch * per_image, 1, [&](int64_t begin, int64_t end) {
-      const at::NoGradGuard no_grad;  // worker threads do not inherit the caller's grad mode
-      for (int64_t n = begin; n < end; ++n) {
-        const int64_t b = n / per_image, h0 = (n % per_image) * heads_per_chunk;
-        fn(b, h0, std::min(heads, h0 + heads_per_chunk));
+  // The probabilities of a tile into s ([hc, rows, Lk], contiguous): q k^T by BLAS, then per row
+  // rows::softmax_row. row_max and row_sum ([hc * rows]), when given, receive the row statistics.
+  void probabilities(int64_t b, int64_t h0, int64_t i0, at::Tensor& s, T* row_max = nullptr,
+                     T* row_sum = nullptr) const {
+    const int64_t hc = s.size(0), rows = s.size(1);
+    at::bmm_out(s, tile(q, b, h0, hc, i0, rows), heads_of(k, b, h0, hc).transpose(1, 2));
+    T* data = s.data_ptr<T>();
+    for (int64_t hh = 0; hh < hc; ++hh) {
+      const T* bias_head = bias_data != nullptr
+                               ? bias_data + b * bias_stride[0] + (h0 + hh) * bias_stride[1]
+                               : nullptr;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r, n = hh * rows + r;
+        T m, l;
+        rows::softmax_row(data + n * lk, lk, causal ? std::min(lk, i + 1) : lk, scale,
+                          bias_head != nullptr ? bias_head + i * bias_stride[2] : nullptr,
+                          bias_stride[3], &m, &l);
+        if (row_max != nullptr) row_max[n] = m;
+        if (row_sum != nullptr) row_sum[n] = l;
       }
-    });
+    }
   }
 };
+
+// A buffer of T for one thread's tiles.
+template <typename T>
+at::Tensor tile_buffer(const char* op, int64_t hc, int64_t rows, int64_t cols) {
+  return allocate_output(op, {hc, rows, cols},
+                         at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+template <typename T>
+void forward(const Problem<T>& p, at::Tensor& out, at::Tensor& lse) {
+  const int64_t per_head = p.blocks_per_head(), per_image = p.tiles_per_image() * per_head;
+  at::parallel_for(0, p.batch * per_image, 1, [&](int64_t begin, int64_t end) {
+    const at::NoGradGuard no_grad;  // worker threads do not inherit the caller's grad mode
+    at::Tensor buffer = tile_buffer<T>(kOp, p.heads_per_tile, p.block_rows, p.lk);
+    std::vector<T> row_max(p.heads_per_tile * p.block_rows), row_sum(row_max.size());
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / per_image, h0 = (task % per_image) / per_head * p.heads_per_tile;
+      const int64_t i0 = task % per_head * p.block_rows;
+      const int64_t hc = std::min(p.heads_per_tile, p.heads - h0);
+      const int64_t rows = std::min(p.block_rows, p.lq - i0);
+      at::Tensor s = buffer.narrow(0, 0, hc).narrow(1, 0, rows);
+      if (rows != p.block_rows) s = s.contiguous();  // the last, shorter block
+      p.probabilities(b, h0, i0, s, row_max.data(), row_sum.data());
+      at::Tensor out_tile = Problem<T>::tile(out, b, h0, hc, i0, rows);
+      at::bmm_out(out_tile, s, Problem<T>::heads_of(p.v, b, h0, hc));
+      for (int64_t hh = 0; hh < hc; ++hh) {
+        T* lse_rows = lse.data_ptr<T>() + ((b * p.heads + h0 + hh) * p.lq + i0);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t n = hh * rows + r;
+          // row_sum is 0 only in a fully masked row (an attended key's exp(s - max) is 1).
+          lse_rows[r] = row_sum[n] == T(0) ? -std::numeric_limits<T>::infinity()
+                                           : row_max[n] + std::log(row_sum[n]);
+        }
+      }
+    }
+  });
+}
 
 }  // namespace
 
@@ -116,88 +168,162 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(const CpuParallelRunner&, cons
                              acc_options);
   auto lse = allocate_output(kOp, {query.size(0), query.size(1), query.size(2)}, acc_options);
   if (key.size(2) == 0) {  // no keys: every row fully masked
-    return {out.zero_().to(query.scalar_type()), lse.fill_(-kInf)};
+    return {out.zero_().to(query.scalar_type()),
+            lse.fill_(-std::numeric_limits<double>::infinity())};
   }
-  const Chunked c(query, key, value, bias, scale, is_causal);
-  c.for_each_chunk([&](int64_t b, int64_t h0, int64_t h1) {
-    at::Tensor m, l;
-    const at::Tensor p = c.probabilities(b, h0, h1, &m, &l);
-    Chunked::slice(out, b, h0, h1).copy_(at::matmul(p, Chunked::slice(c.v, b, h0, h1)));
-    // l is 0 only in a fully masked row (an attended key's exp(s - max) is 1).
-    const at::Tensor empty = l == 0;
-    Chunked::slice(lse, b, h0, h1)
-        .copy_(m.add_(l.masked_fill_(empty, 1).log_()).masked_fill_(empty, -kInf).squeeze(-1));
+  AT_DISPATCH_FLOATING_TYPES(acc_options.dtype().toScalarType(), "attention_cpu", [&] {
+    forward(Problem<scalar_t>(query, key, value, bias, scale, is_causal), out, lse);
   });
   return {out.to(query.scalar_type()), lse};
 }
+
+namespace {
+
+template <typename T>
+void backward(const Problem<T>& p, const at::Tensor& grad, const at::Tensor& out,
+              std::array<at::Tensor, 4>& grads, const std::array<bool, 4>& mask) {
+  const char* op = kBackwardOp;
+  at::Tensor &dq = grads[0], &dk = grads[1], &dv = grads[2], &dbias = grads[3];
+  const int64_t head_count = p.batch * p.heads;
+  if (head_count == 0 || p.lq == 0) return;
+  const auto options = dq.options().dtype(c10::CppTypeToScalarType<T>::value);
+  const at::Tensor g = grad.detach().to(options.dtype()).contiguous();
+  const at::Tensor o = out.detach().to(options.dtype()).contiguous();
+  const int64_t ev = p.v.size(3);
+  // A head's key and value gradients add up over all its query rows: a tile takes whole heads
+  // when the heads keep every thread busy; else each head's row blocks are split in `parts`,
+  // whose key and value gradients go to buffers of their own, added in order at the end.
+  const int64_t blocks = p.blocks_per_head();
+  const int64_t parts = p.heads_per_tile == 1 && head_count < 2 * at::get_num_threads()
+                            ? std::min(blocks, ceil_div(2 * at::get_num_threads(), head_count))
+                            : 1;
+  const int64_t blocks_per_part = ceil_div(blocks, parts);
+  const bool split = parts > 1;
+  // n zeroed copies of t, if asked.
+  const auto copies = [&](bool asked, const at::Tensor& t, int64_t n) {
+    if (!asked) return at::Tensor();
+    std::vector<int64_t> sizes{n};
+    sizes.insert(sizes.end(), t.sizes().begin(), t.sizes().end());
+    return allocate_zeros(op, sizes, options);
+  };
+  const at::Tensor dk_parts = copies(mask[1] && split, dk, parts);
+  const at::Tensor dv_parts = copies(mask[2] && split, dv, parts);
+  // Tiles that share a slice of a broadcast bias would race on its gradient: each thread then
+  // adds into its own copy, and the copies are summed in thread order.
+  const bool shared_bias =
+      mask[3] && ((dbias.size(0) == 1 && p.batch > 1) ||
+                  (dbias.size(1) == 1 && p.tiles_per_image() > 1) || (dbias.size(2) == 1 && split));
+  const at::Tensor per_thread = copies(shared_bias, dbias, at::get_num_threads());
+  const bool need_ds = mask[0] || mask[1] || mask[3];
+  const int64_t per_image = p.tiles_per_image() * parts;
+
+  at::parallel_for(0, p.batch * per_image, 1, [&](int64_t begin, int64_t end) {
+    const at::NoGradGuard no_grad;
+    at::Tensor p_buffer = tile_buffer<T>(op, p.heads_per_tile, p.block_rows, p.lk);
+    at::Tensor ds_buffer =
+        need_ds ? tile_buffer<T>(op, p.heads_per_tile, p.block_rows, p.lk) : at::Tensor();
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / per_image, part = task % parts;
+      const int64_t h0 = (task % per_image) / parts * p.heads_per_tile;
+      const int64_t hc = std::min(p.heads_per_tile, p.heads - h0);
+      const int64_t first = part * blocks_per_part * p.block_rows;
+      const int64_t last = std::min(p.lq, first + blocks_per_part * p.block_rows);
+      const at::Tensor k3 = Problem<T>::heads_of(p.k, b, h0, hc);
+      const at::Tensor v3 = Problem<T>::heads_of(p.v, b, h0, hc);
+      at::Tensor dk3 =
+          mask[1] ? Problem<T>::heads_of(split ? dk_parts[part] : dk, b, h0, hc) : at::Tensor();
+      at::Tensor dv3 =
+          mask[2] ? Problem<T>::heads_of(split ? dv_parts[part] : dv, b, h0, hc) : at::Tensor();
+      // Where this tile's bias gradient goes, with stride 0 along broadcast dims.
+      T* dbias_image = nullptr;
+      int64_t db_head = 0, db_row = 0, db_col = 0;
+      if (mask[3]) {
+        const at::Tensor target = shared_bias ? per_thread[at::get_thread_num()] : dbias;
+        dbias_image = target.data_ptr<T>() + (target.size(0) == 1 ? 0 : b * target.stride(0));
+        db_head = target.size(1) == 1 ? 0 : target.stride(1);
+        db_row = target.size(2) == 1 ? 0 : target.stride(2);
+        db_col = target.size(3) == 1 ? 0 : target.stride(3);
+      }
+      for (int64_t i0 = first; i0 < last; i0 += p.block_rows) {
+        const int64_t rows = std::min(p.block_rows, last - i0);
+        const bool first_block = i0 == first;
+        at::Tensor s = p_buffer.narrow(0, 0, hc).narrow(1, 0, rows);
+        if (rows != p.block_rows) s = s.contiguous();
+        p.probabilities(b, h0, i0, s);
+        const at::Tensor g3 = Problem<T>::tile(g, b, h0, hc, i0, rows);
+        if (mask[2]) {  // dV += P^T dO
+          if (first_block) {
+            at::bmm_out(dv3, s.transpose(1, 2), g3);
+          } else {
+            dv3.baddbmm_(s.transpose(1, 2), g3);
+          }
+        }
+        if (!need_ds) continue;
+        // dS = P * (dO V^T - delta), delta = dO . O per row (O as given: the backward's
+        // contract is the gradient for that output).
+        at::Tensor ds = ds_buffer.narrow(0, 0, hc).narrow(1, 0, rows);
+        if (rows != p.block_rows) ds = ds.contiguous();
+        at::bmm_out(ds, g3, v3.transpose(1, 2));
+        const T* pp = s.data_ptr<T>();
+        T* dsp = ds.data_ptr<T>();
+        for (int64_t hh = 0; hh < hc; ++hh) {
+          const int64_t bh = b * p.heads + h0 + hh;
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t i = i0 + r, n = (hh * rows + r) * p.lk;
+            const T* g_row = g.data_ptr<T>() + (bh * p.lq + i) * ev;
+            const T* o_row = o.data_ptr<T>() + (bh * p.lq + i) * ev;
+            T delta = 0;
+            for (int64_t e = 0; e < ev; ++e) delta += g_row[e] * o_row[e];
+            rows::softmax_grad(dsp + n, pp + n, p.lk, delta);
+            if (dbias_image != nullptr) {
+              rows::accumulate(dbias_image + (h0 + hh) * db_head + i * db_row, db_col, dsp + n,
+                               p.lk);
+            }
+          }
+        }
+        if (mask[0]) {
+          at::Tensor dq3 = Problem<T>::tile(dq, b, h0, hc, i0, rows);
+          at::bmm_out(dq3, ds, k3);
+        }
+        if (mask[1]) {  // dK += dS^T Q
+          const at::Tensor q3 = Problem<T>::tile(p.q, b, h0, hc, i0, rows);
+          if (first_block) {
+            at::bmm_out(dk3, ds.transpose(1, 2), q3);
+          } else {
+            dk3.baddbmm_(ds.transpose(1, 2), q3);
+          }
+        }
+      }
+    }
+  });
+  if (split) {
+    if (mask[1]) at::sum_out(dk, dk_parts, 0);
+    if (mask[2]) at::sum_out(dv, dv_parts, 0);
+  }
+  if (shared_bias) at::sum_out(dbias, per_thread, 0);
+  if (mask[0]) dq.mul_(p.scale);
+  if (mask[1]) dk.mul_(p.scale);
+}
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernel(
     const CpuParallelRunner&, const at::Tensor& grad, const at::Tensor& query,
     const at::Tensor& key, const at::Tensor& value, const MaybeTensor& bias, const at::Tensor& out,
     const at::Tensor& lse, double scale, bool is_causal, std::array<bool, 4> mask) {
-  const char* op = kBackwardOp;
   check_backward_inputs(grad, query, key, value, bias, out, lse, scale);
-  const auto acc_options = query.options().dtype(accumulation_type(query.scalar_type()));
-  // Zeroed: dbias adds up chunk by chunk, and no chunk runs without keys.
+  // Zeroed: a head without keys or query rows has no task, and its gradients are zeros.
   std::array<at::Tensor, 4> grads =
       allocate_gradients(query, key, value, bias, mask, /*zeroed=*/true);
-  at::Tensor &dq = grads[0], &dk = grads[1], &dv = grads[2], &dbias = grads[3];
   if ((mask[0] || mask[1] || mask[2] || mask[3]) && key.size(2) > 0) {
-    const Chunked c(query, key, value, bias, scale, is_causal);
-    const auto acc = acc_options.dtype();
-    const at::Tensor g = grad.detach().to(acc), o = out.detach().to(acc);
-    // Dims along which the bias was broadcast: its gradient sums over them.
-    std::vector<int64_t> bias_sum_dims;
-    if (mask[3]) {
-      for (int64_t d = 2; d < 4; ++d) {
-        if (bias->size(d) == 1) bias_sum_dims.push_back(d);
-      }
-    }
-    // Chunks that share a slice of a broadcast bias would race on its gradient: each thread then
-    // adds into its own copy, and the copies are summed in thread order.
-    const bool shared_bias = mask[3] && ((bias->size(0) == 1 && c.batch > 1) ||
-                                         (bias->size(1) == 1 && c.chunks_per_image() > 1));
-    const at::Tensor per_thread =
-        shared_bias ? allocate_zeros(
-                          op,
-                          [&] {
-                            std::vector<int64_t> sizes{at::get_num_threads()};
-                            sizes.insert(sizes.end(), bias->sizes().begin(), bias->sizes().end());
-                            return sizes;
-                          }(),
-                          acc_options)
-                    : at::Tensor();
-    c.for_each_chunk([&](int64_t b, int64_t h0, int64_t h1) {
-      const at::Tensor g_c = Chunked::slice(g, b, h0, h1);
-      at::Tensor p = c.probabilities(b, h0, h1);
-      if (mask[2]) {
-        Chunked::slice(dv, b, h0, h1).copy_(at::matmul(p.transpose(-2, -1), g_c));
-      }
-      if (!(mask[0] || mask[1] || mask[3])) return;
-      const at::Tensor delta = (g_c * Chunked::slice(o, b, h0, h1)).sum(-1, /*keepdim=*/true);
-      // dS = P * (dO V^T - delta), in place of P's buffer once dV has used P.
-      at::Tensor ds = at::matmul(g_c, Chunked::slice(c.v, b, h0, h1).transpose(-2, -1));
-      ds.sub_(delta).mul_(p);
-      if (mask[0]) {
-        Chunked::slice(dq, b, h0, h1).copy_(at::matmul(ds, Chunked::slice(c.k, b, h0, h1)));
-      }
-      if (mask[1]) {
-        Chunked::slice(dk, b, h0, h1)
-            .copy_(at::matmul(ds.transpose(-2, -1), Chunked::slice(c.q, b, h0, h1)));
-      }
-      if (mask[3]) {
-        at::Tensor reduced = bias_sum_dims.empty() ? ds : ds.sum(bias_sum_dims, /*keepdim=*/true);
-        if (bias->size(1) == 1) reduced = reduced.sum(1, /*keepdim=*/true);
-        const at::Tensor target = shared_bias ? per_thread[at::get_thread_num()] : dbias;
-        Chunked::slice(target, b, h0, h1).add_(reduced);
-      }
-    });
-    if (shared_bias) at::sum_out(dbias, per_thread, 0);
-    if (mask[0]) dq.mul_(scale);
-    if (mask[1]) dk.mul_(scale);
+    AT_DISPATCH_FLOATING_TYPES(
+        accumulation_type(query.scalar_type()), "attention_backward_cpu", [&] {
+          backward(Problem<scalar_t>(query, key, value, bias, scale, is_causal), grad, out, grads,
+                   mask);
+        });
   }
   const auto type = query.scalar_type();
-  return {dq.to(type), dk.to(type), dv.to(type), dbias.to(type)};
+  return {grads[0].to(type), grads[1].to(type), grads[2].to(type), grads[3].to(type)};
 }
 
 }  // namespace attention

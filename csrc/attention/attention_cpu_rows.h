@@ -1,0 +1,263 @@
+// Row operations of the CPU attention kernel (attention_cpu.cpp), vectorized: the float versions
+// are compiled for AVX-512, AVX2 and the baseline, and the loader picks the best the CPU has
+// (target_clones). They work on 16-float vectors of the compiler's vector extension whatever
+// the instruction set, so every clone adds in the same order and gives the same bits. float64
+// (tests, gradcheck) runs plain loops.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// The vectors never cross a call (every helper is inlined): the ABI note on them does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#define MLK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MLK_CPU_CLONES
+#endif
+
+namespace mlk {
+namespace attention {
+namespace rows {
+
+constexpr int kLanes = 16;
+typedef float Floats __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t Ints __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline __attribute__((always_inline)) Floats load(const float* p) {
+  Floats v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline __attribute__((always_inline)) void store(float* p, Floats v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+inline __attribute__((always_inline)) Floats splat(float x) {
+  Floats v;
+  for (int i = 0; i < kLanes; ++i) v[i] = x;
+  return v;
+}
+// Lanes of a where mask is set (all bits), else of b.
+inline __attribute__((always_inline)) Floats select(Ints mask, Floats a, Floats b) {
+  Ints ai, bi;
+  std::memcpy(&ai, &a, sizeof(a));
+  std::memcpy(&bi, &b, sizeof(b));
+  const Ints r = (ai & mask) | (bi & ~mask);
+  Floats out;
+  std::memcpy(&out, &r, sizeof(out));
+  return out;
+}
+
+// exp(x) for x <= 0 (the scores minus their row maximum), -inf included (gives 0): Cephes'
+// single-precision exp (range reduction by ln 2 in two parts, a degree-5 polynomial; within 2
+// ulp of the exact value), down into float's subnormal range as std::exp: a probability of 1e-40
+// times a key of 1e30 is not negligible in a gradient.
+inline __attribute__((always_inline)) Floats exp_nonpositive(Floats x) {
+  const Ints underflow = x < splat(-104.0f);  // exp < 2^-150: rounds to 0
+  x = select(underflow, splat(-104.0f), x);   // keeps the arithmetic finite; those lanes become 0
+  const Floats big = splat(12582912.0f);      // 1.5 * 2^23: adding it rounds to an integer
+  const Floats n = (x * splat(1.44269504088896341f) + big) - big;
+  const Floats r = (x - n * splat(0.693359375f)) - n * splat(-2.12194440e-4f);
+  Floats p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  const Floats e = p * (r * r) + r + splat(1.0f);
+  // 2^n as 2^half * 2^(n - half), each a normal float for n >= -150, so that the one rounding is
+  // the last product's (into the subnormals when n < -126).
+  const Ints whole = __builtin_convertvector(n, Ints), half = whole >> 1;
+  const Ints bits_a = (half + 127) << 23, bits_b = (whole - half + 127) << 23;
+  Floats scale_a, scale_b;
+  std::memcpy(&scale_a, &bits_a, sizeof(scale_a));
+  std::memcpy(&scale_b, &bits_b, sizeof(scale_b));
+  return select(underflow, splat(0.0f), (e * scale_a) * scale_b);
+}
+
+// row[j] = row[j] * scale (+ bias[j * bias_stride]) for j < n, in that order (as the reference);
+// returns the largest value (-inf if none) and sets *nan when a value is NaN.
+template <typename T>
+inline __attribute__((always_inline)) T scale_bias_max_impl(T* row, int64_t n, T scale,
+                                                            const T* bias, int64_t bias_stride,
+                                                            bool* nan) {
+  T m = -std::numeric_limits<T>::infinity();
+  bool any_nan = false;
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    if (bias == nullptr || bias_stride == 1) {
+      Floats vm = splat(m);
+      Ints vnan = {};
+      for (; j + kLanes <= n; j += kLanes) {
+        Floats s = load(row + j) * splat(scale);
+        if (bias != nullptr) s = s + load(bias + j);
+        store(row + j, s);
+        vm = select(s > vm, s, vm);
+        vnan = vnan | (s != s);
+      }
+      for (int i = 0; i < kLanes; ++i) {
+        m = std::max(m, vm[i]);
+        any_nan = any_nan || vnan[i] != 0;
+      }
+    }
+  }
+  for (; j < n; ++j) {
+    T s = row[j] * scale;
+    if (bias != nullptr) s += bias[j * bias_stride];
+    row[j] = s;
+    m = std::max(m, s);
+    any_nan = any_nan || s != s;
+  }
+  *nan = any_nan;
+  return m;
+}
+
+// row[j] = exp(row[j] - shift) for j < n; returns their sum. row[j] - shift <= 0 (shift is the
+// row's maximum) or -inf.
+template <typename T>
+inline __attribute__((always_inline)) T exp_sum_impl(T* row, int64_t n, T shift) {
+  T sum = 0;
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    Floats acc = splat(0.0f);
+    for (; j + kLanes <= n; j += kLanes) {
+      const Floats e = exp_nonpositive(load(row + j) - splat(shift));
+      store(row + j, e);
+      acc = acc + e;
+    }
+    if (j < n) {  // the tail, as one vector padded with -inf (whose exp is 0)
+      float tail[kLanes];
+      std::fill(tail, tail + kLanes, -std::numeric_limits<float>::infinity());
+      std::copy(row + j, row + n, tail);
+      const Floats e = exp_nonpositive(load(tail) - splat(shift));
+      store(tail, e);
+      std::copy(tail, tail + (n - j), row + j);
+      acc = acc + e;
+    }
+    for (int i = 0; i < kLanes; ++i) sum += acc[i];
+  } else {
+    for (; j < n; ++j) {
+      row[j] = std::exp(row[j] - shift);
+      sum += row[j];
+    }
+  }
+  return sum;
+}
+
+// row[j] *= factor (the reciprocal of the row sum: within an ulp of dividing, at a tenth of the
+// cost).
+template <typename T>
+inline __attribute__((always_inline)) void multiply_impl(T* row, int64_t n, T factor) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + kLanes <= n; j += kLanes) store(row + j, load(row + j) * splat(factor));
+  }
+  for (; j < n; ++j) row[j] *= factor;
+}
+
+// The softmax's backward in place: ds[j] = p[j] * (ds[j] - delta), ds holding dO . v_j on entry
+// and delta = dO . O.
+template <typename T>
+inline __attribute__((always_inline)) void softmax_grad_impl(T* ds, const T* p, int64_t n,
+                                                             T delta) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + kLanes <= n; j += kLanes) {
+      store(ds + j, load(p + j) * (load(ds + j) - splat(delta)));
+    }
+  }
+  for (; j < n; ++j) ds[j] = p[j] * (ds[j] - delta);
+}
+
+// dst[j * stride] += src[j] (stride 0: dst[0] += the sum of src, added in order).
+template <typename T>
+inline __attribute__((always_inline)) void accumulate_impl(T* dst, int64_t stride, const T* src,
+                                                           int64_t n) {
+  if (stride == 0) {
+    T sum = 0;
+    for (int64_t j = 0; j < n; ++j) sum += src[j];
+    dst[0] += sum;
+    return;
+  }
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride == 1) {
+      for (; j + kLanes <= n; j += kLanes) store(dst + j, load(dst + j) + load(src + j));
+    }
+  }
+  for (; j < n; ++j) dst[j * stride] += src[j];
+}
+
+// The entry points: float cloned per instruction set, double plain.
+MLK_CPU_CLONES inline float scale_bias_max(float* row, int64_t n, float scale, const float* bias,
+                                           int64_t bias_stride, bool* nan) {
+  return scale_bias_max_impl(row, n, scale, bias, bias_stride, nan);
+}
+inline double scale_bias_max(double* row, int64_t n, double scale, const double* bias,
+                             int64_t bias_stride, bool* nan) {
+  return scale_bias_max_impl(row, n, scale, bias, bias_stride, nan);
+}
+MLK_CPU_CLONES inline float exp_sum(float* row, int64_t n, float shift) {
+  return exp_sum_impl(row, n, shift);
+}
+inline double exp_sum(double* row, int64_t n, double shift) { return exp_sum_impl(row, n, shift); }
+template <typename T>
+inline __attribute__((always_inline)) void divide_impl(T* row, int64_t n, T d) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + kLanes <= n; j += kLanes) store(row + j, load(row + j) / splat(d));
+  }
+  for (; j < n; ++j) row[j] /= d;
+}
+MLK_CPU_CLONES inline void divide(float* row, int64_t n, float d) { divide_impl(row, n, d); }
+inline void divide(double* row, int64_t n, double d) { divide_impl(row, n, d); }
+MLK_CPU_CLONES inline void multiply(float* row, int64_t n, float factor) {
+  multiply_impl(row, n, factor);
+}
+inline void multiply(double* row, int64_t n, double factor) { multiply_impl(row, n, factor); }
+MLK_CPU_CLONES inline void softmax_grad(float* ds, const float* p, int64_t n, float delta) {
+  softmax_grad_impl(ds, p, n, delta);
+}
+inline void softmax_grad(double* ds, const double* p, int64_t n, double delta) {
+  softmax_grad_impl(ds, p, n, delta);
+}
+MLK_CPU_CLONES inline void accumulate(float* dst, int64_t stride, const float* src, int64_t n) {
+  accumulate_impl(dst, stride, src, n);
+}
+inline void accumulate(double* dst, int64_t stride, const double* src, int64_t n) {
+  accumulate_impl(dst, stride, src, n);
+}
+
+// Softmax of one row of n scores in place, the first `end` attended (the rest causally masked):
+// scaled and biased (bias_row may be null), minus the row maximum, exp, normalized by the sum. A
+// fully masked row gives zeros; a NaN score, or +inf (inf - inf), a NaN row, as the reference's
+// softmax. Returns the row maximum (0 for a fully masked row, +inf or NaN for those rows) through
+// *max_out and the sum (0 in a fully masked row) through *sum_out: their lse is max + log(sum).
+template <typename T>
+inline void softmax_row(T* row, int64_t n, int64_t end, T scale, const T* bias_row,
+                        int64_t bias_stride, T* max_out, T* sum_out) {
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  bool nan = false;
+  const T m = scale_bias_max(row, end, scale, bias_row, bias_stride, &nan);
+  if (nan || m == inf) {
+    std::fill(row, row + n, std::numeric_limits<T>::quiet_NaN());
+    // log(sum exp) is still +inf when a score is +inf and none NaN.
+    *max_out = nan ? std::numeric_limits<T>::quiet_NaN() : inf;
+    *sum_out = T(1);
+    return;
+  }
+  const T shift = m == -inf ? T(0) : m;
+  const T sum = exp_sum(row, end, shift);
+  std::fill(row + end, row + n, T(0));
+  if (sum != T(0)) divide(row, end, sum);
+  *max_out = shift;
+  *sum_out = sum;
+}
+
+}  // namespace rows
+}  // namespace attention
+}  // namespace mlk
