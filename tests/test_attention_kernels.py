@@ -1,5 +1,7 @@
 """The raw attention ops on every implementation (CPU, the CUDA kernels on the grid emulator, CUDA):
-the emulator against the CPU kernels bitwise, output masks, opcheck, determinism, autograd edges.
+the emulator and CUDA against the CPU kernels (within tolerance: they add in other orders), the
+CPU kernel's tiling at several thread counts, the CUDA kernels' tiling, output masks, opcheck,
+determinism, autograd edges.
 The public function's contract is tested in test_attention.py."""
 
 from __future__ import annotations
@@ -59,15 +61,15 @@ def _bias_shape(kind, b, h, lq, lk):
     dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
 )
 def test_raw_ops_match_cpu_and_reference(impl, seed, b, h, lq, lk, e, ev, kind, causal, dtype):
-    """Forward and backward of every implementation: bitwise the CPU kernels' on the emulator, and
-    the reference's values."""
+    """Forward and backward of every implementation: the CPU kernels' values and the
+    reference's."""
     shape = _bias_shape(kind, b, h, lq, lk)
     q, k, v, bias = _inputs(seed, b, h, lq, lk, e, ev, shape, dtype)
     causal = causal and bias is None
     scale = 0.7
     out, lse = impl.call(OP, q, k, v, bias, scale, causal)
-    # The CPU kernels (ATen's batched products) and the CUDA ones (a thread per row) add in
-    # different orders: the same values within the dtype's tolerance, not bitwise.
+    # The CPU kernels (BLAS products, vectorized rows) and the CUDA ones (tiles, or a thread per
+    # row) add in different orders: the same values within the dtype's tolerance, not bitwise.
     tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
     cpu_out, cpu_lse = torch.ops.mlkernels.scaled_dot_product_attention(
         q, k, v, bias, scale, causal
@@ -127,6 +129,76 @@ def test_backward_is_deterministic():
     first = grads()
     for a, b in zip(first, grads(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(
+    "shape, kind, causal",
+    [
+        # One head, 3000 float64 keys: 21 query rows per tile, so the rows go in blocks of 17
+        # (the last shorter), and the backward splits them in parts that add up key gradients.
+        ((1, 1, 50, 3000, 8, 4), "2d", False),
+        ((1, 1, 50, 3000, 8, 4), "head", True),
+        ((1, 2, 50, 3000, 8, 4), "key", False),
+        # Many small heads: several heads per tile, a bias shared between tiles.
+        ((3, 5, 7, 9, 4, 3), "2d", True),
+        ((3, 5, 7, 9, 4, 3), "full", False),
+    ],
+)
+def test_cpu_tiling_matches_reference(threads, shape, kind, causal):
+    """The CPU kernel cuts the work by heads and query rows depending on the thread count and
+    the sizes: every cut gives the reference's values."""
+    b, h, lq, lk, e, ev = shape
+    q, k, v, bias = _inputs(7, b, h, lq, lk, e, ev, _bias_shape(kind, b, h, lq, lk))
+    grad = torch.randn(
+        b, h, lq, ev, dtype=torch.float64, generator=torch.Generator().manual_seed(8)
+    )
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = []
+        for sdpa in (ops.scaled_dot_product_attention, reference.scaled_dot_product_attention):
+            inputs = [t.detach().clone().requires_grad_() for t in (q, k, v, bias)]
+            mask = inputs[3] if not causal else None
+            out = sdpa(*inputs[:3], mask, is_causal=causal)
+            wanted = inputs if not causal else inputs[:3]
+            results.append((out, *torch.autograd.grad(out, wanted, grad)))
+    finally:
+        torch.set_num_threads(previous)
+    for ours, want in zip(*results, strict=True):
+        torch.testing.assert_close(ours, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 2, 40, 70, 16, 8),  # 32 x 32 tiles: 2 query tiles, 3 key tiles, both partial
+        (1, 3, 17, 9, 5, 3),  # 16-row query tiles and 16-key tiles, the last ones partial
+        (1, 1, 3, 5, 700, 700),  # no tile fits in shared memory: one thread per row
+    ],
+)
+@pytest.mark.parametrize("kind", ["none", "full", "2d", "key", "head"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_emulated_tiles_match_cpu(shape, kind, causal):
+    """The CUDA kernels' tiling (several tiles per head, partial last tiles, causal tiles
+    skipped) and their fallback for heads too wide for shared memory, on the emulator."""
+    b, h, lq, lk, e, ev = shape
+    # float64: the kernels add in other orders, and E = 700 in float32 rounds past the default
+    # tolerance; float32 tiles are in test_raw_ops_match_cpu_and_reference.
+    q, k, v, bias = _inputs(11, b, h, lq, lk, e, ev, _bias_shape(kind, b, h, lq, lk))
+    causal = causal and bias is None
+    emulated = torch.ops.mlkernels_emulated
+    args = (q, k, v, bias, 0.3, causal)
+    out, lse = emulated.scaled_dot_product_attention(*args)
+    cpu_out, cpu_lse = torch.ops.mlkernels.scaled_dot_product_attention(*args)
+    torch.testing.assert_close(out, cpu_out)
+    torch.testing.assert_close(lse, cpu_lse)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(12), dtype=out.dtype)
+    backward_args = (grad, q, k, v, bias, out, lse, 0.3, causal)
+    grads = emulated.scaled_dot_product_attention_backward(*backward_args)
+    cpu_grads = torch.ops.mlkernels.scaled_dot_product_attention_backward(*backward_args)
+    for got, want in zip(grads, cpu_grads, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_double_backward_raises():

@@ -1,7 +1,8 @@
 // The attention CUDA kernels, written once over a Runner: CudaRunner (attention_cuda.cu) runs them
-// on a GPU, EmulatorRunner (attention_emulated.cpp) on the CPU grid emulator in the tests. One
-// thread per output row (see attention_math.h): simple, deterministic, no atomics; no shared-
-// memory tiling yet. The CPU has its own kernels (attention_cpu.cpp), declared below.
+// on a GPU, EmulatorRunner (attention_emulated.cpp) on the CPU grid emulator in the tests. Tiled
+// cooperative blocks (attention_tiles.h) where a head's tiles fit in shared memory, else one
+// thread per output row (attention_math.h); both deterministic, no atomics. The CPU has its own
+// kernels (attention_cpu.cpp), declared below.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -13,6 +14,7 @@
 #include <tuple>
 
 #include "attention.h"
+#include "attention_tiles.h"
 
 namespace mlk {
 
@@ -34,6 +36,15 @@ Dims<T> make_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     d.bias_stride[i] = bias.size(i) == 1 ? 0 : bias.stride(i);
   }
   return d;
+}
+
+// A launch of `blocks` cooperative tile blocks holding `shared` elements of `elem_bytes` each.
+inline LaunchConfig tile_config(int64_t blocks, int64_t shared, int64_t elem_bytes) {
+  LaunchConfig config;
+  config.grid.x = blocks;
+  config.block.x = kTileThreads;
+  config.shared_bytes = shared * elem_bytes;
+  return config;
 }
 
 // The CPU's own kernels (attention_cpu.cpp: chunks of heads through ATen's batched matrix
@@ -72,9 +83,16 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(const Runner& run, const at::T
       const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
       T* out_p = out.data_ptr<T>();
       T* lse_p = lse.data_ptr<T>();
-      run.threads(launch_config_1d(rows), [=] MLK_LAMBDA(const ThreadIndex& t) {
-        forward_thread(t, d, qp, kp, vp, bp, out_p, lse_p);
-      });
+      const TileDims tiles = choose_tiles(d.lq, d.lk, d.e, d.ev, sizeof(T));
+      if (tiles.br > 0) {
+        run.blocks(tile_config(d.batch * d.heads * tile_count(d.lq, tiles.br),
+                               forward_shared(tiles.br, tiles.bc, d.e, d.ev), sizeof(T)),
+                   ForwardTiles<scalar_t, T>{d, tiles, qp, kp, vp, bp, out_p, lse_p, nullptr});
+      } else {
+        run.threads(launch_config_1d(rows), [=] MLK_LAMBDA(const ThreadIndex& t) {
+          forward_thread(t, d, qp, kp, vp, bp, out_p, lse_p);
+        });
+      }
     });
   }
   return {out.to(query.scalar_type()), lse};
@@ -117,6 +135,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernel(
           const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
           T* delta_p = delta.data_ptr<T>();
           T* lp = stats.data_ptr<T>();
+          const TileDims tiles = choose_tiles(d.lq, d.lk, d.e, d.ev, sizeof(T));
+          if (tiles.br > 0) {
+            const int64_t heads = d.batch * d.heads, elem = sizeof(T);
+            run.blocks(tile_config(heads * tile_count(d.lq, tiles.br),
+                                   forward_shared(tiles.br, tiles.bc, d.e, d.ev), elem),
+                       ForwardTiles<scalar_t, T>{d, tiles, qp, kp, vp, bp, nullptr, nullptr, lp});
+            if (mask[1] || mask[2]) {
+              run.blocks(tile_config(heads * tile_count(d.lk, tiles.bc),
+                                     key_value_shared(tiles.br, tiles.bc, d.e, d.ev), elem),
+                         KeyValueTiles<scalar_t, T>{d, tiles, qp, kp, vp, bp, gp, op_, lp,
+                                                    mask[1] ? dk.data_ptr<T>() : nullptr,
+                                                    mask[2] ? dv.data_ptr<T>() : nullptr});
+            }
+            if (mask[0]) {
+              run.blocks(
+                  tile_config(heads * tile_count(d.lq, tiles.br),
+                              query_shared(tiles.br, tiles.bc, d.e, d.ev), elem),
+                  QueryTiles<scalar_t, T>{d, tiles, qp, kp, vp, bp, gp, op_, lp, dq.data_ptr<T>()});
+            }
+            if (mask[3]) {
+              const BiasShape shape{{b.size(0), b.size(1), b.size(2), b.size(3)}};
+              run.blocks(tile_config(b.size(0) * b.size(1) * tile_count(b.size(2), tiles.br) *
+                                         tile_count(b.size(3), tiles.bc),
+                                     bias_shared(tiles.br, tiles.bc, d.e, d.ev), elem),
+                         BiasTiles<scalar_t, T>{d, tiles, shape, qp, kp, vp, bp, gp, op_, lp,
+                                                dbias.data_ptr<T>()});
+            }
+            return;
+          }
           run.threads(launch_config_1d(rows), [=] MLK_LAMBDA(const ThreadIndex& t) {
             row_thread(t, d, qp, kp, bp, gp, op_, delta_p, lp);
           });

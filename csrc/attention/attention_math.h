@@ -38,8 +38,9 @@ MLK_HOST_DEVICE T neg_inf() {
 }
 
 // The scaled, biased score of query i against key j of head (b, h); -inf where causal masks it.
-template <typename S, typename T>
-MLK_HOST_DEVICE T score(const Dims<T>& d, const S* q_row, const S* k_row, const S* bias, int64_t b,
+// The rows come from the inputs (S) or from a tile of them in shared memory (T).
+template <typename R, typename S, typename T>
+MLK_HOST_DEVICE T score(const Dims<T>& d, const R* q_row, const R* k_row, const S* bias, int64_t b,
                         int64_t h, int64_t i, int64_t j) {
   if (d.causal && j > i) return neg_inf<T>();
   T dot = 0;
