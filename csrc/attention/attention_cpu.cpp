@@ -1,14 +1,15 @@
-// The CPU's attention kernels, flash-style: the work is cut into tiles (a few heads of one image,
-// or a block of one head's query rows), spread over ATen's threads. A tile's scores against all
-// keys come from one batched BLAS product into a buffer of its thread (at most kBlockBytes, so it
-// stays in the core's cache); each row then becomes probabilities in place in two fused,
-// vectorized passes (attention_cpu_rows.h), and a second batched product multiplies them with
-// the values. Only the log-sum-exp of every query row is kept; the backward recomputes the
-// probabilities tile by tile and holds at most two tiles per thread, so the extra memory is
-// O(B*H*Lq), not O(B*H*Lq*Lk).
+// The CPU's attention kernels, flash-style: the work is cut into tasks (a block of one head's
+// query rows; in the backward, all of a head's rows when the heads keep every thread busy),
+// spread over ATen's threads. A task computes its rows' scores against all keys into a buffer of
+// its thread (at most kBlockBytes, so it stays in the core's cache), turns each row into
+// probabilities in place in fused, vectorized passes, and multiplies them with the values; the
+// products go through the register-blocked kernel of attention_cpu_rows.h, on copies of the
+// head's keys and values laid out for it (transposed, rows padded to 16). Only the log-sum-exp of
+// every query row is kept; the backward recomputes the probabilities block by block, so the
+// extra memory is O(B*H*Lq) plus buffers of O(Lk*E) per thread, never O(B*H*Lq*Lk).
 //
-// Results are the same run to run at a given thread count: at::parallel_for splits the tiles
-// statically by thread number, and sums that cross tiles (a broadcast bias's gradient, a key's
+// Results are the same run to run at a given thread count: at::parallel_for splits the tasks
+// statically by thread number, and sums that cross tasks (a broadcast bias's gradient, a key's
 // gradient over split query rows) go through per-thread or per-part buffers added in order.
 // The CUDA kernels (attention_kernels.h) compute the same values in their own order.
 #include <ATen/ATen.h>
@@ -28,36 +29,74 @@ namespace mlk {
 namespace attention {
 namespace {
 
-// The scores of a tile, and in the backward their gradients: within the L2 cache of a core, and
-// rows enough that each BLAS call amortizes its overhead.
-constexpr int64_t kBlockBytes = int64_t(512) << 10;
+// The scores of a block of query rows (and, in the backward, their gradients): within the L2
+// cache of a core next to the head's keys and values.
+constexpr int64_t kBlockBytes = int64_t(256) << 10;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// Row lengths padded to whole 16-float vectors (the products' B and C operands).
+int64_t padded(int64_t n) { return ceil_div(n, 16) * 16; }
+
+// A [rows, cols] matrix of T (strides row_stride, col_stride) copied into dst with row stride
+// dst_stride, or transposed (dst[c * dst_stride + r]) in blocks of 16 rows, so that neither the
+// reads nor the writes jump a page per element; the padding is left as it was.
+template <typename T>
+void copy_rows(const T* src, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
+               T* dst, int64_t dst_stride, bool transpose) {
+  if (!transpose) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < cols; ++c)
+        dst[r * dst_stride + c] = src[r * row_stride + c * col_stride];
+    }
+    return;
+  }
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const int64_t r1 = std::min(rows, r0 + 16);
+    for (int64_t c = 0; c < cols; ++c) {
+      for (int64_t r = r0; r < r1; ++r)
+        dst[c * dst_stride + r] = src[r * row_stride + c * col_stride];
+    }
+  }
+}
+
+// A head's matrix of a [B, H, L, X] tensor in T: its data pointer and strides.
+template <typename T>
+struct HeadView {
+  const T* data;
+  int64_t rows, cols, row_stride, col_stride;
+};
+
+template <typename T>
+HeadView<T> head_view(const at::Tensor& t, int64_t b, int64_t h) {
+  return {t.data_ptr<T>() + b * t.stride(0) + h * t.stride(1), t.size(2), t.size(3), t.stride(2),
+          t.stride(3)};
+}
 
 // One attention problem in the accumulation type T: inputs [B, H, L, E] (views of the caller's
-// tensors when already in T; BLAS takes their strides), the bias as a pointer with stride 0 along
-// the dimensions it is broadcast over, and the tiling: `heads_per_tile` heads of `block_rows`
-// query rows each.
+// tensors when already in T, any strides), the bias as a pointer with stride 0 along the
+// dimensions it is broadcast over, and the query rows per block.
 template <typename T>
 struct Problem {
   at::Tensor q, k, v, bias;
   const T* bias_data = nullptr;
   int64_t bias_stride[4] = {0, 0, 0, 0};
-  int64_t batch, heads, lq, lk;
+  int64_t batch, heads, lq, lk, e, ev, lk_padded;
   T scale;
   bool causal;
-  int64_t block_rows = 1, heads_per_tile = 1;
+  int64_t block_rows = 1;
 
   Problem(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-          const MaybeTensor& bias_in, double scale_in, bool is_causal)
+          const MaybeTensor& bias_in, double scale_in, bool is_causal, int64_t buffers)
       : batch(query.size(0)),
         heads(query.size(1)),
         lq(query.size(2)),
         lk(key.size(2)),
+        e(query.size(3)),
+        ev(value.size(3)),
+        lk_padded(padded(key.size(2))),
         scale(static_cast<T>(scale_in)),
         causal(is_causal) {
     const auto acc = c10::CppTypeToScalarType<T>::value;
-    // Detached: the tiles run on ATen's worker threads, whose grad mode is not the caller's.
     q = query.detach().to(acc);
     k = key.detach().to(acc);
     v = value.detach().to(acc);
@@ -66,91 +105,99 @@ struct Problem {
       bias_data = bias.data_ptr<T>();
       for (int64_t d = 0; d < 4; ++d) bias_stride[d] = bias.size(d) == 1 ? 0 : bias.stride(d);
     }
-    if (lq == 0 || lk == 0 || batch * heads == 0) return;
-    const int64_t row_bytes = lk * static_cast<int64_t>(sizeof(T));
-    const int64_t max_rows = std::max<int64_t>(1, kBlockBytes / row_bytes);
-    // Enough tiles to keep every thread busy (4 per thread evens out their lengths).
-    const int64_t wanted_tiles = 4 * at::get_num_threads();
-    int64_t row_blocks = ceil_div(lq, max_rows);
-    if (row_blocks == 1) {
-      const int64_t fit = std::max<int64_t>(1, kBlockBytes / (lq * row_bytes));
-      const int64_t spread = std::max<int64_t>(1, batch * heads / wanted_tiles);
-      heads_per_tile = ceil_div(heads, ceil_div(heads, std::min({fit, spread, heads})));
+    if (lq == 0) return;
+    // `buffers` blocks of scores per thread within kBlockBytes, in blocks of equal size (80 rows
+    // of at most 64 are 40 + 40), and enough blocks to keep every thread busy (4 per thread even
+    // out their lengths).
+    const int64_t row_bytes = lk_padded * static_cast<int64_t>(sizeof(T)) * buffers;
+    const int64_t max_rows = std::max<int64_t>(1, kBlockBytes / std::max<int64_t>(1, row_bytes));
+    int64_t blocks = ceil_div(lq, max_rows);
+    const int64_t wanted = 4 * at::get_num_threads();
+    if (batch * heads * blocks < wanted) {
+      blocks =
+          std::min(lq, std::max(blocks, ceil_div(wanted, std::max<int64_t>(1, batch * heads))));
     }
-    if (heads_per_tile == 1 && batch * heads * row_blocks < wanted_tiles) {
-      row_blocks = std::min(lq, std::max(row_blocks, ceil_div(wanted_tiles, batch * heads)));
-    }
-    block_rows = ceil_div(lq, row_blocks);  // equal blocks: 80 rows of at most 64 are 40 + 40
+    block_rows = ceil_div(lq, blocks);
   }
 
   int64_t blocks_per_head() const { return lq == 0 ? 0 : ceil_div(lq, block_rows); }
-  int64_t tiles_per_image() const { return ceil_div(heads, heads_per_tile); }
 
-  // Rows [i0, i0 + rows) of heads [h0, h0 + hc) of image b of a [B, H, L, X] tensor.
-  static at::Tensor tile(const at::Tensor& t, int64_t b, int64_t h0, int64_t hc, int64_t i0,
-                         int64_t rows) {
-    return t.select(0, b).narrow(0, h0, hc).narrow(1, i0, rows);
+  // A head's keys (or values), transposed into [X, Lk_padded], for the score-like products.
+  void transposed(const at::Tensor& t, int64_t b, int64_t h, std::vector<T>& dst) const {
+    const HeadView<T> m = head_view<T>(t, b, h);
+    dst.assign(m.cols * lk_padded, T(0));
+    copy_rows(m.data, m.rows, m.cols, m.row_stride, m.col_stride, dst.data(), lk_padded, true);
   }
-  static at::Tensor heads_of(const at::Tensor& t, int64_t b, int64_t h0, int64_t hc) {
-    return t.select(0, b).narrow(0, h0, hc);
+  // Rows [r0, r0 + rows) of a head's matrix as a product's B operand: the tensor itself when its
+  // rows are whole vectors, else copied into `scratch` as [rows, padded(X)]. Returns the rows
+  // and sets *ld to their stride.
+  static const T* rows_operand(const at::Tensor& t, int64_t b, int64_t h, int64_t r0, int64_t rows,
+                               std::vector<T>& scratch, int64_t* ld) {
+    const HeadView<T> m = head_view<T>(t, b, h);
+    if (m.col_stride == 1 && m.cols % 16 == 0) {
+      *ld = m.row_stride;
+      return m.data + r0 * m.row_stride;
+    }
+    *ld = padded(m.cols);
+    scratch.assign(rows * *ld, T(0));
+    copy_rows(m.data + r0 * m.row_stride, rows, m.cols, m.row_stride, m.col_stride, scratch.data(),
+              *ld, false);
+    return scratch.data();
   }
 
-  // The probabilities of a tile into s ([hc, rows, Lk], contiguous): q k^T by BLAS, then per row
-  // rows::softmax_row. row_max and row_sum ([hc * rows]), when given, receive the row statistics.
-  void probabilities(int64_t b, int64_t h0, int64_t i0, at::Tensor& s, T* row_max = nullptr,
-                     T* row_sum = nullptr) const {
-    const int64_t hc = s.size(0), rows = s.size(1);
-    at::bmm_out(s, tile(q, b, h0, hc, i0, rows), heads_of(k, b, h0, hc).transpose(1, 2));
-    T* data = s.data_ptr<T>();
-    for (int64_t hh = 0; hh < hc; ++hh) {
-      const T* bias_head = bias_data != nullptr
-                               ? bias_data + b * bias_stride[0] + (h0 + hh) * bias_stride[1]
-                               : nullptr;
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = i0 + r, n = hh * rows + r;
-        T m, l;
-        rows::softmax_row(data + n * lk, lk, causal ? std::min(lk, i + 1) : lk, scale,
-                          bias_head != nullptr ? bias_head + i * bias_stride[2] : nullptr,
-                          bias_stride[3], &m, &l);
-        if (row_max != nullptr) row_max[n] = m;
-        if (row_sum != nullptr) row_sum[n] = l;
-      }
+  // The probabilities of query rows [i0, i0 + rows) of head (b, h) into s ([rows, Lk_padded]):
+  // q k^T (k_t: the head's keys transposed), then per row rows::softmax_row. row_max and
+  // row_sum, when given, receive the row statistics.
+  void probabilities(int64_t b, int64_t h, int64_t i0, int64_t rows, const std::vector<T>& k_t,
+                     T* s, T* row_max = nullptr, T* row_sum = nullptr) const {
+    const HeadView<T> qh = head_view<T>(q, b, h);
+    rows::gemm(rows, lk_padded, e, qh.data + i0 * qh.row_stride, qh.row_stride, qh.col_stride,
+               k_t.data(), lk_padded, s, lk_padded, false, /*fused=*/false);
+    const T* bias_head =
+        bias_data != nullptr ? bias_data + b * bias_stride[0] + h * bias_stride[1] : nullptr;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r;
+      T m, l;
+      rows::softmax_row(s + r * lk_padded, lk, causal ? std::min(lk, i + 1) : lk, scale,
+                        bias_head != nullptr ? bias_head + i * bias_stride[2] : nullptr,
+                        bias_stride[3], &m, &l);
+      if (row_max != nullptr) row_max[r] = m;
+      if (row_sum != nullptr) row_sum[r] = l;
     }
   }
 };
 
-// A buffer of T for one thread's tiles.
-template <typename T>
-at::Tensor tile_buffer(const char* op, int64_t hc, int64_t rows, int64_t cols) {
-  return allocate_output(op, {hc, rows, cols},
-                         at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-}
-
 template <typename T>
 void forward(const Problem<T>& p, at::Tensor& out, at::Tensor& lse) {
-  const int64_t per_head = p.blocks_per_head(), per_image = p.tiles_per_image() * per_head;
-  at::parallel_for(0, p.batch * per_image, 1, [&](int64_t begin, int64_t end) {
-    const at::NoGradGuard no_grad;  // worker threads do not inherit the caller's grad mode
-    at::Tensor buffer = tile_buffer<T>(kOp, p.heads_per_tile, p.block_rows, p.lk);
-    std::vector<T> row_max(p.heads_per_tile * p.block_rows), row_sum(row_max.size());
+  const int64_t per_head = p.blocks_per_head(), evp = padded(p.ev);
+  at::parallel_for(0, p.batch * p.heads * per_head, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> k_t, v_scratch, s(p.block_rows * p.lk_padded), o(p.block_rows * evp);
+    std::vector<T> row_max(p.block_rows), row_sum(p.block_rows);
+    int64_t loaded = -1, ldv = 0;  // the head whose keys and values are in k_t, v_rows
+    const T* v_rows = nullptr;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / per_image, h0 = (task % per_image) / per_head * p.heads_per_tile;
+      const int64_t bh = task / per_head, b = bh / p.heads, h = bh % p.heads;
       const int64_t i0 = task % per_head * p.block_rows;
-      const int64_t hc = std::min(p.heads_per_tile, p.heads - h0);
       const int64_t rows = std::min(p.block_rows, p.lq - i0);
-      at::Tensor s = buffer.narrow(0, 0, hc).narrow(1, 0, rows);
-      if (rows != p.block_rows) s = s.contiguous();  // the last, shorter block
-      p.probabilities(b, h0, i0, s, row_max.data(), row_sum.data());
-      at::Tensor out_tile = Problem<T>::tile(out, b, h0, hc, i0, rows);
-      at::bmm_out(out_tile, s, Problem<T>::heads_of(p.v, b, h0, hc));
-      for (int64_t hh = 0; hh < hc; ++hh) {
-        T* lse_rows = lse.data_ptr<T>() + ((b * p.heads + h0 + hh) * p.lq + i0);
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t n = hh * rows + r;
-          // row_sum is 0 only in a fully masked row (an attended key's exp(s - max) is 1).
-          lse_rows[r] = row_sum[n] == T(0) ? -std::numeric_limits<T>::infinity()
-                                           : row_max[n] + std::log(row_sum[n]);
-        }
+      if (loaded != bh) {
+        p.transposed(p.k, b, h, k_t);
+        v_rows = Problem<T>::rows_operand(p.v, b, h, 0, p.lk, v_scratch, &ldv);
+        loaded = bh;
+      }
+      p.probabilities(b, h, i0, rows, k_t, s.data(), row_max.data(), row_sum.data());
+      // O = P V, straight into the output when its rows are whole vectors.
+      T* out_rows = out.data_ptr<T>() + (bh * p.lq + i0) * p.ev;
+      const bool direct = p.ev % 16 == 0;
+      rows::gemm(rows, evp, p.lk, s.data(), p.lk_padded, 1, v_rows, ldv,
+                 direct ? out_rows : o.data(), direct ? p.ev : evp, false);
+      for (int64_t r = 0; r < rows && !direct; ++r) {
+        std::copy(o.data() + r * evp, o.data() + r * evp + p.ev, out_rows + r * p.ev);
+      }
+      T* lse_rows = lse.data_ptr<T>() + bh * p.lq + i0;
+      for (int64_t r = 0; r < rows; ++r) {
+        // row_sum is 0 only in a fully masked row (an attended key's exp(s - max) is 1).
+        lse_rows[r] = row_sum[r] == T(0) ? -std::numeric_limits<T>::infinity()
+                                         : row_max[r] + std::log(row_sum[r]);
       }
     }
   });
@@ -172,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(const CpuParallelRunner&, cons
             lse.fill_(-std::numeric_limits<double>::infinity())};
   }
   AT_DISPATCH_FLOATING_TYPES(acc_options.dtype().toScalarType(), "attention_cpu", [&] {
-    forward(Problem<scalar_t>(query, key, value, bias, scale, is_causal), out, lse);
+    forward(Problem<scalar_t>(query, key, value, bias, scale, is_causal, 1), out, lse);
   });
   return {out.to(query.scalar_type()), lse};
 }
@@ -189,14 +236,13 @@ void backward(const Problem<T>& p, const at::Tensor& grad, const at::Tensor& out
   const auto options = dq.options().dtype(c10::CppTypeToScalarType<T>::value);
   const at::Tensor g = grad.detach().to(options.dtype()).contiguous();
   const at::Tensor o = out.detach().to(options.dtype()).contiguous();
-  const int64_t ev = p.v.size(3);
-  // A head's key and value gradients add up over all its query rows: a tile takes whole heads
+  const int64_t e = p.e, ev = p.ev, ep = padded(e), evp = padded(ev), lkp = p.lk_padded;
+  // A head's key and value gradients add up over all its query rows: a task takes a whole head
   // when the heads keep every thread busy; else each head's row blocks are split in `parts`,
   // whose key and value gradients go to buffers of their own, added in order at the end.
-  const int64_t blocks = p.blocks_per_head();
-  const int64_t parts = p.heads_per_tile == 1 && head_count < 2 * at::get_num_threads()
-                            ? std::min(blocks, ceil_div(2 * at::get_num_threads(), head_count))
-                            : 1;
+  const int64_t threads = at::get_num_threads(), blocks = p.blocks_per_head();
+  const int64_t parts =
+      head_count < 2 * threads ? std::min(blocks, ceil_div(2 * threads, head_count)) : 1;
   const int64_t blocks_per_part = ceil_div(blocks, parts);
   const bool split = parts > 1;
   // n zeroed copies of t, if asked.
@@ -208,90 +254,84 @@ void backward(const Problem<T>& p, const at::Tensor& grad, const at::Tensor& out
   };
   const at::Tensor dk_parts = copies(mask[1] && split, dk, parts);
   const at::Tensor dv_parts = copies(mask[2] && split, dv, parts);
-  // Tiles that share a slice of a broadcast bias would race on its gradient: each thread then
+  // Tasks that share a slice of a broadcast bias would race on its gradient: each thread then
   // adds into its own copy, and the copies are summed in thread order.
   const bool shared_bias =
-      mask[3] && ((dbias.size(0) == 1 && p.batch > 1) ||
-                  (dbias.size(1) == 1 && p.tiles_per_image() > 1) || (dbias.size(2) == 1 && split));
-  const at::Tensor per_thread = copies(shared_bias, dbias, at::get_num_threads());
+      mask[3] && ((dbias.size(0) == 1 && p.batch > 1) || (dbias.size(1) == 1 && p.heads > 1) ||
+                  (dbias.size(2) == 1 && split));
+  const at::Tensor per_thread = copies(shared_bias, dbias, threads);
   const bool need_ds = mask[0] || mask[1] || mask[3];
-  const int64_t per_image = p.tiles_per_image() * parts;
 
-  at::parallel_for(0, p.batch * per_image, 1, [&](int64_t begin, int64_t end) {
-    const at::NoGradGuard no_grad;
-    at::Tensor p_buffer = tile_buffer<T>(op, p.heads_per_tile, p.block_rows, p.lk);
-    at::Tensor ds_buffer =
-        need_ds ? tile_buffer<T>(op, p.heads_per_tile, p.block_rows, p.lk) : at::Tensor();
+  at::parallel_for(0, head_count * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> k_t, v_t, k_scratch, g_scratch, q_scratch, dk_acc, dv_acc;
+    std::vector<T> s(p.block_rows * lkp), ds(p.block_rows * lkp), dq_rows(p.block_rows * ep);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / per_image, part = task % parts;
-      const int64_t h0 = (task % per_image) / parts * p.heads_per_tile;
-      const int64_t hc = std::min(p.heads_per_tile, p.heads - h0);
+      const int64_t bh = task / parts, part = task % parts, b = bh / p.heads, h = bh % p.heads;
       const int64_t first = part * blocks_per_part * p.block_rows;
       const int64_t last = std::min(p.lq, first + blocks_per_part * p.block_rows);
-      const at::Tensor k3 = Problem<T>::heads_of(p.k, b, h0, hc);
-      const at::Tensor v3 = Problem<T>::heads_of(p.v, b, h0, hc);
-      at::Tensor dk3 =
-          mask[1] ? Problem<T>::heads_of(split ? dk_parts[part] : dk, b, h0, hc) : at::Tensor();
-      at::Tensor dv3 =
-          mask[2] ? Problem<T>::heads_of(split ? dv_parts[part] : dv, b, h0, hc) : at::Tensor();
-      // Where this tile's bias gradient goes, with stride 0 along broadcast dims.
-      T* dbias_image = nullptr;
-      int64_t db_head = 0, db_row = 0, db_col = 0;
+      p.transposed(p.k, b, h, k_t);
+      if (need_ds) p.transposed(p.v, b, h, v_t);
+      int64_t ldk = 0, ldg = 0, ldq = 0;
+      const T* k_rows =
+          mask[0] ? Problem<T>::rows_operand(p.k, b, h, 0, p.lk, k_scratch, &ldk) : nullptr;
+      if (mask[1]) dk_acc.assign(p.lk * ep, T(0));
+      if (mask[2]) dv_acc.assign(p.lk * evp, T(0));
+      // Where this task's bias gradient goes, with stride 0 along broadcast dims.
+      T* dbias_head = nullptr;
+      int64_t db_row = 0, db_col = 0;
       if (mask[3]) {
         const at::Tensor target = shared_bias ? per_thread[at::get_thread_num()] : dbias;
-        dbias_image = target.data_ptr<T>() + (target.size(0) == 1 ? 0 : b * target.stride(0));
-        db_head = target.size(1) == 1 ? 0 : target.stride(1);
+        dbias_head = target.data_ptr<T>() + (target.size(0) == 1 ? 0 : b * target.stride(0)) +
+                     (target.size(1) == 1 ? 0 : h * target.stride(1));
         db_row = target.size(2) == 1 ? 0 : target.stride(2);
         db_col = target.size(3) == 1 ? 0 : target.stride(3);
       }
       for (int64_t i0 = first; i0 < last; i0 += p.block_rows) {
         const int64_t rows = std::min(p.block_rows, last - i0);
-        const bool first_block = i0 == first;
-        at::Tensor s = p_buffer.narrow(0, 0, hc).narrow(1, 0, rows);
-        if (rows != p.block_rows) s = s.contiguous();
-        p.probabilities(b, h0, i0, s);
-        const at::Tensor g3 = Problem<T>::tile(g, b, h0, hc, i0, rows);
+        p.probabilities(b, h, i0, rows, k_t, s.data());
+        const T* g_rows = Problem<T>::rows_operand(g, b, h, i0, rows, g_scratch, &ldg);
         if (mask[2]) {  // dV += P^T dO
-          if (first_block) {
-            at::bmm_out(dv3, s.transpose(1, 2), g3);
-          } else {
-            dv3.baddbmm_(s.transpose(1, 2), g3);
-          }
+          rows::gemm(p.lk, evp, rows, s.data(), 1, lkp, g_rows, ldg, dv_acc.data(), evp, true);
         }
         if (!need_ds) continue;
         // dS = P * (dO V^T - delta), delta = dO . O per row (O as given: the backward's
         // contract is the gradient for that output).
-        at::Tensor ds = ds_buffer.narrow(0, 0, hc).narrow(1, 0, rows);
-        if (rows != p.block_rows) ds = ds.contiguous();
-        at::bmm_out(ds, g3, v3.transpose(1, 2));
-        const T* pp = s.data_ptr<T>();
-        T* dsp = ds.data_ptr<T>();
-        for (int64_t hh = 0; hh < hc; ++hh) {
-          const int64_t bh = b * p.heads + h0 + hh;
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t i = i0 + r, n = (hh * rows + r) * p.lk;
-            const T* g_row = g.data_ptr<T>() + (bh * p.lq + i) * ev;
-            const T* o_row = o.data_ptr<T>() + (bh * p.lq + i) * ev;
-            T delta = 0;
-            for (int64_t e = 0; e < ev; ++e) delta += g_row[e] * o_row[e];
-            rows::softmax_grad(dsp + n, pp + n, p.lk, delta);
-            if (dbias_image != nullptr) {
-              rows::accumulate(dbias_image + (h0 + hh) * db_head + i * db_row, db_col, dsp + n,
-                               p.lk);
-            }
+        rows::gemm(rows, lkp, ev, g_rows, ldg, 1, v_t.data(), lkp, ds.data(), lkp, false);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = i0 + r;
+          const T* g_row = g_rows + r * ldg;
+          const T* o_row = o.data_ptr<T>() + (bh * p.lq + i) * ev;
+          T delta = 0;
+          for (int64_t c = 0; c < ev; ++c) delta += g_row[c] * o_row[c];
+          T* ds_row = ds.data() + r * lkp;
+          rows::softmax_grad(ds_row, s.data() + r * lkp, p.lk, delta);
+          if (dbias_head != nullptr) {
+            rows::accumulate(dbias_head + i * db_row, db_col, ds_row, p.lk);
           }
         }
-        if (mask[0]) {
-          at::Tensor dq3 = Problem<T>::tile(dq, b, h0, hc, i0, rows);
-          at::bmm_out(dq3, ds, k3);
+        if (mask[0]) {  // dQ = dS K * scale
+          rows::gemm(rows, ep, p.lk, ds.data(), lkp, 1, k_rows, ldk, dq_rows.data(), ep, false);
+          T* dq_out = dq.data_ptr<T>() + (bh * p.lq + i0) * e;
+          for (int64_t r = 0; r < rows; ++r) {
+            for (int64_t c = 0; c < e; ++c) dq_out[r * e + c] = dq_rows[r * ep + c] * p.scale;
+          }
         }
         if (mask[1]) {  // dK += dS^T Q
-          const at::Tensor q3 = Problem<T>::tile(p.q, b, h0, hc, i0, rows);
-          if (first_block) {
-            at::bmm_out(dk3, ds.transpose(1, 2), q3);
-          } else {
-            dk3.baddbmm_(ds.transpose(1, 2), q3);
-          }
+          const T* q_rows = Problem<T>::rows_operand(p.q, b, h, i0, rows, q_scratch, &ldq);
+          rows::gemm(p.lk, ep, rows, ds.data(), 1, lkp, q_rows, ldq, dk_acc.data(), ep, true);
+        }
+      }
+      // The head's (or part's) key and value gradients, dK scaled.
+      if (mask[1]) {
+        T* dst = (split ? dk_parts[part] : dk).data_ptr<T>() + bh * p.lk * e;
+        for (int64_t j = 0; j < p.lk; ++j) {
+          for (int64_t c = 0; c < e; ++c) dst[j * e + c] = dk_acc[j * ep + c] * p.scale;
+        }
+      }
+      if (mask[2]) {
+        T* dst = (split ? dv_parts[part] : dv).data_ptr<T>() + bh * p.lk * ev;
+        for (int64_t j = 0; j < p.lk; ++j) {
+          std::copy(dv_acc.data() + j * evp, dv_acc.data() + j * evp + ev, dst + j * ev);
         }
       }
     }
@@ -301,8 +341,6 @@ void backward(const Problem<T>& p, const at::Tensor& grad, const at::Tensor& out
     if (mask[2]) at::sum_out(dv, dv_parts, 0);
   }
   if (shared_bias) at::sum_out(dbias, per_thread, 0);
-  if (mask[0]) dq.mul_(p.scale);
-  if (mask[1]) dk.mul_(p.scale);
 }
 
 }  // namespace
@@ -312,14 +350,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernel(
     const at::Tensor& key, const at::Tensor& value, const MaybeTensor& bias, const at::Tensor& out,
     const at::Tensor& lse, double scale, bool is_causal, std::array<bool, 4> mask) {
   check_backward_inputs(grad, query, key, value, bias, out, lse, scale);
-  // Zeroed: a head without keys or query rows has no task, and its gradients are zeros.
+  // Zeroed: a head without keys or query rows has no task, and its gradients are zeros; the
+  // bias's gradient adds up.
   std::array<at::Tensor, 4> grads =
       allocate_gradients(query, key, value, bias, mask, /*zeroed=*/true);
   if ((mask[0] || mask[1] || mask[2] || mask[3]) && key.size(2) > 0) {
     AT_DISPATCH_FLOATING_TYPES(
         accumulation_type(query.scalar_type()), "attention_backward_cpu", [&] {
-          backward(Problem<scalar_t>(query, key, value, bias, scale, is_causal), grad, out, grads,
-                   mask);
+          backward(Problem<scalar_t>(query, key, value, bias, scale, is_causal, 2), grad, out,
+                   grads, mask);
         });
   }
   const auto type = query.scalar_type();

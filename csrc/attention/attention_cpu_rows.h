@@ -1,8 +1,8 @@
-// Row operations of the CPU attention kernel (attention_cpu.cpp), vectorized: the float versions
-// are compiled for AVX-512, AVX2 and the baseline, and the loader picks the best the CPU has
-// (target_clones). They work on 16-float vectors of the compiler's vector extension whatever
-// the instruction set, so every clone adds in the same order and gives the same bits. float64
-// (tests, gradcheck) runs plain loops.
+// The vector code of the CPU attention kernel (attention_cpu.cpp): row operations (the float
+// versions compiled for AVX-512, AVX2 and the baseline, the loader picking the best the CPU has
+// through target_clones; they work on 16-float vectors of the compiler's vector extension
+// whatever the instruction set, so every clone adds in the same order; float64 runs plain loops)
+// and the matrix products (below). Results are the same run to run on one machine.
 #pragma once
 
 #include <algorithm>
@@ -16,8 +16,13 @@
 // The vectors never cross a call (every helper is inlined): the ABI note on them does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 #define MLK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+// exp's polynomial with fused products where the instruction set has them.
+#define MLK_CPU_CLONES_FUSED                                            \
+  __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default"), \
+                 optimize("fp-contract=fast")))
 #else
 #define MLK_CPU_CLONES
+#define MLK_CPU_CLONES_FUSED
 #endif
 
 namespace mlk {
@@ -201,7 +206,7 @@ inline double scale_bias_max(double* row, int64_t n, double scale, const double*
                              int64_t bias_stride, bool* nan) {
   return scale_bias_max_impl(row, n, scale, bias, bias_stride, nan);
 }
-MLK_CPU_CLONES inline float exp_sum(float* row, int64_t n, float shift) {
+MLK_CPU_CLONES_FUSED inline float exp_sum(float* row, int64_t n, float shift) {
   return exp_sum_impl(row, n, shift);
 }
 inline double exp_sum(double* row, int64_t n, double shift) { return exp_sum_impl(row, n, shift); }
@@ -230,6 +235,147 @@ MLK_CPU_CLONES inline void accumulate(float* dst, int64_t stride, const float* s
 }
 inline void accumulate(double* dst, int64_t stride, const double* src, int64_t n) {
   accumulate_impl(dst, stride, src, n);
+}
+
+// ---- matrix products ----
+//
+// C[M, N] = A[M, K] B[K, N] (or C += A B) for the attention kernel's small products (K or N is a
+// head dimension): a register-blocked kernel that streams rows of B as vectors and broadcasts
+// entries of A, so neither operand is packed (BLAS packs both on every call, as much work as the
+// product itself at these sizes). A is read through strides, so A^T costs nothing; B and C are
+// row-major with N a multiple of 16 (the callers pad). Each C entry adds its K products in order.
+// Compiled for AVX-512 and AVX2 with FMA (picked at run time) and for the baseline.
+
+template <typename T>
+struct Lanes {
+  static constexpr int kCount = 64 / sizeof(T);
+  typedef T Vec __attribute__((vector_size(64)));
+};
+
+template <typename T>
+inline __attribute__((always_inline)) typename Lanes<T>::Vec load_vec(const T* p) {
+  typename Lanes<T>::Vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// C[MR rows, NV vectors] (+)= A[MR, K] B[K, NV vectors].
+template <typename T, int MR, int NV>
+inline __attribute__((always_inline)) void gemm_block(int64_t k, const T* a, int64_t a_row,
+                                                      int64_t a_col, const T* b, int64_t ldb, T* c,
+                                                      int64_t ldc, bool accumulate) {
+  using Vec = typename Lanes<T>::Vec;
+  constexpr int kW = Lanes<T>::kCount;
+  Vec acc[MR][NV];
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? load_vec(c + r * ldc + v * kW) : Vec{};
+  }
+  for (int64_t kk = 0; kk < k; ++kk) {
+    Vec bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = load_vec(b + kk * ldb + v * kW);
+    for (int r = 0; r < MR; ++r) {
+      // A broadcast: x - (+0) is x for every x, so the subtraction folds away.
+      const Vec av = a[r * a_row + kk * a_col] - Vec{};
+      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NV; ++v) std::memcpy(c + r * ldc + v * kW, &acc[r][v], sizeof(Vec));
+  }
+}
+
+// The rows of one column strip: blocks of MR rows, the rest in blocks of 4, 2 and 1.
+template <typename T, int MR, int NV>
+inline __attribute__((always_inline)) void gemm_strip(int64_t m, int64_t k, const T* a,
+                                                      int64_t a_row, int64_t a_col, const T* b,
+                                                      int64_t ldb, T* c, int64_t ldc,
+                                                      bool accumulate) {
+  int64_t i = 0;
+  for (; i + MR <= m; i += MR) {
+    gemm_block<T, MR, NV>(k, a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc, accumulate);
+  }
+  if (MR > 4 && i + 4 <= m) {
+    gemm_block<T, 4, NV>(k, a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc, accumulate);
+    i += 4;
+  }
+  if (MR > 2 && i + 2 <= m) {
+    gemm_block<T, 2, NV>(k, a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc, accumulate);
+    i += 2;
+  }
+  for (; i < m; ++i) {
+    gemm_block<T, 1, NV>(k, a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc, accumulate);
+  }
+}
+
+// The whole product: strips of NV vectors, then of single vectors.
+template <typename T, int MR, int NV>
+inline __attribute__((always_inline)) void gemm_blocks(int64_t m, int64_t n, int64_t k, const T* a,
+                                                       int64_t a_row, int64_t a_col, const T* b,
+                                                       int64_t ldb, T* c, int64_t ldc,
+                                                       bool accumulate) {
+  constexpr int kW = Lanes<T>::kCount;
+  int64_t j = 0;
+  for (; j + NV * kW <= n; j += NV * kW) {
+    gemm_strip<T, MR, NV>(m, k, a, a_row, a_col, b + j, ldb, c + j, ldc, accumulate);
+  }
+  for (; j < n; j += kW) {
+    gemm_strip<T, MR, 1>(m, k, a, a_row, a_col, b + j, ldb, c + j, ldc, accumulate);
+  }
+}
+
+using GemmFloat = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*,
+                           int64_t, float*, int64_t, bool);
+
+#define MLK_GEMM_VARIANT(name, isa, fusion, mr, nv)                                   \
+  __attribute__((target(isa), optimize(fusion))) inline void name(                    \
+      int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row, int64_t a_col,  \
+      const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {          \
+    gemm_blocks<float, mr, nv>(m, n, k, a, a_row, a_col, b, ldb, c, ldc, accumulate); \
+  }
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// 6 x 64 floats in 24 of AVX-512's 32 registers; 6 x 16 in 12 of AVX2's 16. "Fused": products
+// and sums in one rounding (FMA); "exact": rounded as the reference's (q k^T) rounds, so that
+// scores near float's limit overflow where the reference's do.
+MLK_GEMM_VARIANT(gemm_avx512_fused, "avx512f", "fp-contract=fast", 6, 4)
+MLK_GEMM_VARIANT(gemm_avx512_exact, "avx512f", "fp-contract=off", 6, 4)
+MLK_GEMM_VARIANT(gemm_avx2_fused, "avx2,fma", "fp-contract=fast", 6, 1)
+MLK_GEMM_VARIANT(gemm_avx2_exact, "avx2", "fp-contract=off", 6, 1)
+#endif
+inline void gemm_baseline(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row,
+                          int64_t a_col, const float* b, int64_t ldb, float* c, int64_t ldc,
+                          bool accumulate) {
+  gemm_blocks<float, 2, 1>(m, n, k, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+}
+#undef MLK_GEMM_VARIANT
+
+// The best variant this CPU runs: [0] exact, [1] fused.
+struct GemmChoice {
+  GemmFloat variant[2];
+  GemmChoice() : variant{gemm_baseline, gemm_baseline} {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) {
+      variant[0] = gemm_avx512_exact;
+      variant[1] = gemm_avx512_fused;
+    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      variant[0] = gemm_avx2_exact;
+      variant[1] = gemm_avx2_fused;
+    }
+#endif
+  }
+};
+
+// fused: the products may be fused with the sums (FMA) where the CPU has it; not for the scores.
+inline void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row, int64_t a_col,
+                 const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate,
+                 bool fused = true) {
+  static const GemmChoice choice;
+  choice.variant[fused ? 1 : 0](m, n, k, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+}
+inline void gemm(int64_t m, int64_t n, int64_t k, const double* a, int64_t a_row, int64_t a_col,
+                 const double* b, int64_t ldb, double* c, int64_t ldc, bool accumulate,
+                 bool /*fused*/ = true) {
+  gemm_blocks<double, 2, 1>(m, n, k, a, a_row, a_col, b, ldb, c, ldc, accumulate);
 }
 
 // Softmax of one row of n scores in place, the first `end` attended (the rest causally masked):
