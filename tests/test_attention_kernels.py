@@ -7,6 +7,9 @@ The public function's contract is tested in test_attention.py."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -176,6 +179,38 @@ def test_cpu_tiling_matches_reference(threads, shape, kind, causal, dtype):
         else:
             scale = max(1.0, want.abs().max().item())
             torch.testing.assert_close(ours.double(), want, rtol=1e-4, atol=1e-5 * scale)
+
+
+_VARIANT_SCRIPT = """
+import torch
+from mlkernels import ops, reference
+
+g = torch.Generator().manual_seed(3)
+q, k, v = (torch.randn(2, 3, n, e, generator=g) for n, e in ((37, 64), (101, 64), (101, 40)))
+bias = torch.randn(37, 101, generator=g)
+grad = torch.randn(2, 3, 37, 40, generator=g)
+results = []
+for fn, dtype in ((ops.scaled_dot_product_attention, torch.float32),
+                  (reference.scaled_dot_product_attention, torch.float64)):
+    inputs = [t.to(dtype).requires_grad_() for t in (q, k, v, bias)]
+    out = fn(*inputs)
+    results.append((out, *torch.autograd.grad(out, inputs, grad.to(dtype))))
+for ours, want in zip(*results):
+    scale = max(1.0, want.abs().max().item())
+    torch.testing.assert_close(ours.double(), want, rtol=1e-4, atol=1e-5 * scale)
+"""
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_cpu_product_variants(capability):
+    """The CPU kernel's products are compiled for AVX-512, AVX2 and the baseline; the machine
+    runs the best it has, MLKERNELS_CPU_CAPABILITY caps it: each variant against the reference
+    (6 x 64 / 6 x 16 / 2 x 16 blocks, E = 64 and Ev = 40 padded)."""
+    env = {**os.environ, "MLKERNELS_CPU_CAPABILITY": capability}
+    result = subprocess.run(
+        [sys.executable, "-c", _VARIANT_SCRIPT], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize(

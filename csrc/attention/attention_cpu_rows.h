@@ -8,8 +8,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -246,33 +248,34 @@ inline void accumulate(double* dst, int64_t stride, const double* src, int64_t n
 // row-major with N a multiple of 16 (the callers pad). Each C entry adds its K products in order.
 // Compiled for AVX-512 and AVX2 with FMA (picked at run time) and for the baseline.
 
-template <typename T>
+// Vectors of `Bytes` bytes of T: 64 for AVX-512, 32 for AVX2, 16 for the baseline (SSE2), so
+// that a block's accumulators fit the registers of each.
+template <typename T, int Bytes>
 struct Lanes {
-  static constexpr int kCount = 64 / sizeof(T);
-  typedef T Vec __attribute__((vector_size(64)));
+  static constexpr int kCount = Bytes / sizeof(T);
+  typedef T Vec __attribute__((vector_size(Bytes)));
 };
 
-template <typename T>
-inline __attribute__((always_inline)) typename Lanes<T>::Vec load_vec(const T* p) {
-  typename Lanes<T>::Vec v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
 // C[MR rows, NV vectors] (+)= A[MR, K] B[K, NV vectors].
-template <typename T, int MR, int NV>
+template <typename T, int Bytes, int MR, int NV>
 inline __attribute__((always_inline)) void gemm_block(int64_t k, const T* a, int64_t a_row,
                                                       int64_t a_col, const T* b, int64_t ldb, T* c,
                                                       int64_t ldc, bool accumulate) {
-  using Vec = typename Lanes<T>::Vec;
-  constexpr int kW = Lanes<T>::kCount;
+  using Vec = typename Lanes<T, Bytes>::Vec;
+  constexpr int kW = Lanes<T, Bytes>::kCount;
   Vec acc[MR][NV];
   for (int r = 0; r < MR; ++r) {
-    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? load_vec(c + r * ldc + v * kW) : Vec{};
+    for (int v = 0; v < NV; ++v) {
+      if (accumulate) {
+        std::memcpy(&acc[r][v], c + r * ldc + v * kW, sizeof(Vec));
+      } else {
+        acc[r][v] = Vec{};
+      }
+    }
   }
   for (int64_t kk = 0; kk < k; ++kk) {
     Vec bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = load_vec(b + kk * ldb + v * kW);
+    for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], b + kk * ldb + v * kW, sizeof(Vec));
     for (int r = 0; r < MR; ++r) {
       // A broadcast: x - (+0) is x for every x, so the subtraction folds away.
       const Vec av = a[r * a_row + kk * a_col] - Vec{};
@@ -285,79 +288,90 @@ inline __attribute__((always_inline)) void gemm_block(int64_t k, const T* a, int
 }
 
 // The rows of one column strip: blocks of MR rows, the rest in blocks of 4, 2 and 1.
-template <typename T, int MR, int NV>
+template <typename T, int Bytes, int MR, int NV>
 inline __attribute__((always_inline)) void gemm_strip(int64_t m, int64_t k, const T* a,
                                                       int64_t a_row, int64_t a_col, const T* b,
                                                       int64_t ldb, T* c, int64_t ldc,
                                                       bool accumulate) {
   int64_t i = 0;
   for (; i + MR <= m; i += MR) {
-    gemm_block<T, MR, NV>(k, a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc, accumulate);
+    gemm_block<T, Bytes, MR, NV>(k, a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc,
+                                 accumulate);
   }
   if (MR > 4 && i + 4 <= m) {
-    gemm_block<T, 4, NV>(k, a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc, accumulate);
+    gemm_block<T, Bytes, 4, NV>(k, a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc,
+                                accumulate);
     i += 4;
   }
   if (MR > 2 && i + 2 <= m) {
-    gemm_block<T, 2, NV>(k, a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc, accumulate);
+    gemm_block<T, Bytes, 2, NV>(k, a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc,
+                                accumulate);
     i += 2;
   }
   for (; i < m; ++i) {
-    gemm_block<T, 1, NV>(k, a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc, accumulate);
+    gemm_block<T, Bytes, 1, NV>(k, a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc,
+                                accumulate);
   }
 }
 
-// The whole product: strips of NV vectors, then of single vectors.
-template <typename T, int MR, int NV>
+// The whole product: strips of NV vectors, then of single vectors (N is a multiple of 16, so of
+// every vector's lane count).
+template <typename T, int Bytes, int MR, int NV>
 inline __attribute__((always_inline)) void gemm_blocks(int64_t m, int64_t n, int64_t k, const T* a,
                                                        int64_t a_row, int64_t a_col, const T* b,
                                                        int64_t ldb, T* c, int64_t ldc,
                                                        bool accumulate) {
-  constexpr int kW = Lanes<T>::kCount;
+  constexpr int kW = Lanes<T, Bytes>::kCount;
   int64_t j = 0;
   for (; j + NV * kW <= n; j += NV * kW) {
-    gemm_strip<T, MR, NV>(m, k, a, a_row, a_col, b + j, ldb, c + j, ldc, accumulate);
+    gemm_strip<T, Bytes, MR, NV>(m, k, a, a_row, a_col, b + j, ldb, c + j, ldc, accumulate);
   }
   for (; j < n; j += kW) {
-    gemm_strip<T, MR, 1>(m, k, a, a_row, a_col, b + j, ldb, c + j, ldc, accumulate);
+    gemm_strip<T, Bytes, MR, 1>(m, k, a, a_row, a_col, b + j, ldb, c + j, ldc, accumulate);
   }
 }
 
 using GemmFloat = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*,
                            int64_t, float*, int64_t, bool);
 
-#define MLK_GEMM_VARIANT(name, isa, fusion, mr, nv)                                   \
-  __attribute__((target(isa), optimize(fusion))) inline void name(                    \
-      int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row, int64_t a_col,  \
-      const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {          \
-    gemm_blocks<float, mr, nv>(m, n, k, a, a_row, a_col, b, ldb, c, ldc, accumulate); \
+#define MLK_GEMM_VARIANT(name, isa, fusion, bytes, mr, nv)                                   \
+  __attribute__((target(isa), optimize(fusion))) inline void name(                           \
+      int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row, int64_t a_col,         \
+      const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {                 \
+    gemm_blocks<float, bytes, mr, nv>(m, n, k, a, a_row, a_col, b, ldb, c, ldc, accumulate); \
   }
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// 6 x 64 floats in 24 of AVX-512's 32 registers; 6 x 16 in 12 of AVX2's 16. "Fused": products
+// 6 x 64 floats in 24 of AVX-512's 32 registers; 6 x 16 in 12 of AVX2's 16 (and 2 x 16 in 8 of
+// SSE2's 16 for the baseline). "Fused": products
 // and sums in one rounding (FMA); "exact": rounded as the reference's (q k^T) rounds, so that
 // scores near float's limit overflow where the reference's do.
-MLK_GEMM_VARIANT(gemm_avx512_fused, "avx512f", "fp-contract=fast", 6, 4)
-MLK_GEMM_VARIANT(gemm_avx512_exact, "avx512f", "fp-contract=off", 6, 4)
-MLK_GEMM_VARIANT(gemm_avx2_fused, "avx2,fma", "fp-contract=fast", 6, 1)
-MLK_GEMM_VARIANT(gemm_avx2_exact, "avx2", "fp-contract=off", 6, 1)
+MLK_GEMM_VARIANT(gemm_avx512_fused, "avx512f", "fp-contract=fast", 64, 6, 4)
+MLK_GEMM_VARIANT(gemm_avx512_exact, "avx512f", "fp-contract=off", 64, 6, 4)
+MLK_GEMM_VARIANT(gemm_avx2_fused, "avx2,fma", "fp-contract=fast", 32, 6, 2)
+MLK_GEMM_VARIANT(gemm_avx2_exact, "avx2", "fp-contract=off", 32, 6, 2)
 #endif
 inline void gemm_baseline(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row,
                           int64_t a_col, const float* b, int64_t ldb, float* c, int64_t ldc,
                           bool accumulate) {
-  gemm_blocks<float, 2, 1>(m, n, k, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+  gemm_blocks<float, 16, 2, 4>(m, n, k, a, a_row, a_col, b, ldb, c, ldc, accumulate);
 }
 #undef MLK_GEMM_VARIANT
 
-// The best variant this CPU runs: [0] exact, [1] fused.
+// The best variant this CPU runs: [0] exact, [1] fused. MLKERNELS_CPU_CAPABILITY=avx2 or
+// =default caps the choice (as ATEN_CPU_CAPABILITY does ATen's), so that the tests run every
+// variant on one machine.
 struct GemmChoice {
   GemmFloat variant[2];
   GemmChoice() : variant{gemm_baseline, gemm_baseline} {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    const char* cap = std::getenv("MLKERNELS_CPU_CAPABILITY");
+    const std::string capability = cap != nullptr ? cap : "";
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) {
+    if (capability != "avx2" && capability != "default" && __builtin_cpu_supports("avx512f")) {
       variant[0] = gemm_avx512_exact;
       variant[1] = gemm_avx512_fused;
-    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    } else if (capability != "default" && __builtin_cpu_supports("avx2") &&
+               __builtin_cpu_supports("fma")) {
       variant[0] = gemm_avx2_exact;
       variant[1] = gemm_avx2_fused;
     }
@@ -375,7 +389,7 @@ inline void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row,
 inline void gemm(int64_t m, int64_t n, int64_t k, const double* a, int64_t a_row, int64_t a_col,
                  const double* b, int64_t ldb, double* c, int64_t ldc, bool accumulate,
                  bool /*fused*/ = true) {
-  gemm_blocks<double, 2, 1>(m, n, k, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+  gemm_blocks<double, 16, 2, 4>(m, n, k, a, a_row, a_col, b, ldb, c, ldc, accumulate);
 }
 
 // Softmax of one row of n scores in place, the first `end` attended (the rest causally masked):
