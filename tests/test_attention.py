@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import mlkernels
 from mlkernels import reference
+from mlkernels.ops.attention import check_attention_args
 
 OP = "scaled_dot_product_attention"
 
@@ -535,8 +536,8 @@ def test_shape_errors_are_shape_errors():
     with pytest.raises(ShapeError):
         reference.scaled_dot_product_attention(Q, K[..., :32], V)
     with pytest.raises(ShapeError):
-        reference.check_attention_args(OP, Q, K, V, torch.zeros(3, 10, 12), 0.0, False, None)
-    assert reference.check_attention_args(OP, Q, K, V, None, 0.0, False, None) is None
+        check_attention_args(OP, Q, K, V, torch.zeros(3, 10, 12), 0.0, False, None)
+    assert check_attention_args(OP, Q, K, V, None, 0.0, False, None) is None
 
 
 @SDPA

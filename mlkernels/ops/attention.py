@@ -11,9 +11,113 @@ import math
 import torch
 from torch import Tensor
 
-from ..reference.attention import OP, check_attention_args
-from ..reference.attention import scaled_dot_product_attention as _math_attention
 from . import _checks as C
+
+OP = "scaled_dot_product_attention"
+# Leading dims of query, key and value: none, batch, or batch and heads.
+MAX_LEADING_DIMS = 2
+
+
+def _dims_str(sizes) -> str:
+    return "[" + ", ".join(str(s) for s in sizes) + "]"
+
+
+def check_attention_args(
+    op: str,
+    query: object,
+    key: object,
+    value: object,
+    attn_mask: object,
+    dropout_p: object,
+    is_causal: object,
+    scale: object,
+) -> None:
+    """Raise unless the arguments fit the contract: TypeError for a wrong kind of argument,
+    RuntimeError for a dtype or device that does not fit, mlkernels.ShapeError (a RuntimeError)
+    for shapes, ValueError for values out of range. Messages: "<op>: <argument> must be
+    <expected>, got <what came>"; they are built only on failure."""
+    C.check_tensor(op, "query", query)
+    C.check_tensor(op, "key", key)
+    C.check_tensor(op, "value", value)
+    if attn_mask is not None:
+        C.check_tensor(op, "attn_mask", attn_mask)
+
+    # kinds and values of the scalar arguments
+    p = C.as_float(op, "dropout_p", dropout_p)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1], got {C.num_str(p)}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"{op}: is_causal must be a bool, got {is_causal!r}")
+    if scale is not None:
+        s = C.as_float(op, "scale", scale)
+        if not math.isfinite(s):
+            raise ValueError(f"{op}: scale must be a finite number or None, got {C.num_str(s)}")
+    if is_causal and attn_mask is not None:
+        raise ValueError(
+            f"{op}: attn_mask must be None when is_causal=True (is_causal builds its own mask), "
+            f"got {C.shape_str(attn_mask)}"
+        )
+
+    # dtypes and devices
+    C.check_floating(op, "query", query, allow_half=True)
+    C.check_same_dtype(op, "query", query, "key", key)
+    C.check_same_dtype(op, "query", query, "value", value)
+    C.check_same_device(op, "query", query, "key", key)
+    C.check_same_device(op, "query", query, "value", value)
+    if attn_mask is not None:
+        if not (attn_mask.dtype == torch.bool or attn_mask.dtype == query.dtype):
+            raise RuntimeError(
+                f"{op}: attn_mask must be bool or {C.dtype_str(query.dtype)} (query's dtype), "
+                f"got {C.dtype_str(attn_mask.dtype)}"
+            )
+        C.check_same_device(op, "query", query, "attn_mask", attn_mask)
+
+    if scale is not None and query.dtype != torch.float64:
+        # float32 is the accumulation type of every other dtype: a larger scale would be inf.
+        if abs(float(scale)) > torch.finfo(torch.float32).max:
+            raise ValueError(
+                f"{op}: scale must be finite in the inputs' accumulation type (float32), "
+                f"got {C.num_str(float(scale))}"
+            )
+
+    # shapes
+    if not 2 <= query.dim() <= 2 + MAX_LEADING_DIMS:
+        raise C.ShapeError(
+            f"{op}: query must be Tensor[..., Lq, E] with at most {MAX_LEADING_DIMS} leading "
+            f"dims (batch, heads), got {C.shape_str(query)}"
+        )
+    leading = query.shape[:-2]
+    e = query.shape[-1]
+    if key.dim() != query.dim() or key.shape[:-2] != leading:
+        raise C.ShapeError(
+            f"{op}: key must be Tensor[..., Lk, E] with leading dims {_dims_str(leading)} "
+            f"(query's), got {C.shape_str(key)}"
+        )
+    if key.shape[-1] != e:
+        raise C.ShapeError(
+            f"{op}: key must be Tensor[..., Lk, E] with E = {e} (query's), got {C.shape_str(key)}"
+        )
+    if value.dim() != query.dim() or value.shape[:-2] != leading:
+        raise C.ShapeError(
+            f"{op}: value must be Tensor[..., Lk, Ev] with leading dims {_dims_str(leading)} "
+            f"(query's), got {C.shape_str(value)}"
+        )
+    if value.shape[-2] != key.shape[-2]:
+        raise C.ShapeError(
+            f"{op}: value must be Tensor[..., Lk, Ev] with Lk = {key.shape[-2]} (key's), "
+            f"got {C.shape_str(value)}"
+        )
+    if attn_mask is not None:
+        scores = (*leading, query.shape[-2], key.shape[-2])
+        fits = 2 <= attn_mask.dim() <= len(scores)
+        if fits:
+            tail = scores[len(scores) - attn_mask.dim() :]
+            fits = all(m == 1 or m == s for m, s in zip(attn_mask.shape, tail, strict=True))
+        if not fits:
+            raise C.ShapeError(
+                f"{op}: attn_mask must be 2-D to {len(scores)}-D and broadcastable to "
+                f"Tensor{_dims_str(scores)} ([..., Lq, Lk]), got {C.shape_str(attn_mask)}"
+            )
 
 
 def scaled_dot_product_attention(
@@ -53,12 +157,15 @@ def scaled_dot_product_attention(
     A fully masked row gives zeros and zero gradients (never NaN); a NaN score makes its row
     NaN, as the softmax would. float16/bfloat16 are computed in float32. Differentiable w.r.t.
     query, key, value and a float mask (only the gradients asked for are computed); second
-    derivatives raise. Deterministic on CPU and CUDA (one thread per output row, no atomics).
+    derivatives raise. Deterministic on CPU (at a given thread count) and CUDA (no atomics).
     Under ``torch.autocast`` the inputs are cast to the autocast dtype, as torch's own.
     Equivalent PyTorch code: :func:`mlkernels.reference.scaled_dot_product_attention`.
     """
     check_attention_args(OP, query, key, value, attn_mask, dropout_p, is_causal, scale)
     if dropout_p > 0:
+        # The reference imports this module's checks: imported here, not at the top.
+        from ..reference.attention import scaled_dot_product_attention as _math_attention
+
         return _math_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, return_lse=return_lse
         )

@@ -4,7 +4,7 @@ They are slow and simple on purpose: tests compare the compiled kernels with the
 use them as a baseline, and anyone can read them to see what an op computes.
 """
 
-from .attention import check_attention_args, scaled_dot_product_attention
+from .attention import scaled_dot_product_attention
 from .boxes import box_iou, decode_boxes, encode_boxes
 from .proposals import batched_nms, generate_anchors, nms, propose
 from .roi_align import roi_align, roi_align_grid_sample
@@ -12,7 +12,6 @@ from .roi_align import roi_align, roi_align_grid_sample
 __all__ = [
     "batched_nms",
     "box_iou",
-    "check_attention_args",
     "decode_boxes",
     "encode_boxes",
     "generate_anchors",
