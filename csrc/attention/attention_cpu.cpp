@@ -45,16 +45,24 @@ void copy_rows(const T* src, int64_t rows, int64_t cols, int64_t row_stride, int
                T* dst, int64_t dst_stride, bool transpose) {
   if (!transpose) {
     for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t c = 0; c < cols; ++c)
+      for (int64_t c = 0; c < cols; ++c) {
         dst[r * dst_stride + c] = src[r * row_stride + c * col_stride];
+      }
     }
     return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (col_stride == 1) {
+      rows::transpose(src, rows, cols, row_stride, dst, dst_stride);
+      return;
+    }
   }
   for (int64_t r0 = 0; r0 < rows; r0 += 16) {
     const int64_t r1 = std::min(rows, r0 + 16);
     for (int64_t c = 0; c < cols; ++c) {
-      for (int64_t r = r0; r < r1; ++r)
+      for (int64_t r = r0; r < r1; ++r) {
         dst[c * dst_stride + r] = src[r * row_stride + c * col_stride];
+      }
     }
   }
 }

@@ -392,6 +392,74 @@ inline void gemm(int64_t m, int64_t n, int64_t k, const double* a, int64_t a_row
   gemm_blocks<double, 16, 2, 4>(m, n, k, a, a_row, a_col, b, ldb, c, ldc, accumulate);
 }
 
+// ---- transposition ----
+
+// dst[c * ld + r] = src[r * row_stride + c] for r < rows, c < cols (the source's columns
+// contiguous): the copies of a head's keys and values that the score products read.
+inline void transpose_scalar(const float* src, int64_t rows, int64_t cols, int64_t row_stride,
+                             float* dst, int64_t ld) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {  // 16 source rows stay in L1 across the columns
+    const int64_t r1 = std::min(rows, r0 + 16);
+    for (int64_t c = 0; c < cols; ++c) {
+      for (int64_t r = r0; r < r1; ++r) dst[c * ld + r] = src[r * row_stride + c];
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+typedef float Floats8 __attribute__((vector_size(32)));
+typedef int32_t Ints8 __attribute__((vector_size(32)));
+
+// 8 x 8 blocks in registers (the unpack / shuffle / permute sequence of _MM_TRANSPOSE8), the
+// leftover rows and columns by the scalar loop.
+__attribute__((target("avx2"))) inline void transpose_avx2(const float* src, int64_t rows,
+                                                           int64_t cols, int64_t row_stride,
+                                                           float* dst, int64_t ld) {
+  const int64_t full_rows = rows / 8 * 8, full_cols = cols / 8 * 8;
+  for (int64_t r0 = 0; r0 < full_rows; r0 += 8) {
+    for (int64_t c0 = 0; c0 < full_cols; c0 += 8) {
+      Floats8 v[8], t[8], u[8];
+      for (int i = 0; i < 8; ++i) std::memcpy(&v[i], src + (r0 + i) * row_stride + c0, 32);
+      for (int i = 0; i < 8; i += 2) {
+        t[i] = __builtin_shuffle(v[i], v[i + 1], Ints8{0, 8, 1, 9, 4, 12, 5, 13});
+        t[i + 1] = __builtin_shuffle(v[i], v[i + 1], Ints8{2, 10, 3, 11, 6, 14, 7, 15});
+      }
+      for (int i = 0; i < 8; i += 4) {
+        u[i] = __builtin_shuffle(t[i], t[i + 2], Ints8{0, 1, 8, 9, 4, 5, 12, 13});
+        u[i + 1] = __builtin_shuffle(t[i], t[i + 2], Ints8{2, 3, 10, 11, 6, 7, 14, 15});
+        u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], Ints8{0, 1, 8, 9, 4, 5, 12, 13});
+        u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], Ints8{2, 3, 10, 11, 6, 7, 14, 15});
+      }
+      for (int j = 0; j < 4; ++j) {  // column j from u[j] (rows 0-3) and u[j + 4] (rows 4-7)
+        const Floats8 low = __builtin_shuffle(u[j], u[j + 4], Ints8{0, 1, 2, 3, 8, 9, 10, 11});
+        const Floats8 high = __builtin_shuffle(u[j], u[j + 4], Ints8{4, 5, 6, 7, 12, 13, 14, 15});
+        std::memcpy(dst + (c0 + j) * ld + r0, &low, 32);
+        std::memcpy(dst + (c0 + j + 4) * ld + r0, &high, 32);
+      }
+    }
+  }
+  // The columns past the last full block of 8, then the rows past it.
+  for (int64_t r = 0; r < full_rows; ++r) {
+    for (int64_t c = full_cols; c < cols; ++c) dst[c * ld + r] = src[r * row_stride + c];
+  }
+  for (int64_t r = full_rows; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = src[r * row_stride + c];
+  }
+}
+#endif
+
+inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t row_stride, float* dst,
+                      int64_t ld) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  static const bool avx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") != 0);
+  if (avx2) {
+    transpose_avx2(src, rows, cols, row_stride, dst, ld);
+    return;
+  }
+#endif
+  transpose_scalar(src, rows, cols, row_stride, dst, ld);
+}
+
 // Softmax of one row of n scores in place, the first `end` attended (the rest causally masked):
 // scaled and biased (bias_row may be null), minus the row maximum, exp, normalized by the sum. A
 // fully masked row gives zeros; a NaN score, or +inf (inf - inf), a NaN row, as the reference's
