@@ -358,11 +358,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernel(
     const at::Tensor& key, const at::Tensor& value, const MaybeTensor& bias, const at::Tensor& out,
     const at::Tensor& lse, double scale, bool is_causal, std::array<bool, 4> mask) {
   check_backward_inputs(grad, query, key, value, bias, out, lse, scale);
-  // Zeroed: a head without keys or query rows has no task, and its gradients are zeros; the
-  // bias's gradient adds up.
-  std::array<at::Tensor, 4> grads =
-      allocate_gradients(query, key, value, bias, mask, /*zeroed=*/true);
-  if ((mask[0] || mask[1] || mask[2] || mask[3]) && key.size(2) > 0) {
+  // Without keys or query rows there is no task and every gradient is zero; otherwise the tasks
+  // write every entry of dQ, dK and dV, and the bias's gradient adds up (zeroed).
+  const bool empty = query.size(0) * query.size(1) == 0 || query.size(2) == 0 || key.size(2) == 0;
+  std::array<at::Tensor, 4> grads = allocate_gradients(query, key, value, bias, mask, empty);
+  if (!empty && mask[3]) grads[3].zero_();
+  if ((mask[0] || mask[1] || mask[2] || mask[3]) && !empty) {
     AT_DISPATCH_FLOATING_TYPES(
         accumulation_type(query.scalar_type()), "attention_backward_cpu", [&] {
           backward(Problem<scalar_t>(query, key, value, bias, scale, is_causal, 2), grad, out,
