@@ -501,7 +501,11 @@ def test_decoder_errors():
         ({"batch_size": -1}, ValueError, "beam_search: batch_size must be >= 0, got -1"),
         ({"beam_size": "2"}, TypeError, "beam_search: beam_size must be an int"),
         ({"batch_size": 3}, ValueError, r"state tensors must have leading dimension B \* K = 6"),
-        ({"num_labels": 5}, ValueError, r"step_fn must return log_probs Tensor\[B \* K, C\]"),
+        (
+            {"num_labels": 5},
+            ValueError,
+            r"step_fn must return log_probs Tensor\[batch_size \* beam_size, num_labels\]",
+        ),
     ]
     for extra, error, message in cases:
         with pytest.raises(error, match=message):

@@ -5,6 +5,7 @@ Kernels: csrc/beam_search (CPU, CUDA); pure-PyTorch equivalents: mlkernels.refer
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -197,8 +198,7 @@ def _check_state(op: str, state: Any, rows: int, what: str) -> None:
     for t in _tensors(state):
         if t.dim() == 0 or t.shape[0] != rows:
             raise ValueError(
-                f"{op}: {what} tensors must have leading dimension B * K = {rows}, "
-                f"got {C.shape_str(t)}"
+                f"{op}: {what} must have leading dimension B * K = {rows}, got {C.shape_str(t)}"
             )
 
 
@@ -228,44 +228,55 @@ def decode(
     threshold: float,
 ) -> BeamSearchResult:
     """The beam search driver over any implementation of the step (``step(log_probs, scores,
-    used, finished, log_threshold=, max_length=)``, ours or the reference's); settings checked."""
+    used, finished, log_threshold=, max_length=)``, ours or the reference's); settings checked.
+    The steps' parents and labels are kept (2 x B x K int64 per step run, nothing for steps not
+    run) and followed back once at the end."""
     if not callable(step_fn):
         raise TypeError(f"{op}: step_fn must be callable, got {type(step_fn).__name__}")
     B, C_, K = batch_size, num_labels, beam_size
     T = min(max_length if max_length is not None else C_, C_)
     rows = B * K
-    _check_state(op, state, rows, "state")
+    _check_state(op, state, rows, "state tensors")
     device = next(iter(_tensors(state)), torch.empty(0)).device
     log_threshold = math.log(threshold) if threshold > 0 else -math.inf
-    if B == 0:
-        return BeamSearchResult(
-            torch.full((0, K, T), -1, dtype=torch.int64, device=device),
-            torch.empty((0, K), dtype=torch.float32, device=device),
-            torch.zeros((0, K), dtype=torch.int64, device=device),
-        )
-    scores = torch.full((B, K), -math.inf, device=device)
-    scores[:, 0] = 0.0
-    used = torch.zeros((B, K, pool_words(C_)), dtype=torch.int64, device=device)
-    finished = torch.zeros((B, K), dtype=torch.bool, device=device)
-    last = torch.full((rows,), -1, dtype=torch.int64, device=device)
-    parents_seen = torch.empty((T, B, K), dtype=torch.int64, device=device)
-    labels_seen = torch.empty((T, B, K), dtype=torch.int64, device=device)
-    offsets = torch.arange(0, rows, K, device=device)[:, None]
-    steps = 0
+
+    def allocate():
+        if B == 0:
+            return BeamSearchResult(
+                torch.full((0, K, T), -1, dtype=torch.int64, device=device),
+                torch.empty((0, K), dtype=torch.float32, device=device),
+                torch.zeros((0, K), dtype=torch.int64, device=device),
+            )
+        scores = torch.full((B, K), -math.inf, device=device)
+        scores[:, 0] = 0.0
+        used = None  # allocated once the first log_probs are known to have C columns
+        finished = torch.zeros((B, K), dtype=torch.bool, device=device)
+        last = torch.full((rows,), -1, dtype=torch.int64, device=device)
+        offsets = torch.arange(0, rows, K, device=device)[:, None]
+        return scores, used, finished, last, offsets
+
+    first = _allocate(op, B, K, C_, allocate)
+    if isinstance(first, BeamSearchResult):
+        return first
+    scores, used, finished, last, offsets = first
+    parents_seen, labels_seen = [], []
     for t in range(T):
         log_probs, state = step_fn(last, state)
         if not isinstance(log_probs, Tensor) or log_probs.shape != (rows, C_):
             got = C.shape_str(log_probs) if isinstance(log_probs, Tensor) else repr(log_probs)
             raise ValueError(
-                f"{op}: step_fn must return log_probs Tensor[B * K, C] = Tensor[{rows}, {C_}], "
-                f"got {got}"
+                f"{op}: step_fn must return log_probs Tensor[batch_size * beam_size, num_labels]"
+                f" = Tensor[{rows}, {C_}], got {got}"
             )
         if log_probs.device != scores.device:  # a state on no device: follow the model
-            scores, used, finished, last, offsets, parents_seen, labels_seen = (
-                x.to(log_probs.device)
-                for x in (scores, used, finished, last, offsets, parents_seen, labels_seen)
+            scores, finished, last, offsets = (
+                x.to(log_probs.device) for x in (scores, finished, last, offsets)
             )
-        _check_state(op, state, rows, "the state step_fn returns:")
+        if used is None:
+            pool_shape = (B, K, pool_words(C_))
+            zeros = functools.partial(scores.new_zeros, pool_shape, dtype=torch.int64)
+            used = _allocate(op, B, K, C_, zeros)
+        _check_state(op, state, rows, "the state tensors step_fn returns")
         scores, parents, labels, used, finished = step(
             log_probs.reshape(B, K, C_),
             scores,
@@ -274,22 +285,36 @@ def decode(
             log_threshold=log_threshold,
             max_length=T,
         )
-        parents_seen[t] = parents
-        labels_seen[t] = labels
-        steps = t + 1
+        parents_seen.append(parents)
+        labels_seen.append(labels)
         source = (parents.clamp(min=0) + offsets).view(-1)
         state = _reorder(state, source)
         last = labels.view(-1)
-        if t + 1 < T and bool(finished.all()):  # the one host synchronisation of a step
+        # The one host synchronisation of a step (none on the last step; a meta tensor has no
+        # value to look at, so a meta search runs every step).
+        if t + 1 < T and not finished.is_meta and bool(finished.all()):
             break
-    return _backtrack(parents_seen[:steps], labels_seen[:steps], scores, T)
+    return _allocate(op, B, K, C_, lambda: _backtrack(parents_seen, labels_seen, scores, T))
 
 
-def _backtrack(parents: Tensor, labels: Tensor, scores: Tensor, T: int) -> BeamSearchResult:
+def _allocate(op: str, B: int, K: int, C_: int, fn: Callable[[], Any]) -> Any:
+    """fn(), whose allocations far beyond memory raise an error naming op and the sizes."""
+    try:
+        return fn()
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"{op}: the search for batch_size={B}, beam_size={K}, num_labels={C_} could not be "
+            f"allocated ({str(error).strip().splitlines()[0]})"
+        ) from None
+
+
+def _backtrack(
+    parents: list[Tensor], labels: list[Tensor], scores: Tensor, T: int
+) -> BeamSearchResult:
     """The label sequences of the final beams, followed back through the steps' parents."""
-    steps, B, K = labels.shape
-    out = torch.full((B, K, T), -1, dtype=torch.int64, device=labels.device)
-    beam = torch.arange(K, device=labels.device).expand(B, K)
+    steps, (B, K) = len(labels), scores.shape
+    out = scores.new_full((B, K, T), -1, dtype=torch.int64)
+    beam = torch.arange(K, device=scores.device).expand(B, K)
     for t in range(steps - 1, -1, -1):
         out[:, :, t] = labels[t].gather(1, beam)
         beam = parents[t].gather(1, beam).clamp(min=0)
