@@ -1,5 +1,6 @@
 // Schema of beam_search_step. Kernels: beam_search_cpu.cpp (CPU), beam_search_cuda.cu (CUDA),
 // beam_search_emulated.cpp (the CUDA kernel on the CPU grid emulator, for tests).
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 namespace {
@@ -16,3 +17,10 @@ void define_beam_search_ops(torch::Library& m) {
 
 TORCH_LIBRARY_FRAGMENT(mlkernels, m) { define_beam_search_ops(m); }
 TORCH_LIBRARY_FRAGMENT(mlkernels_emulated, m) { define_beam_search_ops(m); }
+
+// Not differentiable: autograd's C++ fallback makes a backward through the scores raise (naming the
+// op), and costs nothing when no input requires grad, where a Python autograd registration would
+// cost tens of microseconds per step of a search.
+TORCH_LIBRARY_IMPL(mlkernels, Autograd, m) {
+  m.impl("beam_search_step", torch::autograd::autogradNotImplementedFallback());
+}

@@ -9,8 +9,8 @@ from torch import nn
 from ..ops.beam_search import (
     BeamSearchResult,
     StepFn,
+    _raw_step,
     _settings,
-    beam_search_step,
     check_search_settings,
     decode,
 )
@@ -45,7 +45,7 @@ class LabelBeamSearch(nn.Module):
             self.max_length,
             self.threshold,
         )
-        return decode(beam_search_step, step_fn, state, "LabelBeamSearch", **settings)
+        return decode(_raw_step, step_fn, state, "LabelBeamSearch", **settings)
 
     def extra_repr(self) -> str:
         return (

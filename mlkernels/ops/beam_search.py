@@ -80,7 +80,8 @@ def beam_search_step(
         BeamStep(scores, parents, labels, used, finished), best first: ``labels`` -1 where a beam
         was carried or is empty, ``parents`` -1 for empty slots.
 
-    Deterministic and bitwise identical on CPU and CUDA. Not differentiable.
+    Deterministic and bitwise identical on CPU and CUDA. Not differentiable (a backward through
+    the scores raises).
     CPU: batch rows in parallel, one pass over the K x C candidates per row keeping a bounded heap
     (no sort, no allocation beyond the outputs); CUDA: one block per row, a radix select in shared
     memory (K up to about 2000).
@@ -104,6 +105,13 @@ def beam_search_step(
 
 
 StepFn = Callable[[Tensor, Any], tuple[Tensor, Any]]
+
+
+def _raw_step(log_probs, scores, used, finished, *, log_threshold, max_length):
+    """beam_search_step for the driver, whose arguments are checked already: the op itself."""
+    return torch.ops.mlkernels.beam_search_step.default(
+        log_probs, scores, used, finished, log_threshold=log_threshold, max_length=max_length
+    )
 
 
 def beam_search(
@@ -141,7 +149,7 @@ def beam_search(
     within a path. Equivalent PyTorch code: :func:`mlkernels.reference.beam_search`.
     """
     return decode(
-        beam_search_step,
+        _raw_step,
         step_fn,
         state,
         "beam_search",
@@ -259,7 +267,7 @@ def decode(
     if isinstance(first, BeamSearchResult):
         return first
     scores, used, finished, last, offsets = first
-    parents_seen, labels_seen = [], []
+    sources, labels_seen = [], []
     for t in range(T):
         log_probs, state = step_fn(last, state)
         if not isinstance(log_probs, Tensor) or log_probs.shape != (rows, C_):
@@ -285,16 +293,18 @@ def decode(
             log_threshold=log_threshold,
             max_length=T,
         )
-        parents_seen.append(parents)
+        # The rows of the beams' parents (an empty slot: its row's first beam; its state is
+        # never looked at), in place: the step's parents are not needed as they were.
+        source = parents.clamp_(min=0).add_(offsets).view(-1)
+        sources.append(source)
         labels_seen.append(labels)
-        source = (parents.clamp(min=0) + offsets).view(-1)
         state = _reorder(state, source)
         last = labels.view(-1)
         # The one host synchronisation of a step (none on the last step; a meta tensor has no
         # value to look at, so a meta search runs every step).
         if t + 1 < T and not finished.is_meta and bool(finished.all()):
             break
-    return _allocate(op, B, K, C_, lambda: _backtrack(parents_seen, labels_seen, scores, T))
+    return _allocate(op, B, K, C_, lambda: _backtrack(sources, labels_seen, scores, T))
 
 
 def _allocate(op: str, B: int, K: int, C_: int, fn: Callable[[], Any]) -> Any:
@@ -309,20 +319,19 @@ def _allocate(op: str, B: int, K: int, C_: int, fn: Callable[[], Any]) -> Any:
 
 
 def _backtrack(
-    parents: list[Tensor], labels: list[Tensor], scores: Tensor, T: int
+    sources: list[Tensor], labels: list[Tensor], scores: Tensor, T: int
 ) -> BeamSearchResult:
-    """The label sequences of the final beams, followed back through the steps' parents."""
-    steps, (B, K) = len(labels), scores.shape
+    """The label sequences of the final beams, followed back through the steps' parent rows."""
+    B, K = scores.shape
     out = scores.new_full((B, K, T), -1, dtype=torch.int64)
-    beam = torch.arange(K, device=scores.device).expand(B, K)
-    for t in range(steps - 1, -1, -1):
-        out[:, :, t] = labels[t].gather(1, beam)
-        beam = parents[t].gather(1, beam).clamp(min=0)
-    # An empty slot (its score -inf) has no path; a carried step added no label (-1 already).
+    row = torch.arange(B * K, device=scores.device)
+    for t in range(len(labels) - 1, -1, -1):
+        out[:, :, t] = labels[t].view(-1)[row].view(B, K)
+        row = sources[t][row]
+    # An empty slot (its score -inf) has no path; a carried step added no label (-1 already), and
+    # a path carried from step t on has -1 from t on, so its labels come first.
     out.masked_fill_(~(scores > -math.inf)[..., None], -1)
-    lengths = (out >= 0).sum(-1)
-    # Labels in step order: a path carried at step t has -1 from t on, so the labels come first.
-    return BeamSearchResult(out, scores, lengths)
+    return BeamSearchResult(out, scores, (out >= 0).sum(-1))
 
 
 # ---- fake kernel: the C++ checks, repeated, and the output shapes ----
@@ -382,14 +391,3 @@ def _beam_search_step_fake(log_probs, scores, used, finished, *, log_threshold, 
         C.allocate_output(_OP, scores, (B, K, W), dtype=torch.int64),
         C.allocate_output(_OP, scores, (B, K), dtype=torch.bool),
     )
-
-
-def _not_differentiable(ctx, *grads):
-    raise RuntimeError(
-        f"{_OP}: is not differentiable; run the search under torch.no_grad() or detach log_probs"
-    )
-
-
-torch.library.register_autograd(
-    "mlkernels::beam_search_step", _not_differentiable, setup_context=None
-)
