@@ -128,6 +128,17 @@ def test_step_matches_reference_across_pool_words(impl, seed, C, ties):
 
 
 @ALL_IMPLS
+@pytest.mark.parametrize("ties", [False, True])
+def test_step_matches_reference_with_many_beams(impl, ties):
+    """Rows of 40 x 131 candidates: the CUDA kernel's full block of threads, many radix rounds."""
+    inputs = random_step_inputs(11, 3, 40, 130, torch.float32, ties)
+    for threshold in (-INF, -3.0):
+        got = call_step(impl, *inputs, threshold, 6)
+        want = reference.beam_search_step(*inputs, log_threshold=threshold, max_length=6)
+        assert_steps_equal(got, want)
+
+
+@ALL_IMPLS
 def test_ties_follow_score_then_beam_then_label(impl):
     # Every candidate of beams 0 and 1 scores -1: the order is beam 0's labels, then beam 1's;
     # beam 2 (finished, -1) is carried and ties too, after them; beam 3 is empty.
