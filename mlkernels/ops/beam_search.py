@@ -107,11 +107,9 @@ def beam_search_step(
 StepFn = Callable[[Tensor, Any], tuple[Tensor, Any]]
 
 
-def _raw_step(log_probs, scores, used, finished, *, log_threshold, max_length):
-    """beam_search_step for the driver, whose arguments are checked already: the op itself."""
-    return torch.ops.mlkernels.beam_search_step.default(
-        log_probs, scores, used, finished, log_threshold=log_threshold, max_length=max_length
-    )
+# beam_search_step for the driver, whose arguments are checked already: the op itself, looked up
+# once (each step of a search would otherwise pay for the lookup and the wrapper's checks).
+_raw_step = torch.ops.mlkernels.beam_search_step.default
 
 
 def beam_search(
