@@ -321,11 +321,17 @@ def _backtrack(
 ) -> BeamSearchResult:
     """The label sequences of the final beams, followed back through the steps' parent rows."""
     B, K = scores.shape
+    steps = len(labels)
+    # The row each final beam occupied at every step, followed back one step at a time (one
+    # small op per step: a search's bookkeeping is mostly per-op dispatch), then all labels in
+    # one gather.
+    rows = [torch.arange(B * K, device=scores.device)]
+    for t in range(steps - 1, 0, -1):
+        rows.append(sources[t].index_select(0, rows[-1]))
+    rows.reverse()
+    chosen = torch.stack(labels).view(steps, B * K).gather(1, torch.stack(rows))
     out = scores.new_full((B, K, T), -1, dtype=torch.int64)
-    row = torch.arange(B * K, device=scores.device)
-    for t in range(len(labels) - 1, -1, -1):
-        out[:, :, t] = labels[t].view(-1)[row].view(B, K)
-        row = sources[t][row]
+    out[:, :, :steps] = chosen.t().view(B, K, steps)
     # An empty slot (its score -inf) has no path; a carried step added no label (-1 already), and
     # a path carried from step t on has -1 from t on, so its labels come first.
     out.masked_fill_(~(scores > -math.inf)[..., None], -1)
