@@ -702,3 +702,23 @@ def test_non_contiguous_inputs():
     assert_steps_equal(
         ops.beam_search_step(*strided, max_length=3), ops.beam_search_step(*inputs, max_length=3)
     )
+
+
+@pytest.mark.cuda
+def test_search_on_cuda_equals_cpu():
+    B, K, C, H = 3, 4, 10, 16
+    step = lstm_step(C, H)
+    state = {"h": torch.randn(B, H).repeat_interleave(K, 0), "c": torch.zeros(B * K, H), "tag": 1}
+    args = {"batch_size": B, "num_labels": C, "beam_size": K, "max_length": 5, "threshold": 0.01}
+    want = ops.beam_search(step, state, **args)
+    cuda_step = lstm_step(C, H)  # the same weights (seeded), moved to the GPU
+    for module in cuda_step.__closure__:
+        if isinstance(module.cell_contents, torch.nn.Module):
+            module.cell_contents.cuda()
+    cuda_state = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+    got = ops.beam_search(cuda_step, cuda_state, **args)
+    # The LSTM's float32 products round differently on a GPU, so the scores agree to rounding
+    # (and the paths, unless two of them score within that rounding of each other).
+    torch.testing.assert_close(got.scores.cpu(), want.scores, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.labels.cpu(), want.labels)
+    assert got.labels.device.type == "cuda" and got.lengths.device.type == "cuda"
