@@ -296,13 +296,20 @@ def decode(
         source = parents.clamp_(min=0).add_(offsets).view(-1)
         sources.append(source)
         labels_seen.append(labels)
-        state = _reorder(state, source)
+        try:
+            state = _reorder(state, source)
+        except RuntimeError as error:  # e.g. an expanded state whose copy no memory holds
+            raise RuntimeError(
+                f"{op}: the state tensors could not be reordered along the beams' parents "
+                f"({str(error).strip().splitlines()[0]})"
+            ) from None
         last = labels.view(-1)
         # The one host synchronisation of a step (none on the last step; a meta tensor has no
         # value to look at, so a meta search runs every step).
         if t + 1 < T and not finished.is_meta and bool(finished.all()):
             break
-    return _allocate(op, B, K, C_, lambda: _backtrack(sources, labels_seen, scores, T))
+    out = _allocate(op, B, K, C_, lambda: scores.new_full((B, K, T), -1, dtype=torch.int64))
+    return _backtrack(sources, labels_seen, scores, out)
 
 
 def _allocate(op: str, B: int, K: int, C_: int, fn: Callable[[], Any]) -> Any:
@@ -317,9 +324,10 @@ def _allocate(op: str, B: int, K: int, C_: int, fn: Callable[[], Any]) -> Any:
 
 
 def _backtrack(
-    sources: list[Tensor], labels: list[Tensor], scores: Tensor, T: int
+    sources: list[Tensor], labels: list[Tensor], scores: Tensor, out: Tensor
 ) -> BeamSearchResult:
-    """The label sequences of the final beams, followed back through the steps' parent rows."""
+    """The label sequences of the final beams, followed back through the steps' parent rows,
+    written into ``out`` (Tensor[B, K, T] of -1)."""
     B, K = scores.shape
     steps = len(labels)
     # The row each final beam occupied at every step, followed back one step at a time (one
@@ -330,7 +338,6 @@ def _backtrack(
         rows.append(sources[t].index_select(0, rows[-1]))
     rows.reverse()
     chosen = torch.stack(labels).view(steps, B * K).gather(1, torch.stack(rows))
-    out = scores.new_full((B, K, T), -1, dtype=torch.int64)
     out[:, :, :steps] = chosen.t().view(B, K, steps)
     # An empty slot (its score -inf) has no path; a carried step added no label (-1 already), and
     # a path carried from step t on has -1 from t on, so its labels come first.
