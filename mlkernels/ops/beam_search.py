@@ -84,7 +84,7 @@ def beam_search_step(
     the scores raises).
     CPU: batch rows in parallel, one pass over the K x C candidates per row keeping a bounded heap
     (no sort, no allocation beyond the outputs); CUDA: one block per row, a radix select in shared
-    memory (K up to about 2000).
+    memory (K up to 2352).
     Equivalent PyTorch code: :func:`mlkernels.reference.beam_search_step`.
     """
     if not torch.jit.is_scripting():
