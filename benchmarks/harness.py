@@ -51,6 +51,11 @@ class Case:
     # row gets it and ours' share of it. Called once per case; it may cache its answer.
     reference_gflops: Callable[[], float] | None = None
     target_share: float | None = None  # the share of reference_gflops the issue asks for
+    # Further measurements of ours, each a name -> value (e.g. the share of a decode spent outside
+    # the model): the row gets them under "measures" and measures_table lists them, with
+    # measure_targets' text (name -> e.g. "<= 10%") beside them.
+    measures: Callable[[], dict[str, float]] | None = None
+    measure_targets: dict[str, str] | None = None
 
 
 def is_cuda(device: str) -> bool:
@@ -178,6 +183,17 @@ def _extras(case: Case, row: dict, ours_s: float | None, anchor_s: float | None)
     )
 
 
+def _measures(case: Case, row: dict) -> None:
+    """The row's "measures" (in place) for a case that asks for them."""
+    if case.measures is None:
+        return
+    targets = case.measure_targets or {}
+    row["measures"] = {
+        name: {"value": value, "target": targets.get(name)}
+        for name, value in case.measures().items()
+    }
+
+
 def _extras_line(row: dict, cuda: bool) -> str:
     """What the per-case progress line adds for a row with extras ("" for others)."""
     text = ""
@@ -186,6 +202,8 @@ def _extras_line(row: dict, cuda: bool) -> str:
             f", peak MB ours {_mb(row['ours_peak_mb'])} / anchor {_mb(row['anchor_peak_mb'])}"
             f" (results {_mb(row['ours_results_mb'])} / {_mb(row['anchor_results_mb'])})"
         )
+    for name, measure in row.get("measures", {}).items():
+        text += f", {name} {measure['value']:.3g}"
     if "ours_gflops" in row:
         text += (
             f", ours {_gflops(row['ours_gflops'])} GFLOP/s = {_share(row['share'])} of "
@@ -221,6 +239,7 @@ def run_cases(cases: list[Case], min_run_time: float, device: str = "cpu") -> li
             row["anchor_peak_mb"], row["ours_peak_mb"] = anchor_mb, ours_mb
             row["anchor_results_mb"], row["ours_results_mb"] = anchor_results, ours_results
         _extras(case, row, ours, anchor)
+        _measures(case, row)
         rows.append(row)
         print(
             f"  {case.family}/{case.name} [{case.shape}]: ours {ours * 1e3:.3f} ms, "
@@ -286,6 +305,8 @@ def _run_cuda_case(case: Case, min_run_time: float, device: str) -> dict:
             "reference",
             lambda: _extras(case, row, *(m / 1e3 if m else None for m in ms)),
         )
+    if case.measures is not None:
+        attempt("measures", lambda: _measures(case, row))
     row["error"] = "; ".join(errors) or None
     print(
         f"  {case.family}/{case.name} [{case.shape}]: ours {_ms(row['ours_ms'])} ms, "
@@ -316,6 +337,26 @@ def _gflops(value: float | None) -> str:
 
 def _share(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0%}"
+
+
+def measures_table(rows: list[dict]) -> str:
+    """The measures of the rows that carry them (Case.measures); "" when none does."""
+    measured = [r for r in rows if r.get("measures")]
+    if not measured:
+        return ""
+    lines = [
+        "Further measurements of ours:",
+        "",
+        "| family | case | shape | measure | value | target |",
+        "|---|---|---|---|---:|---:|",
+    ]
+    for r in measured:
+        for name, m in r["measures"].items():
+            lines.append(
+                f"| {r['family']} | {r['case']} | {r['shape']} | {name} | {m['value']:.3g} | "
+                f"{m['target'] or ''} |"
+            )
+    return "\n".join(lines)
 
 
 def extras_table(rows: list[dict], info: dict) -> str:

@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     extras = harness.extras_table(rows, info)  # "" unless a family reports memory or GFLOP/s
     if extras:
         table += "\n\n" + extras
+    measures = harness.measures_table(rows)  # "" unless a case reports further measurements
+    if measures:
+        table += "\n\n" + measures
     print(table)
     if args.markdown is not None:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,24 @@ def _self_check_proposals(device: str) -> None:
         torch.testing.assert_close(ours.cpu(), theirs)
 
 
+def _self_check_beam_search(device: str) -> None:
+    g = torch.Generator().manual_seed(2)
+    B, K, C = 3, 4, 70
+    log_probs = torch.randn(B, K, C, generator=g).log_softmax(-1).to(device)
+    scores = torch.full((B, K), -float("inf"), device=device)
+    scores[:, 0] = 0.0
+    used = torch.zeros(B, K, 2, dtype=torch.int64, device=device)
+    finished = torch.zeros(B, K, dtype=torch.bool, device=device)
+    for _ in range(3):  # three steps, each equal to the reference's to the bit
+        got = ops.beam_search_step(log_probs, scores, used, finished, max_length=5)
+        want = reference.beam_search_step(log_probs, scores, used, finished, max_length=5)
+        for ours, theirs in zip(got, want, strict=True):
+            assert torch.equal(ours, theirs), "beam_search_step"
+        scores, used, finished = got.scores, got.used, got.finished
+
+
 SELF_CHECKS = {
+    "beam_search": _self_check_beam_search,
     "boxes": _self_check_boxes,
     "proposals": _self_check_proposals,
     "roi_align": _self_check_roi_align,

@@ -525,6 +525,104 @@ def _check_mha(args, out):
     assert weights.shape == (q.shape[0], q.shape[1], args["key"].shape[1]), weights.shape
 
 
+# ---- beam search ----
+
+
+def _make_beam_step(g):
+    B, K, C = 2, 3, 5
+    log_probs = torch.randn(B, K, C, generator=g).log_softmax(-1)
+    scores = -torch.rand(B, K, generator=g) * 3
+    scores[:, 2] = -math.inf
+    used = torch.randint(0, 2**C, (B, K, 1), generator=g)
+    finished = torch.rand(B, K, generator=g) < 0.3
+    return {
+        "log_probs": log_probs.to(_dtype(g)),
+        "scores": scores,
+        "used": used,
+        "finished": finished,
+        "log_threshold": -2.0,
+        "max_length": 4,
+    }
+
+
+_BEAM_KINDS = {
+    "log_probs": "tensor",
+    "scores": "tensor",
+    "used": "tensor",
+    "finished": "tensor",
+    "log_threshold": "float",
+    "max_length": "int",
+}
+
+# The sweep's step function: log-probs of 4 labels from the last label alone; the state is
+# passed along untouched, so that every mutation of it tests the driver's checks and reordering.
+_BEAM_TABLE = torch.randn(5, 4, generator=torch.Generator().manual_seed(0)).log_softmax(-1)
+
+
+def _beam_step_fn(last, state):
+    return _BEAM_TABLE.to(last.device)[last + 1], state
+
+
+def _make_beam_search(g):
+    return {
+        "state": torch.randn(6, 3, generator=g),
+        "batch_size": 2,
+        "num_labels": 4,
+        "beam_size": 3,
+        "max_length": 3,
+        "threshold": 0.05,
+    }
+
+
+_SEARCH_KINDS = {
+    "state": "tensor",
+    "batch_size": "int",
+    "num_labels": "int",
+    "beam_size": "int",
+    "max_length": "int",
+    "threshold": "float",
+}
+
+
+def _beam_search_call(state, **settings):
+    return ops.beam_search(_beam_step_fn, state, **settings)
+
+
+def _beam_search_reference(state, **settings):
+    return reference.beam_search(_beam_step_fn, state, **settings)
+
+
+def _label_beam_search(state, batch_size, num_labels, beam_size, max_length, threshold):
+    layer = nn.LabelBeamSearch(beam_size, max_length, threshold)
+    return layer(_beam_step_fn, state, batch_size, num_labels)
+
+
+def _check_beam_step(args, out):
+    scores, parents, labels, used, finished = out
+    log_probs = args["log_probs"]
+    B, K, C = log_probs.shape
+    assert scores.shape == (B, K) and scores.dtype == torch.float32, scores
+    for t in (parents, labels):
+        assert t.shape == (B, K) and t.dtype == torch.int64, t
+    assert used.shape == (B, K, (C + 63) // 64) and used.dtype == torch.int64, used
+    assert finished.shape == (B, K) and finished.dtype == torch.bool, finished
+    if scores.is_meta or scores.numel() == 0:
+        return
+    assert parents.min() >= -1 and parents.max() < K, parents
+    assert labels.min() >= -1 and labels.max() < C, labels
+    assert ((parents == -1) == (scores == -math.inf)).all(), (parents, scores)
+
+
+def _check_beam_search(args, out):
+    labels, scores, lengths = out
+    B, K = args["batch_size"], args["beam_size"]
+    assert labels.shape[:2] == (B, K) and scores.shape == (B, K) and lengths.shape == (B, K)
+    if labels.is_meta or labels.numel() == 0:
+        return
+    assert labels.min() >= -1 and labels.max() < args["num_labels"], labels
+    assert ((labels >= 0).sum(-1) == lengths).all(), (labels, lengths)
+
+
 # ---- invariants of results, checked whether or not the reference is defined ----
 
 
@@ -753,6 +851,35 @@ TARGETS = [
         check=lambda args, out: _check_propose({"deltas": out.deltas}, out),
         outputs=3,
     ),
+    Target(
+        "ops.beam_search_step",
+        ("beam_search_step",),
+        ops.beam_search_step,
+        _make_beam_step,
+        _BEAM_KINDS,
+        reference.beam_search_step,
+        "beam_search_step",
+        fake=True,
+        check=_check_beam_step,
+    ),
+    Target(
+        "ops.beam_search",
+        ("beam_search", "beam_search_step"),
+        _beam_search_call,
+        _make_beam_search,
+        _SEARCH_KINDS,
+        _beam_search_reference,
+        check=_check_beam_search,
+    ),
+    Target(
+        "nn.LabelBeamSearch",
+        ("LabelBeamSearch", "beam_search_step"),
+        _label_beam_search,
+        _make_beam_search,
+        _SEARCH_KINDS,
+        _beam_search_reference,
+        check=_check_beam_search,
+    ),
     # ---- the raw ops, as torch.compile and autograd call them ----
     Target(
         "raw.encode_boxes",
@@ -925,6 +1052,17 @@ TARGETS = [
         _attention_backward_reference,
         "scaled_dot_product_attention_backward",
         fake=True,
+    ),
+    Target(
+        "raw.beam_search_step",
+        ("beam_search_step",),
+        raw.beam_search_step,
+        _make_beam_step,
+        _BEAM_KINDS,
+        reference.beam_search_step,
+        "beam_search_step",
+        fake=True,
+        check=_check_beam_step,
     ),
     Target(
         "raw.roi_align",
@@ -1554,7 +1692,8 @@ def test_bad_input_sweep(tmp_path):
 
 def test_every_op_is_swept():
     labels = {t.label for t in TARGETS}
-    assert {f"ops.{name}" for name in ops.__all__ if name != "ProposeConfig"} <= labels
+    classes = ("ProposeConfig", "BeamSearchResult", "BeamStep")  # not ops: their types
+    assert {f"ops.{name}" for name in ops.__all__ if name not in classes} <= labels
     assert {f"nn.{name}" for name in nn.__all__ if name != "Proposals"} <= labels
     assert {t.raw_op for t in TARGETS if t.label.startswith("raw.")} == set(
         mlkernels.registered_ops()

@@ -57,6 +57,12 @@ def _inputs() -> dict[str, Callable[[], tuple[torch.Tensor, ...]]]:
     feat = torch.rand(2, 8, 12, 14, generator=g)
     rois = torch.cat([torch.randint(0, 2, (24, 1), generator=g).float(), boxes(24, 8.0)], 1)
     features = torch.rand(2, 4, 6, 8, generator=g)
+    beam_log_probs = torch.randn(32, 8, 100, generator=g).log_softmax(-1)
+    beam_scores = -torch.rand(32, 8, generator=g) * 4
+    beam_used = torch.randint(0, 2**40, (32, 8, 2), generator=g)
+    beam_finished = torch.rand(32, 8, generator=g) < 0.2
+    beam_table = torch.randn(21, 20, generator=g).log_softmax(-1)
+    beam_state = torch.rand(16 * 8, 4, generator=g)
     torch.manual_seed(0)
     roi_layer = nn.RoIAlign((3, 3), 0.5, 2)
     anchor_layer = nn.AnchorGenerator((16.0, 32.0), (0.5, 1.0, 2.0), stride=8)
@@ -104,6 +110,21 @@ def _inputs() -> dict[str, Callable[[], tuple[torch.Tensor, ...]]]:
         "nn.RoIAlign": roi_align_layer,
         "nn.AnchorGenerator": lambda: (anchor_layer(features),),
         "nn.ProposalLayer": proposal_layer_call,
+        "beam_search_step": lambda: tuple(
+            ops.beam_search_step(
+                beam_log_probs, beam_scores, beam_used, beam_finished, log_threshold=-9.0
+            )
+        ),
+        "beam_search": lambda: tuple(
+            ops.beam_search(
+                lambda last, state: (beam_table[last + 1], state),
+                beam_state,
+                batch_size=16,
+                num_labels=20,
+                beam_size=8,
+                max_length=3,
+            )
+        ),
     }
 
 

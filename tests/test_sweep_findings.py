@@ -391,7 +391,7 @@ def test_registration_is_written_once():
     if not root.is_dir():
         pytest.skip("no source tree (installed package)")
     families = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "common")
-    assert families == ["attention", "boxes", "proposals", "roi_align"]
+    assert families == ["attention", "beam_search", "boxes", "proposals", "roi_align"]
     for family in families:
         folder = root / family
         assert (folder / f"{family}_kernels.h").read_text().count("m.impl(") >= 1

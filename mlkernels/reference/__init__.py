@@ -5,12 +5,15 @@ use them as a baseline, and anyone can read them to see what an op computes.
 """
 
 from .attention import scaled_dot_product_attention
+from .beam_search import beam_search, beam_search_step
 from .boxes import box_iou, decode_boxes, encode_boxes
 from .proposals import batched_nms, generate_anchors, nms, propose
 from .roi_align import roi_align, roi_align_grid_sample
 
 __all__ = [
     "batched_nms",
+    "beam_search",
+    "beam_search_step",
     "box_iou",
     "decode_boxes",
     "encode_boxes",

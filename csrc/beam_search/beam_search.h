@@ -1,0 +1,121 @@
+// Argument checks and preparation shared by beam_search_step's CPU, CUDA and emulated kernels.
+// The Python fake kernel (mlkernels/ops/beam_search.py) repeats them, message for message.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/StringUtil.h>
+
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+#include "../common/checks.h"
+#include "beam_search_math.h"
+
+namespace mlk {
+namespace beam_search {
+
+constexpr const char* kOp = "beam_search_step";
+// Candidate indices of a row live in the low 32 bits of a key (beam_search_math.h).
+constexpr int64_t kMaxCandidates = int64_t(1) << 32;
+
+struct StepInputs {
+  at::Tensor log_probs, scores, used, finished;  // contiguous
+  int64_t batch = 0, beams = 0, labels = 0, words = 0, limit = 0;
+  float log_threshold = -INFINITY;
+};
+
+struct StepOutputs {
+  at::Tensor scores, parents, labels, used, finished;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> as_tuple() const {
+    return {scores, parents, labels, used, finished};
+  }
+};
+
+inline void check_shape(const char* arg, const at::Tensor& t, at::IntArrayRef expected,
+                        const char* why) {
+  TORCH_CHECK(t.sizes() == expected, kOp, ": ", arg, " must be Tensor[", c10::Join(", ", expected),
+              "] (", why, "), got ", shape_str(t));
+}
+
+inline void check_dtype(const char* arg, const at::Tensor& t, at::ScalarType expected) {
+  TORCH_CHECK(t.scalar_type() == expected, kOp, ": ", arg, " must be ", dtype_str(expected),
+              ", got ", dtype_str(t.scalar_type()));
+}
+
+inline StepInputs prepare_step(const at::Tensor& log_probs, const at::Tensor& scores,
+                               const at::Tensor& used, const at::Tensor& finished,
+                               double log_threshold, int64_t max_length) {
+  check_defined(kOp, "log_probs", log_probs);
+  check_defined(kOp, "scores", scores);
+  check_defined(kOp, "used", used);
+  check_defined(kOp, "finished", finished);
+  TORCH_CHECK(log_probs.dim() == 3, kOp, ": log_probs must be Tensor[B, K, C], got ",
+              shape_str(log_probs));
+  check_floating(kOp, "log_probs", log_probs, /*allow_half=*/true);
+  const int64_t batch = log_probs.size(0), beams = log_probs.size(1), labels = log_probs.size(2);
+  const int64_t words = pool_words(labels);
+  check_shape("scores", scores, {batch, beams}, "B and K of log_probs");
+  check_dtype("scores", scores, at::kFloat);
+  check_shape("used", used, {batch, beams, words}, "B and K of log_probs, ceil(C / 64) words");
+  check_dtype("used", used, at::kLong);
+  check_shape("finished", finished, {batch, beams}, "B and K of log_probs");
+  check_dtype("finished", finished, at::kBool);
+  check_same_device(kOp, "log_probs", log_probs, "scores", scores);
+  check_same_device(kOp, "log_probs", log_probs, "used", used);
+  check_same_device(kOp, "log_probs", log_probs, "finished", finished);
+  TORCH_CHECK_VALUE(log_threshold <= 0.0, kOp,
+                    ": log_threshold must be in [-inf, 0] (the log of a probability), got ",
+                    log_threshold);
+  TORCH_CHECK_VALUE(max_length >= 1, kOp, ": max_length must be >= 1, got ", max_length);
+  TORCH_CHECK(beams * (labels + 1) <= kMaxCandidates, kOp,
+              ": log_probs must have K * (C + 1) <= 2**32 candidates per row, got ",
+              shape_str(log_probs));
+  StepInputs in;
+  in.batch = batch;
+  in.beams = beams;
+  in.labels = labels;
+  in.words = words;
+  in.limit = max_length < labels ? max_length : labels;
+  in.log_threshold = static_cast<float>(log_threshold);
+  in.log_probs = contiguous_input(kOp, "log_probs", log_probs);
+  in.scores = contiguous_input(kOp, "scores", scores);
+  in.used = contiguous_input(kOp, "used", used);
+  in.finished = contiguous_input(kOp, "finished", finished);
+  return in;
+}
+
+inline StepOutputs allocate_step_outputs(const StepInputs& in) {
+  const auto options = in.scores.options();
+  StepOutputs out;
+  out.scores = allocate_output(kOp, {in.batch, in.beams}, options);
+  out.parents = allocate_output(kOp, {in.batch, in.beams}, options.dtype(at::kLong));
+  out.labels = allocate_output(kOp, {in.batch, in.beams}, options.dtype(at::kLong));
+  out.used = allocate_output(kOp, {in.batch, in.beams, in.words}, options.dtype(at::kLong));
+  out.finished = allocate_output(kOp, {in.batch, in.beams}, options.dtype(at::kBool));
+  return out;
+}
+
+// The math's view of one call's tensors.
+template <typename T>
+StepArgs<T> step_args(const StepInputs& in, const StepOutputs& out) {
+  StepArgs<T> a;
+  a.beams = in.beams;
+  a.labels = in.labels;
+  a.words = in.words;
+  a.limit = in.limit;
+  a.log_threshold = in.log_threshold;
+  a.log_probs = in.log_probs.data_ptr<T>();
+  a.scores = in.scores.data_ptr<float>();
+  a.pools = reinterpret_cast<const uint64_t*>(in.used.data_ptr<int64_t>());
+  a.finished = in.finished.data_ptr<bool>();
+  a.out_scores = out.scores.data_ptr<float>();
+  a.out_parents = out.parents.data_ptr<int64_t>();
+  a.out_labels = out.labels.data_ptr<int64_t>();
+  a.out_pools = reinterpret_cast<uint64_t*>(out.used.data_ptr<int64_t>());
+  a.out_finished = out.finished.data_ptr<bool>();
+  return a;
+}
+
+}  // namespace beam_search
+}  // namespace mlk

@@ -1,0 +1,101 @@
+"""Pure-PyTorch beam search over label sets: the contracts of mlkernels.ops.beam_search_step and
+beam_search, written with plain, vectorized tensor operations (add the scores, mask, flatten,
+top-k), as Hugging Face's beam search does a step, plus the label pool and the threshold stop.
+
+torch.topk promises no order among equal values, so the top-k runs on int64 keys that pack a
+candidate's score (order-preserving bits) above its index: the order is then the contract's
+strict total order (score descending, then beam, then label ascending), with no ties at all.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..ops.beam_search import (
+    MAX_CANDIDATES,
+    WORD_BITS,
+    BeamSearchResult,
+    BeamStep,
+    StepFn,
+    _settings,
+    decode,
+)
+
+
+def _ordered_bits(scores: Tensor) -> Tensor:
+    """float32 scores as int64 whose order is the scores' order (-0.0 and +0.0 equal)."""
+    bits = (scores + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 becomes +0.0
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def beam_search_step(
+    log_probs: Tensor,
+    scores: Tensor,
+    used: Tensor,
+    finished: Tensor,
+    *,
+    log_threshold: float = -math.inf,
+    max_length: int | None = None,
+) -> BeamStep:
+    """One step of beam search over label sets; the contract of
+    :func:`mlkernels.ops.beam_search_step`, with the same results to the bit."""
+    B, K, num_labels = log_probs.shape
+    limit = min(max_length if max_length is not None else num_labels, num_labels)
+    count = K * (num_labels + 1)
+    if count > MAX_CANDIDATES:
+        raise ValueError("beam_search_step: K * (C + 1) must be at most 2**32")
+    device = log_probs.device
+    labels = torch.arange(num_labels, device=device)
+    # The pool as [B, K, C] bools, from the bitsets.
+    words = used[:, :, labels // WORD_BITS]
+    in_pool = ((words >> (labels % WORD_BITS)) & 1) == 1
+    lengths = in_pool.sum(-1)
+    candidates = scores[:, :, None] + log_probs.float()  # NaN stays NaN: invalid below
+    present = scores > -math.inf
+    live = present & ~finished & (lengths < limit)
+    valid = live[..., None] & ~in_pool & (candidates > -math.inf) & (candidates >= log_threshold)
+    carried = present & (finished | ~valid.any(-1))
+    # Slot 0 of each beam: the beam itself, carried; slot c + 1: extended by label c.
+    all_scores = torch.cat([scores[..., None], candidates], -1).view(B, count)
+    all_valid = torch.cat([carried[..., None], valid], -1).view(B, count)
+    index = torch.arange(count, device=device)
+    keys = _ordered_bits(all_scores) * 2**32 + (count - 1 - index)
+    keys = keys.masked_fill(~all_valid, torch.iinfo(torch.int64).min)
+    top, chosen = keys.topk(K, dim=1)  # keys are unique: no ties
+    selected = top != torch.iinfo(torch.int64).min
+    parents = chosen // (num_labels + 1)
+    added = chosen % (num_labels + 1) - 1
+    out_scores = all_scores.gather(1, chosen)
+    out_used = used.gather(1, parents[..., None].expand(B, K, used.shape[2])).clone()
+    extended = selected & (added >= 0)
+    word = added.clamp(min=0) // WORD_BITS
+    bit = torch.ones_like(added) << (added.clamp(min=0) % WORD_BITS)
+    one_hot = torch.arange(used.shape[2], device=device) == word[..., None]
+    out_used |= torch.where(one_hot & extended[..., None], bit[..., None], 0)
+    out_finished = ~extended | (lengths.gather(1, parents) + 1 >= limit)
+    return BeamStep(
+        out_scores.masked_fill(~selected, -math.inf),
+        parents.masked_fill(~selected, -1),
+        added.masked_fill(~selected, -1),
+        out_used.masked_fill(~selected[..., None], 0),
+        out_finished,
+    )
+
+
+def beam_search(
+    step_fn: StepFn,
+    state: Any,
+    *,
+    batch_size: int,
+    num_labels: int,
+    beam_size: int = 5,
+    max_length: int | None = None,
+    threshold: float = 0.0,
+) -> BeamSearchResult:
+    """:func:`mlkernels.ops.beam_search` with the pure-PyTorch step above."""
+    settings = _settings("beam_search", batch_size, num_labels, beam_size, max_length, threshold)
+    return decode(beam_search_step, step_fn, state, "beam_search", **settings)
