@@ -79,6 +79,22 @@ inline TileDims choose_tiles(int64_t lq, int64_t lk, int64_t e, int64_t ev, int6
 
 MLK_HOST_DEVICE int64_t tile_count(int64_t n, int64_t tile) { return (n + tile - 1) / tile; }
 
+// Which tile of which head a block works on: block `index` of a grid of heads x tiles, the tiles
+// `size` long over a sequence of `length` (the last one maybe shorter).
+struct TileOf {
+  int64_t bh, b, h;      // the head, and its image and head number
+  int64_t start, count;  // the tile's first row and its number of rows
+
+  MLK_HOST_DEVICE TileOf(int64_t index, int64_t length, int64_t size, int64_t heads) {
+    const int64_t tiles = tile_count(length, size);
+    bh = index / tiles;
+    b = bh / heads;
+    h = bh % heads;
+    start = index % tiles * size;
+    count = length - start < size ? length - start : size;
+  }
+};
+
 // dst[r * width + c] = src[r * width + c] for the first `valid` of `rows` rows, zeros after.
 template <typename S, typename T>
 MLK_HOST_DEVICE void load_rows(const ThreadIndex& t, T* dst, const S* src, int64_t rows,
@@ -130,10 +146,9 @@ struct ForwardTiles {
 
   template <typename Block>
   MLK_HOST_DEVICE void operator()(Block& block) const {
-    const int64_t br = tile.br, bc = tile.bc, q_tiles = tile_count(d.lq, br);
-    const int64_t bh = block.index().x / q_tiles, i0 = block.index().x % q_tiles * br;
-    const int64_t b = bh / d.heads, h = bh % d.heads;
-    const int64_t rows = d.lq - i0 < br ? d.lq - i0 : br;
+    const int64_t br = tile.br, bc = tile.bc;
+    const TileOf at(block.index().x, d.lq, br, d.heads);
+    const int64_t bh = at.bh, b = at.b, h = at.h, i0 = at.start, rows = at.count;
     SharedCarver<T> carve{block.template shared<T>()};
     T* qs = carve.take(br * d.e);
     T* ks = carve.take(bc * d.e);
@@ -260,10 +275,9 @@ struct KeyValueTiles {
 
   template <typename Block>
   MLK_HOST_DEVICE void operator()(Block& block) const {
-    const int64_t br = tile.br, bc = tile.bc, k_tiles = tile_count(d.lk, bc);
-    const int64_t bh = block.index().x / k_tiles, j0 = block.index().x % k_tiles * bc;
-    const int64_t b = bh / d.heads, h = bh % d.heads;
-    const int64_t cols = d.lk - j0 < bc ? d.lk - j0 : bc;
+    const int64_t br = tile.br, bc = tile.bc;
+    const TileOf at(block.index().x, d.lk, bc, d.heads);
+    const int64_t bh = at.bh, b = at.b, h = at.h, j0 = at.start, cols = at.count;
     SharedCarver<T> carve{block.template shared<T>()};
     T* ks = carve.take(bc * d.e);
     T* vs = carve.take(bc * d.ev);
@@ -326,10 +340,9 @@ struct QueryTiles {
 
   template <typename Block>
   MLK_HOST_DEVICE void operator()(Block& block) const {
-    const int64_t br = tile.br, bc = tile.bc, q_tiles = tile_count(d.lq, br);
-    const int64_t bh = block.index().x / q_tiles, i0 = block.index().x % q_tiles * br;
-    const int64_t b = bh / d.heads, h = bh % d.heads;
-    const int64_t rows = d.lq - i0 < br ? d.lq - i0 : br;
+    const int64_t br = tile.br, bc = tile.bc;
+    const TileOf at(block.index().x, d.lq, br, d.heads);
+    const int64_t bh = at.bh, b = at.b, h = at.h, i0 = at.start, rows = at.count;
     SharedCarver<T> carve{block.template shared<T>()};
     T* dqs = carve.take(br * d.e);
     T* ks = carve.take(bc * d.e);
