@@ -409,6 +409,9 @@ inline void transpose_scalar(const float* src, int64_t rows, int64_t cols, int64
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 typedef float Floats8 __attribute__((vector_size(32)));
 typedef int32_t Ints8 __attribute__((vector_size(32)));
+// The same vector at any float's address (whole-vector loads and stores: a memcpy into an array
+// of vectors became two 16-byte stores and a 32-byte reload, a store-forwarding stall each).
+typedef float UnalignedFloats8 __attribute__((vector_size(32), aligned(4), may_alias));
 
 // 8 x 8 blocks in registers (the unpack / shuffle / permute sequence of _MM_TRANSPOSE8), the
 // leftover rows and columns by the scalar loop.
@@ -419,7 +422,9 @@ __attribute__((target("avx2"))) inline void transpose_avx2(const float* src, int
   for (int64_t r0 = 0; r0 < full_rows; r0 += 8) {
     for (int64_t c0 = 0; c0 < full_cols; c0 += 8) {
       Floats8 v[8], t[8], u[8];
-      for (int i = 0; i < 8; ++i) std::memcpy(&v[i], src + (r0 + i) * row_stride + c0, 32);
+      for (int i = 0; i < 8; ++i) {
+        v[i] = *reinterpret_cast<const UnalignedFloats8*>(src + (r0 + i) * row_stride + c0);
+      }
       for (int i = 0; i < 8; i += 2) {
         t[i] = __builtin_shuffle(v[i], v[i + 1], Ints8{0, 8, 1, 9, 4, 12, 5, 13});
         t[i + 1] = __builtin_shuffle(v[i], v[i + 1], Ints8{2, 10, 3, 11, 6, 14, 7, 15});
@@ -433,8 +438,8 @@ __attribute__((target("avx2"))) inline void transpose_avx2(const float* src, int
       for (int j = 0; j < 4; ++j) {  // column j from u[j] (rows 0-3) and u[j + 4] (rows 4-7)
         const Floats8 low = __builtin_shuffle(u[j], u[j + 4], Ints8{0, 1, 2, 3, 8, 9, 10, 11});
         const Floats8 high = __builtin_shuffle(u[j], u[j + 4], Ints8{4, 5, 6, 7, 12, 13, 14, 15});
-        std::memcpy(dst + (c0 + j) * ld + r0, &low, 32);
-        std::memcpy(dst + (c0 + j + 4) * ld + r0, &high, 32);
+        *reinterpret_cast<UnalignedFloats8*>(dst + (c0 + j) * ld + r0) = low;
+        *reinterpret_cast<UnalignedFloats8*>(dst + (c0 + j + 4) * ld + r0) = high;
       }
     }
   }
