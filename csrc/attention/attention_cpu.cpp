@@ -39,10 +39,15 @@ int64_t padded(int64_t n) { return ceil_div(n, 16) * 16; }
 
 // A [rows, cols] matrix of T (strides row_stride, col_stride) copied into dst with row stride
 // dst_stride, or transposed (dst[c * dst_stride + r]) in blocks of 16 rows, so that neither the
-// reads nor the writes jump a page per element; the padding is left as it was.
+// reads nor the writes jump a page per element; each dst row's padding (past cols, or past rows
+// when transposed, up to dst_stride) is zeroed.
 template <typename T>
 void copy_rows(const T* src, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
                T* dst, int64_t dst_stride, bool transpose) {
+  const int64_t dst_rows = transpose ? cols : rows, width = transpose ? rows : cols;
+  for (int64_t r = 0; r < dst_rows; ++r) {
+    std::fill(dst + r * dst_stride + width, dst + (r + 1) * dst_stride, T(0));
+  }
   if (!transpose) {
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t c = 0; c < cols; ++c) {
@@ -133,7 +138,7 @@ struct Problem {
   // A head's keys (or values), transposed into [X, Lk_padded], for the score-like products.
   void transposed(const at::Tensor& t, int64_t b, int64_t h, std::vector<T>& dst) const {
     const HeadView<T> m = head_view<T>(t, b, h);
-    dst.assign(m.cols * lk_padded, T(0));
+    dst.resize(m.cols * lk_padded);
     copy_rows(m.data, m.rows, m.cols, m.row_stride, m.col_stride, dst.data(), lk_padded, true);
   }
   // Rows [r0, r0 + rows) of a head's matrix as a product's B operand: the tensor itself when its
@@ -147,7 +152,7 @@ struct Problem {
       return m.data + r0 * m.row_stride;
     }
     *ld = padded(m.cols);
-    scratch.assign(rows * *ld, T(0));
+    scratch.resize(rows * *ld);
     copy_rows(m.data + r0 * m.row_stride, rows, m.cols, m.row_stride, m.col_stride, scratch.data(),
               *ld, false);
     return scratch.data();

@@ -135,6 +135,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernel(
           const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
           T* delta_p = delta.data_ptr<T>();
           T* lp = stats.data_ptr<T>();
+          const BiasShape shape{{b.defined() ? b.size(0) : 1, b.defined() ? b.size(1) : 1,
+                                 b.defined() ? b.size(2) : 1, b.defined() ? b.size(3) : 1}};
+          run.threads(launch_config_1d(rows), [=] MLK_LAMBDA(const ThreadIndex& t) {
+            delta_thread(t, d, gp, op_, delta_p);
+          });
           const TileDims tiles = choose_tiles(d.lq, d.lk, d.e, d.ev, sizeof(T));
           if (tiles.br > 0) {
             const int64_t heads = d.batch * d.heads, elem = sizeof(T);
@@ -144,29 +149,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernel(
             if (mask[1] || mask[2]) {
               run.blocks(tile_config(heads * tile_count(d.lk, tiles.bc),
                                      key_value_shared(tiles.br, tiles.bc, d.e, d.ev), elem),
-                         KeyValueTiles<scalar_t, T>{d, tiles, qp, kp, vp, bp, gp, op_, lp,
+                         KeyValueTiles<scalar_t, T>{d, tiles, qp, kp, vp, bp, gp, lp, delta_p,
                                                     mask[1] ? dk.data_ptr<T>() : nullptr,
                                                     mask[2] ? dv.data_ptr<T>() : nullptr});
             }
             if (mask[0]) {
-              run.blocks(
-                  tile_config(heads * tile_count(d.lq, tiles.br),
-                              query_shared(tiles.br, tiles.bc, d.e, d.ev), elem),
-                  QueryTiles<scalar_t, T>{d, tiles, qp, kp, vp, bp, gp, op_, lp, dq.data_ptr<T>()});
+              run.blocks(tile_config(heads * tile_count(d.lq, tiles.br),
+                                     query_shared(tiles.br, tiles.bc, d.e, d.ev), elem),
+                         QueryTiles<scalar_t, T>{d, tiles, qp, kp, vp, bp, gp, lp, delta_p,
+                                                 dq.data_ptr<T>()});
             }
             if (mask[3]) {
-              const BiasShape shape{{b.size(0), b.size(1), b.size(2), b.size(3)}};
               run.blocks(tile_config(b.size(0) * b.size(1) * tile_count(b.size(2), tiles.br) *
                                          tile_count(b.size(3), tiles.bc),
                                      bias_shared(tiles.br, tiles.bc, d.e, d.ev), elem),
-                         BiasTiles<scalar_t, T>{d, tiles, shape, qp, kp, vp, bp, gp, op_, lp,
+                         BiasTiles<scalar_t, T>{d, tiles, shape, qp, kp, vp, bp, gp, lp, delta_p,
                                                 dbias.data_ptr<T>()});
             }
             return;
           }
-          run.threads(launch_config_1d(rows), [=] MLK_LAMBDA(const ThreadIndex& t) {
-            row_thread(t, d, qp, kp, bp, gp, op_, delta_p, lp);
-          });
+          run.threads(launch_config_1d(rows),
+                      [=] MLK_LAMBDA(const ThreadIndex& t) { row_thread(t, d, qp, kp, bp, lp); });
           if (mask[0]) {
             T* dq_p = dq.data_ptr<T>();
             run.threads(launch_config_1d(rows), [=] MLK_LAMBDA(const ThreadIndex& t) {
@@ -181,7 +184,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernel(
             });
           }
           if (mask[3]) {
-            BiasShape shape{{b.size(0), b.size(1), b.size(2), b.size(3)}};
             T* db_p = dbias.data_ptr<T>();
             run.threads(launch_config_1d(b.numel()), [=] MLK_LAMBDA(const ThreadIndex& t) {
               grad_bias_thread(t, d, shape, qp, kp, vp, bp, gp, lp, delta_p, db_p);

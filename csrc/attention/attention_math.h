@@ -128,16 +128,24 @@ MLK_HOST_DEVICE void forward_thread(const ThreadIndex& t, const Dims<T>& d, cons
   }
 }
 
-// Per query row, for the backward: delta[r] = dO[r] . O[r], and the row's statistics (row_stats)
-// in stats[2r], stats[2r + 1], from which the probabilities are recomputed exactly as the
-// forward's.
+// Per query row, for the backward: delta[r] = dO[r] . O[r] (both kernel shapes read it).
+template <typename S, typename T>
+MLK_HOST_DEVICE void delta_thread(const ThreadIndex& t, const Dims<T>& d, const S* grad,
+                                  const S* out, T* delta) {
+  const int64_t rows = d.batch * d.heads * d.lq;
+  for (int64_t r = t.global_x(); r < rows; r += t.grid_stride_x()) {
+    delta[r] = dot<S, T>(grad + r * d.ev, out + r * d.ev, d.ev);
+  }
+}
+
+// Per query row, for the backward: the row's statistics (row_stats) in stats[2r], stats[2r + 1],
+// from which the probabilities are recomputed exactly as the forward's.
 template <typename S, typename T>
 MLK_HOST_DEVICE void row_thread(const ThreadIndex& t, const Dims<T>& d, const S* q, const S* k,
-                                const S* bias, const S* grad, const S* out, T* delta, T* stats) {
+                                const S* bias, T* stats) {
   const int64_t rows = d.batch * d.heads * d.lq;
   for (int64_t r = t.global_x(); r < rows; r += t.grid_stride_x()) {
     const int64_t i = r % d.lq, bh = r / d.lq, h = bh % d.heads, b = bh / d.heads;
-    delta[r] = dot<S, T>(grad + r * d.ev, out + r * d.ev, d.ev);
     row_stats(d, q + r * d.e, k + bh * d.lk * d.e, bias, b, h, i, stats + 2 * r, stats + 2 * r + 1);
   }
 }

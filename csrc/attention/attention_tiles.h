@@ -104,6 +104,15 @@ MLK_HOST_DEVICE void load_rows(const ThreadIndex& t, T* dst, const S* src, int64
   }
 }
 
+// Keys [j0, j0 + cols) of head bh into ks (and their values into vs, when vs is not null), bc
+// rows each, zeros past `cols`.
+template <typename S, typename T>
+MLK_HOST_DEVICE void load_keys(const ThreadIndex& t, const Dims<T>& d, int64_t bc, const S* k,
+                               const S* v, int64_t bh, int64_t j0, int64_t cols, T* ks, T* vs) {
+  load_rows(t, ks, k + (bh * d.lk + j0) * d.e, bc, cols, d.e);
+  if (vs != nullptr) load_rows(t, vs, v + (bh * d.lk + j0) * d.ev, bc, cols, d.ev);
+}
+
 // One row's online softmax over a tile of its scores s[0, n): the running maximum m and sum l
 // (of exp(s - m)) take the tile in; s becomes the tile's probabilities under the new statistics;
 // *alpha is the factor that rescales the row's output so far (an average weighted by the
@@ -168,8 +177,7 @@ struct ForwardTiles {
     for (int64_t j0 = 0; j0 < d.lk; j0 += bc) {
       const int64_t cols = d.lk - j0 < bc ? d.lk - j0 : bc;
       block.phase([&](const ThreadIndex& t) {
-        load_rows(t, ks, k + (bh * d.lk + j0) * d.e, bc, cols, d.e);
-        if (out != nullptr) load_rows(t, vs, v + (bh * d.lk + j0) * d.ev, bc, cols, d.ev);
+        load_keys(t, d, bc, k, v, bh, j0, cols, ks, out != nullptr ? vs : nullptr);
       });
       block.phase([&](const ThreadIndex& t) {
         for (int64_t n = t.thread_rank(); n < rows * cols; n += t.block_dim.count()) {
@@ -218,7 +226,8 @@ struct ForwardTiles {
 };
 
 // Shared parts of the backward blocks: a query tile's rows (q, dO), their statistics and
-// delta = dO . O, and the tile of score gradients dS = p * (dO . v_j - delta) against a key tile.
+// delta = dO . O (delta_thread's), and the tile of score gradients dS = p * (dO . v_j - delta)
+// against a key tile.
 template <typename S, typename T>
 struct QueryRows {
   T *qs, *gs, *m, *l, *delta;
@@ -236,7 +245,7 @@ struct QueryRows {
 
   // Rows [i0, i0 + rows) of head bh (br rows in the tile, zeros past `rows`).
   MLK_HOST_DEVICE void load(const ThreadIndex& t, const Dims<T>& d, int64_t br, const S* q,
-                            const S* grad, const S* out, const T* stats, int64_t bh, int64_t i0,
+                            const S* grad, const T* stats, const T* deltas, int64_t bh, int64_t i0,
                             int64_t rows) const {
     const int64_t row0 = bh * d.lq + i0;
     load_rows(t, qs, q + row0 * d.e, br, rows, d.e);
@@ -244,7 +253,7 @@ struct QueryRows {
     for (int64_t r = t.thread_rank(); r < rows; r += t.block_dim.count()) {
       m[r] = stats[2 * (row0 + r)];
       l[r] = stats[2 * (row0 + r) + 1];
-      delta[r] = dot<S, T>(grad + (row0 + r) * d.ev, out + (row0 + r) * d.ev, d.ev);
+      delta[r] = deltas[row0 + r];
     }
   }
 
@@ -268,8 +277,8 @@ template <typename S, typename T>
 struct KeyValueTiles {
   Dims<T> d;
   TileDims tile;
-  const S *q, *k, *v, *bias, *grad, *out;
-  const T* stats;
+  const S *q, *k, *v, *bias, *grad;
+  const T *stats, *delta;
   T* dk;  // [B*H*Lk, E] or null
   T* dv;  // [B*H*Lk, Ev] or null
 
@@ -288,16 +297,16 @@ struct KeyValueTiles {
     const QueryRows<S, T> rows_of = QueryRows<S, T>::carve(carve, br, d.e, d.ev);
     const int64_t key0 = bh * d.lk + j0;
     block.phase([&](const ThreadIndex& t) {
-      load_rows(t, ks, k + key0 * d.e, bc, cols, d.e);
-      load_rows(t, vs, v + key0 * d.ev, bc, cols, d.ev);
+      load_keys(t, d, bc, k, v, bh, j0, cols, ks, vs);
       for (int64_t n = t.thread_rank(); n < bc * d.e; n += t.block_dim.count()) dks[n] = T(0);
       for (int64_t n = t.thread_rank(); n < bc * d.ev; n += t.block_dim.count()) dvs[n] = T(0);
     });
     // Causal: query rows before the tile's first key attend none of its keys.
     for (int64_t i0 = d.causal ? j0 / br * br : 0; i0 < d.lq; i0 += br) {
       const int64_t rows = d.lq - i0 < br ? d.lq - i0 : br;
-      block.phase(
-          [&](const ThreadIndex& t) { rows_of.load(t, d, br, q, grad, out, stats, bh, i0, rows); });
+      block.phase([&](const ThreadIndex& t) {
+        rows_of.load(t, d, br, q, grad, stats, delta, bh, i0, rows);
+      });
       block.phase([&](const ThreadIndex& t) {
         rows_of.score_grads(t, d, bc, ks, vs, bias, b, h, i0, rows, j0, cols, ds, ps);
       });
@@ -334,8 +343,8 @@ template <typename S, typename T>
 struct QueryTiles {
   Dims<T> d;
   TileDims tile;
-  const S *q, *k, *v, *bias, *grad, *out;
-  const T* stats;
+  const S *q, *k, *v, *bias, *grad;
+  const T *stats, *delta;
   T* dq;  // [B*H*Lq, E]
 
   template <typename Block>
@@ -350,17 +359,14 @@ struct QueryTiles {
     T* ds = carve.take(br * bc);
     const QueryRows<S, T> rows_of = QueryRows<S, T>::carve(carve, br, d.e, d.ev);
     block.phase([&](const ThreadIndex& t) {
-      rows_of.load(t, d, br, q, grad, out, stats, bh, i0, rows);
+      rows_of.load(t, d, br, q, grad, stats, delta, bh, i0, rows);
       for (int64_t n = t.thread_rank(); n < br * d.e; n += t.block_dim.count()) dqs[n] = T(0);
     });
     // Causal: keys after the tile's last query row are masked for all of its rows.
     const int64_t key_end = d.causal && i0 + rows < d.lk ? i0 + rows : d.lk;
     for (int64_t j0 = 0; j0 < key_end; j0 += bc) {
       const int64_t cols = d.lk - j0 < bc ? d.lk - j0 : bc;
-      block.phase([&](const ThreadIndex& t) {
-        load_rows(t, ks, k + (bh * d.lk + j0) * d.e, bc, cols, d.e);
-        load_rows(t, vs, v + (bh * d.lk + j0) * d.ev, bc, cols, d.ev);
-      });
+      block.phase([&](const ThreadIndex& t) { load_keys(t, d, bc, k, v, bh, j0, cols, ks, vs); });
       block.phase([&](const ThreadIndex& t) {
         rows_of.score_grads(t, d, bc, ks, vs, bias, b, h, i0, rows, j0, cols, ds,
                             static_cast<T*>(nullptr));
@@ -389,8 +395,8 @@ struct BiasTiles {
   Dims<T> d;
   TileDims tile;
   BiasShape shape;  // the bias's sizes: each 1 (broadcast) or the scores'
-  const S *q, *k, *v, *bias, *grad, *out;
-  const T* stats;
+  const S *q, *k, *v, *bias, *grad;
+  const T *stats, *delta;
   T* dbias;  // the bias's shape, contiguous
 
   template <typename Block>
@@ -426,9 +432,8 @@ struct BiasTiles {
           for (int64_t j0 = all_cols ? 0 : u0; j0 < (all_cols ? d.lk : u0 + 1); j0 += bc) {
             const int64_t cols = all_cols ? (d.lk - j0 < bc ? d.lk - j0 : bc) : tcols;
             block.phase([&](const ThreadIndex& t) {
-              rows_of.load(t, d, br, q, grad, out, stats, bh, i0, rows);
-              load_rows(t, ks, k + (bh * d.lk + j0) * d.e, bc, cols, d.e);
-              load_rows(t, vs, v + (bh * d.lk + j0) * d.ev, bc, cols, d.ev);
+              rows_of.load(t, d, br, q, grad, stats, delta, bh, i0, rows);
+              load_keys(t, d, bc, k, v, bh, j0, cols, ks, vs);
             });
             block.phase([&](const ThreadIndex& t) {
               rows_of.score_grads(t, d, bc, ks, vs, bias, b, h, i0, rows, j0, cols, ds,
