@@ -424,3 +424,32 @@ def test_box_iou_fake_names_the_op_when_the_output_cannot_exist():
     boxes = torch.zeros(1, 4, device="meta").expand(2**40, 4)
     with pytest.raises(RuntimeError, match=r"box_iou: the output Tensor\[1099511627776, "):
         ops.box_iou(boxes, boxes)
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_attention_head_too_wide_for_a_buffer_is_named(backward):
+    # The sweep: query and key expanded (stride 0) to E = 2**40 made the CPU kernel size its
+    # per-thread copies of a head's keys by E (a bare std::bad_alloc, MemoryError in Python).
+    q = torch.randn(1, 1, 3, 1).expand(1, 1, 3, 2**40)
+    k = torch.randn(1, 1, 4, 1).expand(1, 1, 4, 2**40)
+    v = torch.randn(1, 1, 4, 2)
+    raw = torch.ops.mlkernels
+    op = "scaled_dot_product_attention_backward" if backward else "scaled_dot_product_attention"
+    with pytest.raises(RuntimeError, match=rf"{op}: a buffer of \d+ elements for one head"):
+        if backward:
+            out, lse = torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3)
+            # Only dV: the other gradients are outputs of that width themselves.
+            raw.scaled_dot_product_attention_backward(
+                torch.ones(1, 1, 3, 2),
+                q,
+                k,
+                v,
+                None,
+                out,
+                lse,
+                0.5,
+                False,
+                [False, False, True, False],
+            )
+        else:
+            raw.scaled_dot_product_attention(q, k, v, None, 0.5, False)

@@ -72,6 +72,23 @@ void copy_rows(const T* src, int64_t rows, int64_t cols, int64_t row_stride, int
   }
 }
 
+// Resizes a thread's buffer to n elements (zero-filled when `zeroed`); sizes no memory holds (a
+// stride-0 key 2^40 wide) raise an error naming the op, not a bare std::bad_alloc.
+template <typename T>
+void size_buffer(const char* op, std::vector<T>& buffer, int64_t n, bool zeroed = false) {
+  try {
+    if (zeroed) {
+      buffer.assign(n, T(0));
+    } else {
+      buffer.resize(n);
+    }
+  } catch (const std::exception&) {
+    TORCH_CHECK(false, op, ": a buffer of ", n,
+                " elements for one head (its keys, values or query rows, padded) could not be "
+                "allocated");
+  }
+}
+
 // A head's matrix of a [B, H, L, X] tensor in T: its data pointer and strides.
 template <typename T>
 struct HeadView {
@@ -96,10 +113,12 @@ struct Problem {
   int64_t batch, heads, lq, lk, e, ev, lk_padded;
   T scale;
   bool causal;
+  const char* op;  // the op whose errors these are
   int64_t block_rows = 1;
 
   Problem(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-          const MaybeTensor& bias_in, double scale_in, bool is_causal, int64_t buffers)
+          const MaybeTensor& bias_in, double scale_in, bool is_causal, const char* op_name,
+          int64_t buffers)
       : batch(query.size(0)),
         heads(query.size(1)),
         lq(query.size(2)),
@@ -108,7 +127,8 @@ struct Problem {
         ev(value.size(3)),
         lk_padded(padded(key.size(2))),
         scale(static_cast<T>(scale_in)),
-        causal(is_causal) {
+        causal(is_causal),
+        op(op_name) {
     const auto acc = c10::CppTypeToScalarType<T>::value;
     q = query.detach().to(acc);
     k = key.detach().to(acc);
@@ -138,21 +158,21 @@ struct Problem {
   // A head's keys (or values), transposed into [X, Lk_padded], for the score-like products.
   void transposed(const at::Tensor& t, int64_t b, int64_t h, std::vector<T>& dst) const {
     const HeadView<T> m = head_view<T>(t, b, h);
-    dst.resize(m.cols * lk_padded);
+    size_buffer(op, dst, m.cols * lk_padded);
     copy_rows(m.data, m.rows, m.cols, m.row_stride, m.col_stride, dst.data(), lk_padded, true);
   }
   // Rows [r0, r0 + rows) of a head's matrix as a product's B operand: the tensor itself when its
   // rows are whole vectors, else copied into `scratch` as [rows, padded(X)]. Returns the rows
   // and sets *ld to their stride.
-  static const T* rows_operand(const at::Tensor& t, int64_t b, int64_t h, int64_t r0, int64_t rows,
-                               std::vector<T>& scratch, int64_t* ld) {
+  const T* rows_operand(const at::Tensor& t, int64_t b, int64_t h, int64_t r0, int64_t rows,
+                        std::vector<T>& scratch, int64_t* ld) const {
     const HeadView<T> m = head_view<T>(t, b, h);
     if (m.col_stride == 1 && m.cols % 16 == 0) {
       *ld = m.row_stride;
       return m.data + r0 * m.row_stride;
     }
     *ld = padded(m.cols);
-    scratch.resize(rows * *ld);
+    size_buffer(op, scratch, rows * *ld);
     copy_rows(m.data + r0 * m.row_stride, rows, m.cols, m.row_stride, m.col_stride, scratch.data(),
               *ld, false);
     return scratch.data();
@@ -184,8 +204,11 @@ template <typename T>
 void forward(const Problem<T>& p, at::Tensor& out, at::Tensor& lse) {
   const int64_t per_head = p.blocks_per_head(), evp = padded(p.ev);
   at::parallel_for(0, p.batch * p.heads * per_head, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> k_t, v_scratch, s(p.block_rows * p.lk_padded), o(p.block_rows * evp);
-    std::vector<T> row_max(p.block_rows), row_sum(p.block_rows);
+    std::vector<T> k_t, v_scratch, s, o, row_max, row_sum;
+    size_buffer(p.op, s, p.block_rows * p.lk_padded);
+    size_buffer(p.op, o, p.block_rows * evp);
+    size_buffer(p.op, row_max, p.block_rows);
+    size_buffer(p.op, row_sum, p.block_rows);
     int64_t loaded = -1, ldv = 0;  // the head whose keys and values are in k_t, v_rows
     const T* v_rows = nullptr;
     for (int64_t task = begin; task < end; ++task) {
@@ -194,7 +217,7 @@ void forward(const Problem<T>& p, at::Tensor& out, at::Tensor& lse) {
       const int64_t rows = std::min(p.block_rows, p.lq - i0);
       if (loaded != bh) {
         p.transposed(p.k, b, h, k_t);
-        v_rows = Problem<T>::rows_operand(p.v, b, h, 0, p.lk, v_scratch, &ldv);
+        v_rows = p.rows_operand(p.v, b, h, 0, p.lk, v_scratch, &ldv);
         loaded = bh;
       }
       p.probabilities(b, h, i0, rows, k_t, s.data(), row_max.data(), row_sum.data());
@@ -232,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(const CpuParallelRunner&, cons
             lse.fill_(-std::numeric_limits<double>::infinity())};
   }
   AT_DISPATCH_FLOATING_TYPES(acc_options.dtype().toScalarType(), "attention_cpu", [&] {
-    forward(Problem<scalar_t>(query, key, value, bias, scale, is_causal, 1), out, lse);
+    forward(Problem<scalar_t>(query, key, value, bias, scale, is_causal, kOp, 1), out, lse);
   });
   return {out.to(query.scalar_type()), lse};
 }
@@ -277,7 +300,10 @@ void backward(const Problem<T>& p, const at::Tensor& grad, const at::Tensor& out
 
   at::parallel_for(0, head_count * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> k_t, v_t, k_scratch, g_scratch, q_scratch, dk_acc, dv_acc;
-    std::vector<T> s(p.block_rows * lkp), ds(p.block_rows * lkp), dq_rows(p.block_rows * ep);
+    std::vector<T> s, ds, dq_rows;
+    size_buffer(op, s, p.block_rows * lkp);
+    size_buffer(op, ds, p.block_rows * lkp);
+    size_buffer(op, dq_rows, p.block_rows * ep);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / parts, part = task % parts, b = bh / p.heads, h = bh % p.heads;
       const int64_t first = part * blocks_per_part * p.block_rows;
@@ -285,10 +311,9 @@ void backward(const Problem<T>& p, const at::Tensor& grad, const at::Tensor& out
       p.transposed(p.k, b, h, k_t);
       if (need_ds) p.transposed(p.v, b, h, v_t);
       int64_t ldk = 0, ldg = 0, ldq = 0;
-      const T* k_rows =
-          mask[0] ? Problem<T>::rows_operand(p.k, b, h, 0, p.lk, k_scratch, &ldk) : nullptr;
-      if (mask[1]) dk_acc.assign(p.lk * ep, T(0));
-      if (mask[2]) dv_acc.assign(p.lk * evp, T(0));
+      const T* k_rows = mask[0] ? p.rows_operand(p.k, b, h, 0, p.lk, k_scratch, &ldk) : nullptr;
+      if (mask[1]) size_buffer(op, dk_acc, p.lk * ep, /*zeroed=*/true);
+      if (mask[2]) size_buffer(op, dv_acc, p.lk * evp, /*zeroed=*/true);
       // Where this task's bias gradient goes, with stride 0 along broadcast dims.
       T* dbias_head = nullptr;
       int64_t db_row = 0, db_col = 0;
@@ -302,7 +327,7 @@ void backward(const Problem<T>& p, const at::Tensor& grad, const at::Tensor& out
       for (int64_t i0 = first; i0 < last; i0 += p.block_rows) {
         const int64_t rows = std::min(p.block_rows, last - i0);
         p.probabilities(b, h, i0, rows, k_t, s.data());
-        const T* g_rows = Problem<T>::rows_operand(g, b, h, i0, rows, g_scratch, &ldg);
+        const T* g_rows = p.rows_operand(g, b, h, i0, rows, g_scratch, &ldg);
         if (mask[2]) {  // dV += P^T dO
           rows::gemm(p.lk, evp, rows, s.data(), 1, lkp, g_rows, ldg, dv_acc.data(), evp, true);
         }
@@ -330,7 +355,7 @@ void backward(const Problem<T>& p, const at::Tensor& grad, const at::Tensor& out
           }
         }
         if (mask[1]) {  // dK += dS^T Q
-          const T* q_rows = Problem<T>::rows_operand(p.q, b, h, i0, rows, q_scratch, &ldq);
+          const T* q_rows = p.rows_operand(p.q, b, h, i0, rows, q_scratch, &ldq);
           rows::gemm(p.lk, ep, rows, ds.data(), 1, lkp, q_rows, ldq, dk_acc.data(), ep, true);
         }
       }
@@ -371,8 +396,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kernel(
   if ((mask[0] || mask[1] || mask[2] || mask[3]) && !empty) {
     AT_DISPATCH_FLOATING_TYPES(
         accumulation_type(query.scalar_type()), "attention_backward_cpu", [&] {
-          backward(Problem<scalar_t>(query, key, value, bias, scale, is_causal, 2), grad, out,
-                   grads, mask);
+          backward(Problem<scalar_t>(query, key, value, bias, scale, is_causal, kBackwardOp, 2),
+                   grad, out, grads, mask);
         });
   }
   const auto type = query.scalar_type();
