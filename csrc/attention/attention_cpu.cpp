@@ -18,7 +18,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <new>
 #include <vector>
 
 #include "../common/cpu_runner.h"
@@ -72,10 +75,30 @@ void copy_rows(const T* src, int64_t rows, int64_t cols, int64_t row_stride, int
   }
 }
 
+// A thread's buffer: a std::vector whose memory comes from malloc, so that a size no memory holds
+// is a null pointer, turned into std::bad_alloc here (operator new aborts instead under ASan).
+template <typename T>
+struct MallocAllocator {
+  using value_type = T;
+  MallocAllocator() = default;
+  template <typename U>
+  MallocAllocator(const MallocAllocator<U>&) {}
+  T* allocate(size_t n) {
+    void* p = n <= SIZE_MAX / sizeof(T) ? std::malloc(n * sizeof(T)) : nullptr;
+    if (p == nullptr) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  bool operator==(const MallocAllocator&) const { return true; }
+  bool operator!=(const MallocAllocator&) const { return false; }
+};
+template <typename T>
+using Buffer = std::vector<T, MallocAllocator<T>>;
+
 // Resizes a thread's buffer to n elements (zero-filled when `zeroed`); sizes no memory holds (a
 // stride-0 key 2^40 wide) raise an error naming the op, not a bare std::bad_alloc.
 template <typename T>
-void size_buffer(const char* op, std::vector<T>& buffer, int64_t n, bool zeroed = false) {
+void size_buffer(const char* op, Buffer<T>& buffer, int64_t n, bool zeroed = false) {
   try {
     if (zeroed) {
       buffer.assign(n, T(0));
@@ -156,7 +179,7 @@ struct Problem {
   int64_t blocks_per_head() const { return lq == 0 ? 0 : ceil_div(lq, block_rows); }
 
   // A head's keys (or values), transposed into [X, Lk_padded], for the score-like products.
-  void transposed(const at::Tensor& t, int64_t b, int64_t h, std::vector<T>& dst) const {
+  void transposed(const at::Tensor& t, int64_t b, int64_t h, Buffer<T>& dst) const {
     const HeadView<T> m = head_view<T>(t, b, h);
     size_buffer(op, dst, m.cols * lk_padded);
     copy_rows(m.data, m.rows, m.cols, m.row_stride, m.col_stride, dst.data(), lk_padded, true);
@@ -165,7 +188,7 @@ struct Problem {
   // rows are whole vectors, else copied into `scratch` as [rows, padded(X)]. Returns the rows
   // and sets *ld to their stride.
   const T* rows_operand(const at::Tensor& t, int64_t b, int64_t h, int64_t r0, int64_t rows,
-                        std::vector<T>& scratch, int64_t* ld) const {
+                        Buffer<T>& scratch, int64_t* ld) const {
     const HeadView<T> m = head_view<T>(t, b, h);
     if (m.col_stride == 1 && m.cols % 16 == 0) {
       *ld = m.row_stride;
@@ -181,8 +204,8 @@ struct Problem {
   // The probabilities of query rows [i0, i0 + rows) of head (b, h) into s ([rows, Lk_padded]):
   // q k^T (k_t: the head's keys transposed), then per row rows::softmax_row. row_max and
   // row_sum, when given, receive the row statistics.
-  void probabilities(int64_t b, int64_t h, int64_t i0, int64_t rows, const std::vector<T>& k_t,
-                     T* s, T* row_max = nullptr, T* row_sum = nullptr) const {
+  void probabilities(int64_t b, int64_t h, int64_t i0, int64_t rows, const Buffer<T>& k_t, T* s,
+                     T* row_max = nullptr, T* row_sum = nullptr) const {
     const HeadView<T> qh = head_view<T>(q, b, h);
     rows::gemm(rows, lk_padded, e, qh.data + i0 * qh.row_stride, qh.row_stride, qh.col_stride,
                k_t.data(), lk_padded, s, lk_padded, false, /*fused=*/false);
@@ -204,7 +227,7 @@ template <typename T>
 void forward(const Problem<T>& p, at::Tensor& out, at::Tensor& lse) {
   const int64_t per_head = p.blocks_per_head(), evp = padded(p.ev);
   at::parallel_for(0, p.batch * p.heads * per_head, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> k_t, v_scratch, s, o, row_max, row_sum;
+    Buffer<T> k_t, v_scratch, s, o, row_max, row_sum;
     size_buffer(p.op, s, p.block_rows * p.lk_padded);
     size_buffer(p.op, o, p.block_rows * evp);
     size_buffer(p.op, row_max, p.block_rows);
@@ -299,8 +322,8 @@ void backward(const Problem<T>& p, const at::Tensor& grad, const at::Tensor& out
   const bool need_ds = mask[0] || mask[1] || mask[3];
 
   at::parallel_for(0, head_count * parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> k_t, v_t, k_scratch, g_scratch, q_scratch, dk_acc, dv_acc;
-    std::vector<T> s, ds, dq_rows;
+    Buffer<T> k_t, v_t, k_scratch, g_scratch, q_scratch, dk_acc, dv_acc;
+    Buffer<T> s, ds, dq_rows;
     size_buffer(op, s, p.block_rows * lkp);
     size_buffer(op, ds, p.block_rows * lkp);
     size_buffer(op, dq_rows, p.block_rows * ep);
