@@ -12,8 +12,11 @@ the metrics and the models never ask which one they were given. ``dataset[i]`` i
 - ``"index"``: int, ``i`` itself (so predictions can be traced back to the image).
 
 and the dataset has the attributes ``classes`` (``list[str]``, the class names in label order),
-``num_classes`` and ``labels`` (``Tensor[len, C]`` float32, every sample's ``"labels"`` without
-reading an image). ``transform``, when given, is applied to the whole sample dict and returns it.
+``num_classes``, ``labels`` (``Tensor[len, C]`` float32, every sample's ``"labels"`` without
+reading an image) and ``objects`` (a dict of three ``Tensor[M]``, one entry per object of the
+split, for recall by object size: ``"image"`` int64 sample index, ``"class"`` int64,
+``"area_fraction"`` float32 box area / image area; empty tensors where a dataset has no boxes).
+``transform``, when given, is applied to the whole sample dict and returns it.
 
 :func:`open_dataset` maps the trainer's ``--data`` argument to a dataset.
 """
