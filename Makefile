@@ -18,7 +18,7 @@ BUILD_MODE := $(VENV)/.mlkernels-build-mode
 MODE_LINE := cuda=$(MLKERNELS_CUDA) emulator=$(MLKERNELS_EMULATOR)
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
-.PHONY: install build test bench bench-quick lint format demo clean sanitize wheel FORCE
+.PHONY: install build test bench bench-quick lint format demo train clean sanitize wheel FORCE
 
 install: $(BUILT)
 
@@ -58,9 +58,22 @@ lint: $(DEPS)
 format: $(DEPS)
 	$(PY) -m ruff format mlkernels tests benchmarks models setup.py
 
+# The demo's training: the baseline on the pretrained EfficientNet-Lite0, scenes benchmark (generated
+# and cached on first use). DEMO_TRAIN_ARGS are measured to fit `make demo` in 10 minutes on 2 cores.
+DEMO_TRAIN_ARGS ?= --model baseline --data scenes --backbone efficientnet_lite0 --freeze-backbone \
+  --image-size 128 --epochs 3 --train-images 2000 --val-images 500 --batch-size 64 --lr 0.003 \
+  --schedule cosine --threads 2 --out runs/demo
+
 demo: $(BUILT)
 	$(PY) -m mlkernels
 	$(PY) benchmarks/run.py --quick
+	$(PY) -m models.train $(DEMO_TRAIN_ARGS)
+
+# The full run of a model: make train MODEL=baseline ARGS="--epochs 20 --backbone resnet50".
+MODEL ?= baseline
+ARGS ?=
+train: $(BUILT)
+	$(PY) -m models.train --model $(MODEL) --out runs/$(MODEL) $(ARGS)
 
 clean:
 	rm -rf build dist *.egg-info mlkernels/*.so mlkernels/_build_config.py $(BUILT) $(BUILD_MODE) \
