@@ -126,7 +126,8 @@ class NUSWIDEDataset(ImageFilesDataset):
         self.image_names = [name for name, k in zip(names, keep, strict=True) if k]
         self.labels = torch.from_numpy(labels[keep])
         self._set_images(
-            [flickr / name for name in self.image_names],
+            flickr,
+            self.image_names,
             None,
             *pack_boxes([], [], [0] * len(self.image_names)),
         )

@@ -186,8 +186,9 @@ class ImageFilesDataset(Dataset):
     """Base of the real-dataset loaders: image files plus labels and boxes read up front.
 
     A subclass's constructor sets ``classes``, ``num_classes``, ``labels`` (``Tensor[len, C]``
-    float32), ``transform`` and calls :meth:`_set_images` with the image paths, their annotated
-    sizes and the packed boxes (:func:`pack_boxes`); this class provides ``len()``, ``objects``
+    float32), ``transform`` and calls :meth:`_set_images` with the images' folder and names,
+    their annotated sizes and the packed boxes (:func:`pack_boxes`); this class provides
+    ``len()``, ``objects``
     and ``__getitem__`` in the sample format of :mod:`models.data`, opening images lazily.
     """
 
@@ -199,16 +200,19 @@ class ImageFilesDataset(Dataset):
 
     def _set_images(
         self,
-        paths: list[Path],
+        folder: Path,
+        names: list[str],
         sizes: torch.Tensor | None,
         boxes: torch.Tensor,
         box_classes: torch.Tensor,
         offsets: torch.Tensor,
     ) -> None:
-        """Args: paths (one per sample), sizes (``Tensor[len, 2]`` int64 annotated (width,
-        height), or None where a dataset has no boxes: nothing checked, ``objects`` empty),
-        boxes, box_classes, offsets as returned by :func:`pack_boxes`."""
-        self._paths = paths
+        """Args: folder and names (sample ``i`` is the image ``folder / names[i]``), sizes
+        (``Tensor[len, 2]`` int64 annotated (width, height), or None where a dataset has no
+        boxes: nothing checked, ``objects`` empty), boxes, box_classes, offsets as returned by
+        :func:`pack_boxes`."""
+        self._folder = folder
+        self._names = names
         self._sizes = sizes
         self._boxes, self._box_classes, self._offsets = boxes, box_classes, offsets
         if sizes is None:
@@ -222,7 +226,7 @@ class ImageFilesDataset(Dataset):
             self.objects = objects_table(boxes, box_classes, offsets, sizes)
 
     def __len__(self) -> int:
-        return len(self._paths)
+        return len(self._names)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Sample ``index``: ``{"image": Tensor[3, H, W] uint8, "labels": Tensor[C] float32,
@@ -237,7 +241,7 @@ class ImageFilesDataset(Dataset):
         size = None if self._sizes is None else tuple(self._sizes[index].tolist())
         start, end = int(self._offsets[index]), int(self._offsets[index + 1])
         sample = {
-            "image": read_rgb_image(self._paths[index], who, size),
+            "image": read_rgb_image(self._folder / self._names[index], who, size),
             "labels": self.labels[index].clone(),
             "boxes": self._boxes[start:end].clone(),
             "box_classes": self._box_classes[start:end].clone(),
@@ -337,7 +341,7 @@ class VOC2007Dataset(ImageFilesDataset):
         self.ids = _read_image_set(image_set, who)
 
         image_files = list_files(images)
-        labels = torch.zeros(len(self.ids), self.num_classes, dtype=torch.float32)
+        labels = np.zeros((len(self.ids), self.num_classes), dtype=np.float32)
         boxes: list[tuple[float, float, float, float]] = []
         box_classes: list[int] = []
         counts: list[int] = []
@@ -363,9 +367,10 @@ class VOC2007Dataset(ImageFilesDataset):
                     labels[i, class_index] = -1.0
             counts.append(count)
             sizes.append(size)
-        self.labels = labels
+        self.labels = torch.from_numpy(labels)
         self._set_images(
-            [images / f"{image_id}.jpg" for image_id in self.ids],
+            images,
+            [f"{image_id}.jpg" for image_id in self.ids],
             torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2),
             *pack_boxes(boxes, box_classes, counts),
         )
