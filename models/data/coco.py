@@ -62,7 +62,8 @@ class COCODataset(ImageFilesDataset):
 
     Labels: a class is 1 when the image has an annotation of it, 0 otherwise. Crowd annotations
     (``iscrowd=1``, a group of objects under one box) count like the others, as in the papers'
-    label files; their boxes are returned too, so every positive label has a box.
+    label files; their boxes are returned too, so every positive label has a box. An image whose
+    only annotations are crowd ones thus has positive labels, and ``"drop"`` below keeps it.
 
     Images without any annotation (about 1% of COCO; none of its classes is in them):
     ``without_annotations="keep"`` keeps them with all-zero labels; ``"drop"`` leaves them out,
@@ -80,6 +81,9 @@ class COCODataset(ImageFilesDataset):
             both or neither are).
         without_annotations: ``"keep"`` or ``"drop"`` as above.
         transform: applied to each sample dict, returns it.
+
+    Attributes (besides those of :mod:`models.data`): ``image_ids``, the COCO image ids in
+    sample order; ``root``, ``split``, ``year``, ``without_annotations``, ``annotation_file``.
 
     Raises:
         FileNotFoundError: a folder, the annotation file or an image it names is missing.
@@ -132,7 +136,7 @@ class COCODataset(ImageFilesDataset):
         try:
             categories = sorted(coco.dataset["categories"], key=lambda c: c["id"])
             category_ids = [c["id"] for c in categories]
-            names = [str(c["name"]) for c in categories]
+            class_names = [str(c["name"]) for c in categories]
             image_entries = sorted(coco.dataset["images"], key=lambda e: e["id"])
         except (KeyError, TypeError) as error:
             raise ValueError(
@@ -146,8 +150,8 @@ class COCODataset(ImageFilesDataset):
                 f"{who}: annotation file {annotation_file} repeats a category id: {category_ids}"
             )
         category_index = {category_id: k for k, category_id in enumerate(category_ids)}
-        self.classes = names
-        self.num_classes = len(names)
+        self.classes = class_names
+        self.num_classes = len(class_names)
         _check_annotation_images(coco, annotation_file, who)
 
         if split != "test":
@@ -170,10 +174,10 @@ class COCODataset(ImageFilesDataset):
             names.append(file_name)
             sizes.append((width, height))
         per_image = [coco.imgToAnns.get(entry["id"], []) for entry in image_entries]
-        counts = np.array([len(annotations) for annotations in per_image], dtype=np.int64)
+        counts = np.array([len(of_image) for of_image in per_image], dtype=np.int64)
         image_sizes = np.array(sizes, dtype=np.int64).reshape(-1, 2)
         box_classes, boxes = _annotation_arrays(
-            [annotation for annotations in per_image for annotation in annotations],
+            [annotation for of_image in per_image for annotation in of_image],
             category_index,
             np.repeat(image_sizes, counts, axis=0),
             annotation_file,

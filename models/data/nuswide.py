@@ -58,6 +58,9 @@ class NUSWIDEDataset(ImageFilesDataset):
         split: ``"train"``, ``"val"`` or ``"test"`` as above.
         transform: applied to each sample dict, returns it.
 
+    Attributes (besides those of :mod:`models.data`): ``image_names``, the images' paths under
+    ``Flickr/`` in sample order; ``skipped``; ``root``, ``split``.
+
     Raises:
         FileNotFoundError: a folder or file of the layout is missing, or no image of the split
             is on disk.

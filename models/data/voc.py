@@ -68,7 +68,7 @@ def require_folder(path: Path, who: str, layout: str) -> Path:
 
 
 def list_files(folder: Path) -> set[str]:
-    """The names of the plain entries of ``folder`` (one directory listing, no per-file stat)."""
+    """The names of the entries of ``folder`` (one directory listing, no per-file stat)."""
     with os.scandir(folder) as entries:
         return {entry.name for entry in entries}
 
@@ -117,7 +117,10 @@ def clip_box(
     """
     x1, y1, x2, y2 = box
     if not all(np.isfinite(box)) or x2 < x1 or y2 < y1:
-        raise ValueError(f"{where}: box (x1, y1, x2, y2) = {box} is not a box (x2 < x1 or y2 < y1)")
+        raise ValueError(
+            f"{where}: box (x1, y1, x2, y2) = {box} is not a box "
+            "(not finite, or x2 < x1 or y2 < y1)"
+        )
     if (
         x1 < -BOX_TOLERANCE
         or y1 < -BOX_TOLERANCE
@@ -188,8 +191,9 @@ class ImageFilesDataset(Dataset):
     A subclass's constructor sets ``classes``, ``num_classes``, ``labels`` (``Tensor[len, C]``
     float32), ``transform`` and calls :meth:`_set_images` with the images' folder and names,
     their annotated sizes and the packed boxes (:func:`pack_boxes`); this class provides
-    ``len()``, ``objects``
-    and ``__getitem__`` in the sample format of :mod:`models.data`, opening images lazily.
+    ``len()``, ``objects`` and ``__getitem__`` in the sample format of :mod:`models.data`,
+    opening images lazily (so a missing or corrupt image is an error of ``dataset[i]``, naming
+    the file).
     """
 
     classes: list[str]
@@ -289,6 +293,9 @@ class VOC2007Dataset(ImageFilesDataset):
         split: ``"train"``, ``"val"`` or ``"test"`` as above.
         difficult: ``"ignore"``, ``"positive"`` or ``"negative"`` as above.
         transform: applied to each sample dict, returns it.
+
+    Attributes (besides those of :mod:`models.data`): ``ids``, the image ids in sample order;
+    ``root``, ``split``, ``difficult``.
 
     Raises:
         FileNotFoundError: a folder, an image set file, an annotation or an image it names is
