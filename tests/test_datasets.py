@@ -40,7 +40,8 @@ def write_image(path: Path, size: tuple[int, int], color: tuple[int, int, int], 
         image.save(path, format="PNG")
         return image.convert("RGB").getpixel((0, 0))
     image.save(path, format="JPEG", quality=100)
-    return Image.open(path).convert("RGB").getpixel((0, 0))
+    with Image.open(path) as written:
+        return written.convert("RGB").getpixel((0, 0))
 
 
 def assert_flat_image(image: torch.Tensor, size: tuple[int, int], color) -> None:
