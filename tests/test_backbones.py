@@ -101,6 +101,32 @@ def test_all_296_packaged_tensors_are_loaded(classifier, packaged_tensors):
     assert len(norms) == 49 and all(m.eps == 1e-3 for m in norms)
 
 
+def test_normalization_fits_the_stem_batchnorm_statistics(classifier):
+    # The stem BatchNorm's running variance is the stem convolution's output variance on the
+    # training images as the weights were trained on them: with the right normalization, natural
+    # photographs come close to it; with ImageNet's mean/std (2.2x larger inputs) they do not.
+    photos = [
+        skimage.data.chelsea(),
+        skimage.data.coffee(),
+        skimage.data.astronaut(),
+        skimage.data.rocket(),
+        skimage.data.stereo_motorcycle()[0],
+    ]
+    pixels = torch.cat([classifier.preprocess(photo) for photo in photos])
+    imagenet = (
+        torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+        torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1),
+    )
+    network = classifier.network
+    log_ratios = []
+    for mean, std in [(classifier.mean, classifier.std), imagenet]:
+        with torch.no_grad():
+            stem = network.conv_stem((pixels - mean) / std)
+        log_ratios.append(float((stem.var((0, 2, 3)) / network.bn1.running_var).log().median()))
+    ours, imagenets = log_ratios
+    assert abs(ours) < 0.6 and imagenets > 1.0, log_ratios
+
+
 def test_pretrained_efficientnet_backbone_is_the_classifier_body(classifier, packaged_tensors):
     backbone = build_backbone("efficientnet_lite0").eval()
     assert backbone.pretrained and backbone.channels == 1280 and backbone.stride == 32
@@ -324,8 +350,14 @@ def test_out_stride_refused():
 
 def test_bad_files(tmp_path):
     missing = tmp_path / "absent.pth"
-    with pytest.raises(FileNotFoundError, match="absent.pth"):
+    with pytest.raises(
+        FileNotFoundError, match=r"build_backbone\('resnet18'\): pretrained=.*absent"
+    ):
         build_backbone("resnet18", pretrained=missing)
+    with pytest.raises(
+        FileNotFoundError, match=r"imagenet_classifier\('vgg16'\): weights=.*absent"
+    ):
+        imagenet_classifier("vgg16", weights=missing)
     with pytest.raises(TypeError, match="pretrained must be True, False or a path, got int"):
         build_backbone("resnet18", pretrained=1)
     not_state = tmp_path / "list.pth"
