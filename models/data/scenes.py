@@ -46,6 +46,7 @@ import json
 import math
 import os
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -666,6 +667,7 @@ class ScenesDataset(torch.utils.data.Dataset):
         images_path = self.folder / f"{split}_images.npy"
         annotations_path = self.folder / f"{split}_annotations.npz"
 
+        self._images_path = images_path
         try:
             self._images = np.load(images_path, mmap_mode="r")
         except (OSError, ValueError, EOFError) as error:
@@ -683,7 +685,7 @@ class ScenesDataset(torch.utils.data.Dataset):
                 boxes = annotations["boxes"]
                 box_classes = annotations["box_classes"]
                 box_image = annotations["box_image"]
-        except (OSError, ValueError, EOFError, KeyError) as error:
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
             raise self._corrupt(annotations_path, f"{type(error).__name__}: {error}") from error
         m = len(box_classes)
         if (
@@ -715,7 +717,18 @@ class ScenesDataset(torch.utils.data.Dataset):
         )
 
     def __len__(self) -> int:
-        return len(self._images)
+        return len(self.labels)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers started by spawn get the file's path, not a copy of its images.
+        state = self.__dict__.copy()
+        state["_images"] = None
+        return state
+
+    def _image(self, index: int) -> np.ndarray:
+        if self._images is None:
+            self._images = np.load(self._images_path, mmap_mode="r")
+        return np.array(self._images[index])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -len(self) <= index < len(self):
@@ -726,7 +739,7 @@ class ScenesDataset(torch.utils.data.Dataset):
         index = index % len(self)
         start, stop = self._offsets[index], self._offsets[index + 1]
         sample = {
-            "image": torch.from_numpy(np.array(self._images[index])),
+            "image": torch.from_numpy(self._image(index)),
             "labels": self.labels[index].clone(),
             "boxes": self._boxes[start:stop].clone(),
             "box_classes": self._box_classes[start:stop].clone(),
