@@ -3,8 +3,9 @@
 Each image is a background texture with 1 to 6 objects pasted on it. Objects are cut from
 scikit-image's sample photos (a cat's face, a coffee cup, the astronaut's face and helmet, the
 rocket, the cameraman, coins, ...), scikit-image's LFW faces and scikit-learn's handwritten digits;
-backgrounds are crops of scikit-image's textures (brick, grass, gravel, the moon, the Hubble deep
-field, tissue, wood). Nothing is downloaded.
+backgrounds are crops of scikit-image's textures and photos (brick, grass, gravel, the moon's
+surface, the night sky over the rocket, a microscope's field, the wood under the coffee cup), none
+of which holds an object of a class. Nothing is downloaded.
 
 How an image is made (all randomness from one generator seeded by ``(seed, split, index)``, so
 a smaller set is the prefix of a bigger one and the bytes do not depend on threads or machine):
@@ -27,8 +28,8 @@ a smaller set is the prefix of a bigger one and the bytes do not depend on threa
    mask, amodal: parts hidden by later objects included), in pixels, (x1, y1, x2, y2).
 
 Samples follow the format of :mod:`models.data`. Splits are generated once (a tqdm bar; the
-default benchmark, 11,000 images at 128x128, takes ~25 s on one core) and cached on disk under
-``$MLKERNELS_DATA/scenes`` or ``~/.cache/mlkernels/scenes``, one folder per parameter set
+default benchmark, 11,000 images at 128x128, takes ~26 s of CPU on one core) and cached on disk
+under ``$MLKERNELS_DATA/scenes`` or ``~/.cache/mlkernels/scenes``, one folder per parameter set
 (generator version, seed, image size, counts). Files are written under temporary names and
 renamed, ``meta.json`` last, so an interrupted generation leaves no folder that looks complete.
 A split loads as a memory-mapped ``.npy`` of images plus a small ``.npz`` of annotations.
@@ -137,7 +138,7 @@ SCENE_TYPES: tuple[SceneType, ...] = (
     SceneType(
         "space",
         {"galaxy": 5, "shuttle": 2, "astronaut": 2, "helmet": 1.5, "badge": 1, "rocket": 1},
-        ("sky",),
+        ("night",),
         0.14,
     ),
     SceneType(
@@ -161,7 +162,7 @@ SCENE_TYPES: tuple[SceneType, ...] = (
     SceneType(
         "lab",
         {"gland": 3, "cell": 3, "retina": 2, "colorwheel": 2, "zero": 0.5, "one": 0.5},
-        ("tissue",),
+        ("microscope",),
         0.1,
     ),
     SceneType(
@@ -188,15 +189,17 @@ SCENE_TYPES: tuple[SceneType, ...] = (
 )
 """The latent scene types, in index order (``ScenesDataset.scene_types`` holds each image's)."""
 
-# texture name -> (source, crop (y0, y1, x0, x1), RGB tint for grayscale sources or None)
+# texture name -> (source, crop (y0, y1, x0, x1), RGB tint for grayscale sources or None). The crops
+# leave out every region an object class is cut from (the moon's two craters, the coffee cup, the
+# rocket and its towers, the bright cell), so a background shows no unlabelled object.
 _TEXTURES: dict[str, tuple[str, tuple[int, int, int, int], tuple[float, float, float] | None]] = {
     "brick": ("brick", (0, 512, 0, 512), (1.0, 0.72, 0.6)),
     "grass": ("grass", (0, 512, 0, 512), (0.62, 0.95, 0.45)),
     "gravel": ("gravel", (0, 512, 0, 512), (0.95, 0.9, 0.8)),
     "moon": ("moon", (180, 512, 0, 512), (0.9, 0.9, 0.92)),
-    "sky": ("hubble_deep_field", (0, 872, 0, 1000), None),
-    "tissue": ("immunohistochemistry", (0, 512, 0, 512), None),
-    "wood": ("coffee", (0, 400, 480, 600), None),
+    "night": ("rocket", (0, 100, 120, 520), None),
+    "microscope": ("cell", (0, 280, 0, 550), (0.85, 0.9, 1.05)),
+    "wood": ("coffee", (0, 400, 495, 600), None),
 }
 
 
@@ -758,11 +761,19 @@ class ScenesDataset(torch.utils.data.Dataset):
 def draw_picture(
     path: str | Path, *, seed: int = 0, image_size: int = 128, count: int = 12
 ) -> None:
-    """Draws ``count`` validation images (drawn directly, no cache) with boxes and labels."""
+    """Draws ``count`` validation images (drawn directly, no cache) with boxes and labels: the
+    first of each scene type, then the first others."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    drawn = [_draw_scene(seed, "val", i, image_size) for i in range(max(count, 100))]
+    firsts = {scene: i for i, (*_, scene) in reversed(list(enumerate(drawn)))}
+    picked = sorted(firsts.values())[:count]
+    picked = sorted(
+        picked + [i for i in range(len(drawn)) if i not in picked][: count - len(picked)]
+    )
 
     columns = 4
     rows = math.ceil(count / columns)
@@ -772,7 +783,7 @@ def draw_picture(
         ax.axis("off")
         if i >= count:
             continue
-        image, boxes, classes, scene = _draw_scene(seed, "val", i, image_size)
+        image, boxes, classes, scene = drawn[picked[i]]
         ax.imshow(image.transpose(1, 2, 0), interpolation="nearest")
         for (x1, y1, x2, y2), c in zip(boxes, classes, strict=True):
             color = colors(int(c) % 20)
@@ -790,7 +801,7 @@ def draw_picture(
                 va="bottom",
                 bbox={"facecolor": color, "pad": 0.5, "lw": 0, "alpha": 0.8},
             )
-        ax.set_title(f"val {i}: {SCENE_TYPES[scene].name}", fontsize=8)
+        ax.set_title(f"val {picked[i]}: {SCENE_TYPES[scene].name}", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
