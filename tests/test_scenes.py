@@ -244,7 +244,7 @@ def test_default_root_and_open_dataset(tmp_path, monkeypatch):
 
 def test_picture(tmp_path):
     path = tmp_path / "scenes.png"
-    scenes.main(["--picture", str(path), "--size", "64"])
+    scenes.main(["--picture", str(path), "--size", "64", "--count", "3"])
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -768,7 +768,7 @@ def draw_picture(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    drawn = [_draw_scene(seed, "val", i, image_size) for i in range(max(count, 100))]
+    drawn = [_draw_scene(seed, "val", i, image_size) for i in range(max(count, 60))]
     firsts = {scene: i for i, (*_, scene) in reversed(list(enumerate(drawn)))}
     picked = sorted(firsts.values())[:count]
     picked = sorted(
@@ -808,17 +808,19 @@ def draw_picture(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m models.data.scenes [--picture PATH] [--seed N] [--root DIR] [--size S]``."""
+    """The command line: ``python -m models.data.scenes [--picture PATH [--count K]] [--seed N]
+    [--root DIR] [--size S]``."""
     parser = argparse.ArgumentParser(
         prog="python -m models.data.scenes", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--picture", help="draw 12 samples into this image file and exit")
+    parser.add_argument("--count", type=int, default=12, help="samples in the picture")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=128, help="image size in pixels")
     parser.add_argument("--root", help="cache root (default: $MLKERNELS_DATA/scenes or ~/.cache)")
     args = parser.parse_args(argv)
     if args.picture:
-        draw_picture(args.picture, seed=args.seed, image_size=args.size)
+        draw_picture(args.picture, seed=args.seed, image_size=args.size, count=args.count)
         print(f"wrote {args.picture}")
         return
     start = time.perf_counter()
