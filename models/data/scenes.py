@@ -28,7 +28,7 @@ a smaller set is the prefix of a bigger one and the bytes do not depend on threa
    mask, amodal: parts hidden by later objects included), in pixels, (x1, y1, x2, y2).
 
 Samples follow the format of :mod:`models.data`. Splits are generated once (a tqdm bar; the
-default benchmark, 11,000 images at 128x128, takes ~26 s of CPU on one core) and cached on disk
+default benchmark, 11,000 images at 128x128, takes ~24 s of CPU on one core) and cached on disk
 under ``$MLKERNELS_DATA/scenes`` or ``~/.cache/mlkernels/scenes``, one folder per parameter set
 (generator version, seed, image size, counts). Files are written under temporary names and
 renamed, ``meta.json`` last, so an interrupted generation leaves no folder that looks complete.
