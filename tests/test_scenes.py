@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from models.data import SPLITS, open_dataset, scenes
 from models.data.scenes import (
@@ -97,6 +99,25 @@ def test_objects_labels_and_boxes(train):
         assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
         assert (boxes[:, 2] <= SIZE).all() and (boxes[:, 3] <= SIZE).all()
         assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+
+
+@given(
+    seed=st.integers(0, 2**32),
+    split=st.sampled_from(SPLITS),
+    index=st.integers(0, 10**6),
+    size=st.integers(32, 160),
+)
+def test_any_scene_is_well_formed(seed, split, index, size):
+    image, boxes, classes, scene = scenes._draw_scene(seed, split, index, size)
+    assert image.dtype == np.uint8 and image.shape == (3, size, size)
+    assert boxes.dtype == np.float32 and boxes.shape == (len(classes), 4)
+    assert classes.dtype == np.int64 and 1 <= len(classes) <= 6
+    assert ((classes >= 0) & (classes < len(scene_classes()))).all()
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= size).all()
+    assert (boxes[:, 2:] > boxes[:, :2]).all()
+    assert 0 <= scene < len(SCENE_TYPES)
+    again = scenes._draw_scene(seed, split, index, size)
+    assert np.array_equal(again[0], image) and np.array_equal(again[1], boxes)
 
 
 def test_object_sizes(train):
