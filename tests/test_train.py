@@ -208,6 +208,15 @@ def test_resume_after_interruption_gives_the_uninterrupted_weights(
     assert resumed["metrics"][1]["val_mAP"] == reference["metrics"][1]["val_mAP"]
 
 
+def test_bf16_autocast_and_reference_ops_run(scenes_dir, tmp_path, capsys):
+    argv = tiny_args(scenes_dir, tmp_path, "--amp", "--reference-ops", "--epochs", "1")
+    assert main(argv + ["--steps-per-epoch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "amp bf16" in out and "reference ops" in out
+    assert mlkernels.ops.roi_align is not mlkernels.reference.roi_align  # restored
+    assert load_checkpoint(tmp_path / "last.pt")["metrics"][0]["train_loss"] > 0
+
+
 def test_config_file_sets_options_and_the_command_line_overrides_it(scenes_dir, tmp_path):
     config = tmp_path / "run.toml"
     config.write_text('epochs = 3\nbatch-size = 4\noptimizer = "sgd"\ndropout = 0.25\n')
@@ -344,6 +353,18 @@ def test_bad_options_and_data_give_a_message_and_status_2(scenes_dir, tmp_path, 
     assert "--backbone no_such_net" in err
     err = run_error(args + ["--data", "voc2007:" + str(tmp_path / "missing")], capsys)
     assert "missing" in err and "does not exist" in err
+    empty = tmp_path / "voc"
+    (empty / "ImageSets" / "Main").mkdir(parents=True)
+    voc = ["--data", f"voc2007:{empty}", "--backbone", "small_cnn", "--no-pretrained"]
+    err = run_error(voc + ["--out", str(tmp_path / "out")], capsys)
+    assert f"--data voc2007:{empty}" in err and "Annotations not found" in err
+    (empty / "Annotations").mkdir()
+    (empty / "JPEGImages").mkdir()
+    (empty / "Annotations" / "000001.xml").write_text("<annotation><object>")
+    for split in ("train", "val", "trainval", "test"):
+        (empty / "ImageSets" / "Main" / f"{split}.txt").write_text("000001\n")
+    err = run_error(voc + ["--out", str(tmp_path / "out")], capsys)
+    assert "000001.xml is not valid XML" in err
     err = run_error(args + ["--data", "imagenet"], capsys)
     assert "unknown dataset 'imagenet'" in err
     err = run_error(args + ["--model", "test_nan_loss"], capsys)
