@@ -91,7 +91,7 @@ def _check_scores(fn: str, scores: object, dim: int) -> Tensor:
         raise TypeError(f"{fn}: scores must have a real dtype, got {scores.dtype}")
     scores = scores.detach()
     if scores.is_floating_point():
-        nans = int(torch.isnan(scores).sum())
+        nans = int(torch.count_nonzero(torch.isnan(scores)))
         if nans:
             raise ValueError(f"{fn}: scores must not contain NaN, got {nans} NaN value(s)")
     return scores
@@ -187,8 +187,10 @@ def _sorted_by_class(scores: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     classes = torch.arange(num_classes, device=scores.device, dtype=torch.int64)
     key += (classes << 32).unsqueeze(1)
     flat_order = torch.sort(key.flatten(), stable=True).indices
-    sorted_scores = by_class.flatten()[flat_order].view(num_classes, num_samples)
-    return sorted_scores, targets_by_class.flatten()[flat_order].view(num_classes, num_samples)
+    sorted_scores = torch.index_select(by_class.flatten(), 0, flat_order)
+    sorted_targets = torch.index_select(targets_by_class.flatten(), 0, flat_order)
+    shape = (num_classes, num_samples)
+    return sorted_scores.view(shape), sorted_targets.view(shape)
 
 
 def _threshold_ends(sorted_scores: Tensor) -> tuple[Tensor, Tensor]:
@@ -213,17 +215,17 @@ def _safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
 def _average_precision(scores: Tensor, targets: Tensor, method: str) -> Tensor:
     """AP per class of checked inputs (float64 scores, int8 targets, ``Tensor[N, C]``)."""
     sorted_scores, sorted_targets = _sorted_by_class(scores, targets)
-    positive = (sorted_targets == 1).to(torch.float64)
-    negative = (sorted_targets == 0).to(torch.float64)
-    true_positives = torch.cumsum(positive, dim=1)
-    num_positives = positive.sum(dim=1)
+    positive = sorted_targets == 1
+    true_positives = torch.cumsum(positive, dim=1, dtype=torch.float64)
+    num_positives = torch.count_nonzero(positive, dim=1)
     if method == "rank":
         # Precision of the top r at each rank r, ranks counting non-ignored samples only.
-        precision = _safe_divide(true_positives, torch.cumsum(positive + negative, dim=1))
+        ranks = torch.cumsum(sorted_targets != -1, dim=1, dtype=torch.float64)
+        precision = _safe_divide(true_positives, ranks)
     else:
         # Precision at each position's threshold (the end of its run of tied scores).
         is_end, end = _threshold_ends(sorted_scores)
-        false_positives = torch.cumsum(negative, dim=1)
+        false_positives = torch.cumsum(sorted_targets == 0, dim=1, dtype=torch.float64)
         precision = _safe_divide(true_positives, true_positives + false_positives)
         if method == "voc":
             # The precision envelope: the maximum over this threshold and all lower ones.
@@ -231,7 +233,7 @@ def _average_precision(scores: Tensor, targets: Tensor, method: str) -> Tensor:
             precision = torch.flip(torch.cummax(torch.flip(at_ends, [1]), dim=1).values, [1])
         precision = torch.gather(precision, 1, end)
     # The mean over the positives; 0 / 0 = NaN for a class without positives.
-    return (positive * precision).sum(dim=1) / num_positives
+    return torch.where(positive, precision, 0.0).sum(dim=1) / num_positives
 
 
 def average_precision(scores: Tensor, targets: Tensor, *, method: APMethod = "step") -> Tensor:
@@ -282,9 +284,9 @@ def _counting_metrics(predicted: Tensor, targets: Tensor) -> dict[str, float]:
     """CP, CR, CF1, OP, OR, OF1 of the boolean ``predicted`` ``Tensor[N, C]``."""
     positive = targets == 1
     counted = targets != -1
-    true_positives = (predicted & positive).sum(dim=0).to(torch.float64)
-    num_predicted = (predicted & counted).sum(dim=0).to(torch.float64)
-    num_positives = positive.sum(dim=0).to(torch.float64)
+    true_positives = torch.count_nonzero(predicted & positive, dim=0).to(torch.float64)
+    num_predicted = torch.count_nonzero(predicted & counted, dim=0).to(torch.float64)
+    num_positives = torch.count_nonzero(positive, dim=0).to(torch.float64)
     has_positives = num_positives > 0
     precision = _safe_divide(true_positives, num_predicted)
     recall = _safe_divide(true_positives, num_positives)
@@ -319,7 +321,7 @@ def _predicted_top_k(scores: Tensor, k: int) -> Tensor:
     above = scores > kth
     at_kth = scores == kth
     # The scores equal to the k-th fill the slots left by those above it, in class order.
-    slots = k - above.sum(dim=1, keepdim=True)
+    slots = k - torch.count_nonzero(above, dim=1).unsqueeze(1)
     return above | (at_kth & (torch.cumsum(at_kth, dim=1) <= slots))
 
 
