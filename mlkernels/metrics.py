@@ -580,7 +580,7 @@ class MultiLabelMetrics:
                 f"MultiLabelMetrics.markdown_table: class_names must have {num_classes} names "
                 f"(one per class), got {len(class_names)}"
             )
-        header = "| | mAP | " + " | ".join(_METRIC_KEYS) + " |"
+        header = "| predicted | mAP | " + " | ".join(_METRIC_KEYS) + " |"
         lines = [header, "|---" * (2 + len(_METRIC_KEYS)) + "|"]
         row = [f"score >= {self.threshold:g}", _format_percent(self.mAP)]
         row += [_format_percent(getattr(self, key)) for key in _METRIC_KEYS]
@@ -590,7 +590,8 @@ class MultiLabelMetrics:
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
         lines.append(
-            f"AP: {self.method!r}; {num_classes} classes, {self.classes_without_positives} "
+            f"In percent. AP: {self.method!r}; {num_classes} classes, "
+            f"{self.classes_without_positives} "
             "without positives (left out of mAP, CP, CR)."
         )
         if self.recall_by_size is not None and any(
