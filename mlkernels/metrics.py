@@ -72,6 +72,7 @@ __all__ = [
     "mean_average_precision",
     "precision_recall_curve",
     "recall_by_object_size",
+    "small_object_average_precision",
     "threshold_metrics",
     "top_k_metrics",
 ]
@@ -510,6 +511,50 @@ def recall_by_object_size(
     return _recall_by_size(predicted, targets, image, cls, area, edges)
 
 
+def _small_object_targets(targets: Tensor, image: Tensor, cls: Tensor, area: Tensor, max_area):
+    """``targets`` with every positive that is not made only of small objects set to -1."""
+    has_object = torch.zeros_like(targets, dtype=torch.bool)
+    has_object[image, cls] = True
+    has_large = torch.zeros_like(has_object)
+    large = area >= max_area
+    has_large[image[large], cls[large]] = True
+    return targets.masked_fill((targets == 1) & (has_large | ~has_object), -1)
+
+
+def small_object_average_precision(
+    scores: Tensor,
+    targets: Tensor,
+    objects: dict[str, Tensor],
+    *,
+    method: APMethod = "step",
+    max_area: float = 0.01,
+) -> Tensor:
+    """Each class's AP on small objects: its positives are the images where every object of the
+    class is smaller than ``max_area`` of the image; the images where it has a larger object (or
+    is labelled without any object recorded) are left out for that class; negatives stay.
+
+    An image-level classifier has no per-object scores, so this is the image-level reading of
+    "AP on small objects": how well it ranks images whose only evidence for a class is small.
+
+    Args:
+        scores: ``Tensor[N, C]``; targets: ``Tensor[N, C]`` in {-1, 0, 1}.
+        objects: as for :func:`recall_by_object_size`.
+        method: the AP definition, as for :func:`average_precision`.
+        max_area: the area fraction below which an object is small (default 1%, the scenes
+            benchmark's "small").
+
+    Returns:
+        ``Tensor[C]`` float64; NaN for a class without an image of only small objects.
+    """
+    fn = "small_object_average_precision"
+    method = _check_method(fn, method)
+    max_area = _check_threshold(fn, max_area)
+    scores, targets = _check_inputs(fn, scores, targets)
+    image, cls, area = _check_objects(fn, objects, scores.shape, scores.device)
+    small = _small_object_targets(targets, image, cls, area, max_area)
+    return _average_precision(scores, small, method)
+
+
 # ---- everything at once -------------------------------------------------------------------------
 
 
@@ -532,6 +577,8 @@ class MultiLabelMetrics:
         recall_by_size: :func:`recall_by_object_size` at ``threshold`` (None without objects).
         method: the AP definition (``"step"``, ``"rank"`` or ``"voc"``).
         threshold: the score threshold of CP..OF1 and recall_by_size.
+        mAP_small: mean of :func:`small_object_average_precision` over the classes it defines
+            (None without objects; NaN when no class has an image of only small objects).
     """
 
     mAP: float
@@ -548,6 +595,7 @@ class MultiLabelMetrics:
     recall_by_size: dict[str, dict] | None
     method: str
     threshold: float
+    mAP_small: float | None = None
 
     def as_dict(self) -> dict:
         """The fields as plain Python (``ap`` a list of floats): ``json.dumps`` takes it (NaN is
@@ -564,6 +612,7 @@ class MultiLabelMetrics:
             else {label: dict(entry) for label, entry in self.recall_by_size.items()},
             "method": self.method,
             "threshold": self.threshold,
+            "mAP_small": self.mAP_small,
         }
 
     def to_json(self) -> str:
@@ -594,6 +643,11 @@ class MultiLabelMetrics:
             f"{self.classes_without_positives} "
             "without positives (left out of mAP, CP, CR)."
         )
+        if self.mAP_small is not None:
+            lines.append(
+                f"mAP on small objects (images where each object of the class is under 1% of "
+                f"the image): {_format_percent(self.mAP_small)}."
+            )
         if self.recall_by_size is not None and any(
             entry["objects"] for entry in self.recall_by_size.values()
         ):
@@ -626,7 +680,8 @@ def evaluate(
         threshold: the score threshold of CP..OF1 and of the recall by object size.
         top_k: the ``k`` of the top-k metrics; None skips them.
         objects: ``models.data``'s ``dataset.objects`` for :func:`recall_by_object_size` (default
-            bins); None, or no objects at all, leaves ``recall_by_size`` None.
+            bins) and :func:`small_object_average_precision` (``mAP_small``); None, or no
+            objects at all, leaves ``recall_by_size`` and ``mAP_small`` None.
     """
     fn = "evaluate"
     method = _check_method(fn, method)
@@ -637,7 +692,7 @@ def evaluate(
     ap = _average_precision(scores, targets, method)
     at_threshold = _counting_metrics(_predicted_at_threshold(scores, threshold), targets)
     topk = None if top_k is None else _counting_metrics(_predicted_top_k(scores, top_k), targets)
-    recall_by_size = None
+    recall_by_size = mAP_small = None
     if objects is not None:
         image, cls, area = _check_objects(fn, objects, scores.shape, scores.device)
         if image.numel():
@@ -645,6 +700,8 @@ def evaluate(
             recall_by_size = _recall_by_size(
                 predicted, targets, image, cls, area, [0.0, 0.01, 0.1, 1.0]
             )
+            small = _small_object_targets(targets, image, cls, area, 0.01)
+            mAP_small = _nan_mean(_average_precision(scores, small, method))
     return MultiLabelMetrics(
         mAP=_nan_mean(ap),
         ap=ap,
@@ -655,6 +712,7 @@ def evaluate(
         recall_by_size=recall_by_size,
         method=method,
         threshold=threshold,
+        mAP_small=mAP_small,
     )
 
 

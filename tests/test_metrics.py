@@ -302,6 +302,7 @@ def test_threshold_is_compared_in_float64():
 # ---- recall by object size ----------------------------------------------------------------------
 
 AREAS = [0.0, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 1.5, -0.1]
+OBJECT_COLUMNS = ("image", "class", "area_fraction")
 
 
 @st.composite
@@ -346,6 +347,34 @@ def test_recall_by_object_size_equals_loop(data, top_k):
     for entry, (recall, count) in zip(result.values(), expected, strict=True):
         assert entry["objects"] == count
         assert_same_floats(entry["recall"], recall)
+
+
+@given(with_objects(), st.sampled_from(["step", "rank", "voc"]))
+def test_small_object_ap_is_ap_over_images_of_only_small_objects(data, method):
+    scores, targets, objects = data
+    # The loop reading of the definition: a positive stays positive only when it has objects and
+    # every one of them is under 1% of the image; other positives are left out (-1).
+    kept = targets.clone()
+    n, c = targets.shape
+    for i in range(n):
+        for j in range(c):
+            areas = [
+                a
+                for im, cl, a in zip(*(objects[k].tolist() for k in OBJECT_COLUMNS), strict=True)
+                if im == i and cl == j
+            ]
+            if targets[i, j] == 1 and (not areas or max(areas) >= 0.01):
+                kept[i, j] = -1
+    expected = metrics.average_precision(scores, kept, method=method)
+    ours = metrics.small_object_average_precision(scores, targets, objects, method=method)
+    assert_same_floats(ours.tolist(), expected.tolist())
+    whole = metrics.evaluate(scores, targets, method=method, objects=objects)
+    if objects["image"].numel():
+        assert_same_floats(
+            whole.mAP_small, metrics.mean_average_precision(scores, kept, method=method)
+        )
+    else:
+        assert whole.mAP_small is None
 
 
 def test_recall_by_object_size_custom_bins():
