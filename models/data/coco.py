@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from models.data.voc import (
+from models.data.files import (
     BOX_TOLERANCE,
     ImageFilesDataset,
     Transform,

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.data.voc import ImageFilesDataset, Transform, check_split, pack_boxes, require_folder
+from models.data.files import ImageFilesDataset, Transform, check_split, pack_boxes, require_folder
 
 # The held-out validation images: every VAL_EVERY-th image of the Train list (positions 0,
 # VAL_EVERY, 2 * VAL_EVERY, ... of the list as published, missing images included), 5%.
