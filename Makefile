@@ -61,7 +61,7 @@ format: $(DEPS)
 # The demo's training: the baseline on the pretrained EfficientNet-Lite0, scenes benchmark (generated
 # and cached on first use). DEMO_TRAIN_ARGS are measured to fit `make demo` in 10 minutes on 2 cores.
 DEMO_TRAIN_ARGS ?= --model baseline --data scenes --backbone efficientnet_lite0 --freeze-backbone \
-  --image-size 128 --epochs 3 --train-images 2000 --val-images 500 --batch-size 64 --lr 0.003 \
+  --image-size 128 --epochs 3 --train-images 2000 --val-images 500 --batch-size 64 --lr 0.01 \
   --schedule cosine --threads 2 --out runs/demo
 
 demo: $(BUILT)

@@ -230,8 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="WEIGHTS",
         help="ImageNet weights (the packaged ones, or a local weights file)",
     )
-    p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random init")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument(
+        "--no-pretrained",
+        dest="pretrained",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="random init",
+    )
+    p.add_argument("--epochs", type=int, default=10, help="epochs in all (with --resume too)")
     p.add_argument("--batch-size", type=int, default=32, help="per process")
     p.add_argument("--eval-batch-size", type=int, default=None, help="default: 2 x batch size")
     p.add_argument("--train-images", type=int, default=None, help="a random subset of train")
@@ -246,15 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
         "shift still learn): needed for small per-process batches, and for a DDP step to equal "
         "a single-process step of the whole batch",
     )
-    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw", help="optimizer")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD only")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="not on biases and norms")
-    p.add_argument("--schedule", choices=("cosine", "step", "none"), default="cosine")
+    p.add_argument(
+        "--schedule", choices=("cosine", "step", "none"), default="cosine", help="per step"
+    )
     p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warmup")
     p.add_argument("--step-epochs", type=int, default=30, help="step schedule: period")
     p.add_argument("--step-gamma", type=float, default=0.1, help="step schedule: factor")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="weights, shuffling, augmentation")
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--out", default="runs/train", help="checkpoints, logs, report")
@@ -266,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "bf16", "fp16", "none"),
         help="mixed precision (auto: bf16 on CPU, fp16 with a grad scaler on CUDA)",
     )
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:K (default: cuda if any)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:K (None: cuda if any)")
     p.add_argument("--resume", default=None, help="a checkpoint (or run folder) to continue")
     p.add_argument(
         "--test-checkpoint", choices=("best", "last"), default="best", help="for the test split"

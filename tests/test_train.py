@@ -222,6 +222,9 @@ def test_config_file_sets_options_and_the_command_line_overrides_it(scenes_dir, 
     config.write_text('epochs = 3\nbatch-size = 4\noptimizer = "sgd"\ndropout = 0.25\n')
     args = train_module.parse_args(["--config", str(config), "--epochs", "1"])
     assert (args.epochs, args.batch_size, args.optimizer, args.dropout) == (1, 4, "sgd", 0.25)
+    assert train_module.parse_args(["--no-pretrained"]).pretrained is False
+    assert train_module.parse_args(["--pretrained", "w.pth"]).pretrained == "w.pth"
+    assert train_module.parse_args([]).pretrained is True
     config.write_text("epochs = 3\nno_such_option = 1\n")
     with pytest.raises(train_module.UsageError, match="no_such_option"):
         train_module.parse_args(["--config", str(config)])
