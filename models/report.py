@@ -125,7 +125,7 @@ def write_report(
 
     write("metrics.json", _text(_metrics_json(metrics, names, ap)))
     write("metrics.md", _text(_metrics_markdown(metrics, names, ap, positives)))
-    write("pr_curves.png", _png(_pr_curves_figure(scores, targets, names, ap)))
+    write("pr_curves.png", _png(_pr_curves_figure(scores, targets, names, ap, positives)))
     write("per_class_ap.png", _png(_per_class_ap_figure(names, ap, metrics.mAP)))
     if objects is not None and objects["image"].numel() > 0:
         recall_by_size = metrics.recall_by_size
@@ -296,7 +296,9 @@ def _empty_note(axes: Axes, text: str) -> None:
     axes.text(0.5, 0.5, text, ha="center", va="center", transform=axes.transAxes, color="0.4")
 
 
-def _pr_curves_figure(scores: Tensor, targets: Tensor, names: list[str], ap: Tensor) -> Figure:
+def _pr_curves_figure(
+    scores: Tensor, targets: Tensor, names: list[str], ap: Tensor, positives: Tensor
+) -> Figure:
     ranked, _ = _by_ap(ap)
     # Best, worst, median, then quartiles and eighths: spread over the range whatever its size.
     fractions = (0.0, 1.0, 0.5, 0.25, 0.75, 0.125, 0.375, 0.625, 0.875)
@@ -312,8 +314,7 @@ def _pr_curves_figure(scores: Tensor, targets: Tensor, names: list[str], ap: Ten
     axes = figure.add_axes((0.08, 0.1, 0.5, 0.82))
     for c in chosen:
         precision, recall, _ = precision_recall_curve(scores[:, c], targets[:, c])
-        positives = int((targets[:, c] == 1).sum())
-        label = f"{_short(names[c])}\nAP {ap[c]:.3f}, {positives} positives"
+        label = f"{_short(names[c])}\nAP {ap[c]:.3f}, {positives[c]} positives"
         axes.plot(recall.numpy(), precision.numpy(), drawstyle="steps-post", label=label)
     axes.set(xlim=(0, 1.01), ylim=(0, 1.02), xlabel="recall", ylabel="precision")
     axes.grid(alpha=0.3)
@@ -365,7 +366,7 @@ def _recall_by_size_figure(recall_by_size: dict[str, dict[str, float]]) -> Figur
     recalls = [float(recall_by_size[b]["recall"]) for b in bins]
     counts = [int(recall_by_size[b]["objects"]) for b in bins]
     figure = _figure(max(5.0, 1.2 * len(bins) + 2), 4.0)
-    axes = figure.add_axes((0.12, 0.2, 0.84, 0.68))
+    axes = figure.add_axes((0.12, 0.15, 0.84, 0.74))
     positions = list(range(len(bins)))
     shown = [r if math.isfinite(r) else 0.0 for r in recalls]
     axes.bar(positions, shown, color="#4c72b0", width=0.6)

@@ -68,7 +68,8 @@ def files_in(folder: Path) -> set[str]:
 
 def plotted_curves(scores, targets, names, ap) -> dict[str, tuple]:
     """{class name: (recall, precision)} of the lines drawn in pr_curves.png."""
-    figure = report._pr_curves_figure(scores.double(), targets, names, ap)
+    positives = (targets == 1).sum(dim=0)
+    figure = report._pr_curves_figure(scores.double(), targets, names, ap, positives)
     (axes,) = figure.axes
     curves = {}
     for line in axes.get_lines():
