@@ -345,8 +345,21 @@ def _per_class_ap_figure(names: list[str], ap: Tensor, mean_ap: float) -> Figure
     rows = list(range(count))
     axes.barh(rows, values, color=colors, height=0.75)
     for row, c in zip(rows, order, strict=True):
-        if not math.isfinite(ap[c].item()):
+        value = ap[c].item()
+        if not math.isfinite(value):
             axes.text(0.01, row, "no positives", va="center", fontsize=7, color="0.3")
+        elif value > 0.9:  # the value inside the bar's end
+            axes.text(
+                value - 0.01,
+                row,
+                f"{value:.3f}",
+                va="center",
+                ha="right",
+                fontsize=7,
+                color="white",
+            )
+        else:
+            axes.text(value + 0.01, row, f"{value:.3f}", va="center", fontsize=7, color="0.2")
     axes.set_yticks(rows, [_short(names[c]) for c in order], fontsize=8)
     axes.set_ylim(count - 0.5, -0.5)  # best at the top
     axes.set_xlim(0, 1)
