@@ -14,6 +14,7 @@ from ._loader import load_extension
 _C = load_extension()
 
 from . import _build_config, nn, ops, reference  # noqa: E402  (ops register fake kernels on import)
+from . import metrics as metrics  # noqa: E402
 from ._build_config import VERSION as __version__  # noqa: E402
 from .ops._checks import ShapeError  # noqa: E402
 

@@ -4,6 +4,7 @@ They are slow and simple on purpose: tests compare the compiled kernels with the
 use them as a baseline, and anyone can read them to see what an op computes.
 """
 
+from ._swap import replacing_ops
 from .attention import scaled_dot_product_attention
 from .beam_search import beam_search, beam_search_step
 from .boxes import box_iou, decode_boxes, encode_boxes
@@ -20,6 +21,7 @@ __all__ = [
     "generate_anchors",
     "nms",
     "propose",
+    "replacing_ops",
     "roi_align",
     "roi_align_grid_sample",
     "scaled_dot_product_attention",
