@@ -124,22 +124,31 @@ def test_metrics_json_agrees_with_metrics(tmp_path, split):
     data = json.loads(paths["metrics.json"].read_text(), parse_constant=refuse)
     expected = metrics.as_dict()
     assert set(data) == set(expected) | {"per_class_ap"}
-    assert data["mAP"] == pytest.approx(metrics.mAP)
-    for key in ("CP", "CR", "CF1", "OP", "OR", "OF1"):
-        assert data[key] == pytest.approx(getattr(metrics, key)), key
-    assert data["topk"] == pytest.approx(metrics.topk)
-    assert data["recall_by_size"] == expected["recall_by_size"]
-    assert (data["k"], data["threshold"], data["method"]) == (metrics.k, metrics.threshold, "step")
+    for key, value in expected.items():
+        assert_json_matches(data[key], value, key)
     # The class without positives: NaN in metrics, null in the file.
     assert math.isnan(metrics.ap[-1]) and data["ap"][-1] is None
     assert data["classes_without_positives"] == 1
     assert list(data["per_class_ap"]) == names
-    for name, value in zip(names, metrics.ap.tolist(), strict=True):
-        if math.isnan(value):
-            assert data["per_class_ap"][name] is None
-        else:
-            assert data["per_class_ap"][name] == pytest.approx(value, abs=1e-15)
-    assert data["ap"][:-1] == pytest.approx(metrics.ap[:-1].tolist(), abs=1e-15)
+    assert_json_matches(list(data["per_class_ap"].values()), metrics.ap.tolist(), "per_class_ap")
+
+
+def assert_json_matches(written, expected, where: str) -> None:
+    """``written`` (read back from JSON) is ``expected`` with NaN as None, floats to 1e-15."""
+    if isinstance(expected, dict):
+        assert isinstance(written, dict) and list(written) == list(expected), where
+        for key in expected:
+            assert_json_matches(written[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(written, list) and len(written) == len(expected), where
+        for i, (item, expected_item) in enumerate(zip(written, expected, strict=True)):
+            assert_json_matches(item, expected_item, f"{where}[{i}]")
+    elif isinstance(expected, float) and math.isnan(expected):
+        assert written is None, where
+    elif isinstance(expected, float):
+        assert written == pytest.approx(expected, rel=1e-15, abs=1e-15), where
+    else:
+        assert written == expected and type(written) is type(expected), where
 
 
 def test_metrics_markdown(tmp_path, split):
