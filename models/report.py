@@ -466,7 +466,7 @@ def _predictions_figure(
         scale = min(box_width / image.shape[1], box_height / image.shape[0])
         shown_width, shown_height = image.shape[1] * scale, image.shape[0] * scale
         extent = (left, left + shown_width, top + 0.2 + shown_height, top + 0.2)
-        axes.imshow(image.numpy(), extent=extent, interpolation="nearest", aspect="auto")
+        axes.imshow(image.numpy(), extent=extent, interpolation="antialiased", aspect="auto")
         lines = _label_lines(scores[index], targets[index], names, threshold)
         for line, (text, color) in enumerate(lines):
             y = top + 0.25 + image_height + line * line_height
