@@ -92,7 +92,7 @@ def write_report(
 
         - ``metrics.json``: ``metrics.as_dict()`` plus ``"per_class_ap"``, ``{class name: AP}``,
           as strict JSON: NaN (an AP without positives, say) is written as ``null``;
-        - ``metrics.md``: ``metrics.markdown_table(class_names)`` plus the per-class AP from best
+        - ``metrics.md``: ``metrics.markdown_table()`` plus the per-class AP from best
           to worst with each class's number of positives;
         - ``pr_curves.png``: the precision-recall curves of up to 6 classes with positives: the
           best, the median, the worst and quartiles between them by AP;
@@ -250,10 +250,11 @@ def _metrics_json(metrics: MultiLabelMetrics, names: list[str], ap: Tensor) -> s
 def _metrics_markdown(
     metrics: MultiLabelMetrics, names: list[str], ap: Tensor, positives: Tensor
 ) -> str:
-    """``metrics.markdown_table`` (AP in label order), then the classes from best AP to worst."""
+    """``metrics.markdown_table`` (the summary, without its per-class table in label order), then
+    the classes from best AP to worst with their positives."""
     ranked, without = _by_ap(ap)
     lines = [
-        metrics.markdown_table(names).rstrip("\n"),
+        metrics.markdown_table().rstrip("\n"),
         "",
         "## Per-class AP, best to worst",
         "",

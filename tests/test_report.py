@@ -157,7 +157,7 @@ def test_metrics_markdown(tmp_path, split):
         tmp_path, scores=scores, targets=targets, class_names=names, metrics=metrics
     )
     text = paths["metrics.md"].read_text()
-    assert text.startswith(metrics.markdown_table(names))
+    assert text.startswith(metrics.markdown_table())
     rows = text.split("## Per-class AP, best to worst")[1].strip().splitlines()[2:]
     assert len(rows) == len(names)
     cells = [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
