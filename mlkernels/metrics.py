@@ -659,7 +659,8 @@ class MultiLabelMetrics:
         if class_names is not None:
             lines += ["", "| class | AP |", "|---|---|"]
             for name, value in zip(class_names, self.ap.tolist(), strict=True):
-                lines.append(f"| {name} | {_format_percent(value)} |")
+                escaped = str(name).replace("|", "\\|")  # a "|" in a name would split its cell
+                lines.append(f"| {escaped} | {_format_percent(value)} |")
         return "\n".join(lines) + "\n"
 
 
