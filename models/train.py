@@ -2,6 +2,11 @@
 
 One process, or many with ``torchrun --nproc_per_node N -m models.train ...`` (DDP; gloo on the
 CPU, NCCL on GPUs; across machines with torchrun's ``--nnodes`` and rendezvous options).
+``--batch-size`` is per process; gradients are averaged over the processes, so N processes of
+batch b take the same step as one process of batch N x b, except that BatchNorm layers in
+training mode normalize each process's batch by its own statistics (``--freeze-bn`` makes them
+use their running statistics). Validation and test predictions are gathered from every process,
+without the sampler's padding.
 
 Each epoch trains on the train split, evaluates on val (mAP and the other metrics of
 ``mlkernels.metrics``, gathered over every process) and writes ``OUT/last.pt`` (and
