@@ -287,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reference-ops", action="store_true", help="mlkernels.reference instead of the kernels"
     )
+    p.add_argument(
+        "--keep-freed-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="glibc malloc keeps freed memory (much faster CPU training; see keep_freed_memory)",
+    )
     p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True, help="plots")
@@ -603,6 +609,29 @@ def _build(args: argparse.Namespace, num_classes: int, device: torch.device) -> 
     return build_model(args.model, num_classes, backbone, args).to(device)
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse (Linux): no ``mmap`` per large block,
+    no trimming of the heap below 1 GiB of free memory.
+
+    By default glibc serves every block above its mmap threshold (at most 32 MiB) with a fresh
+    ``mmap`` and returns it on ``free``, so each CPU activation of a batch is page-faulted in
+    anew: measured on 2 cores, EfficientNet-Lite0 inference at batch 64 spent as much time in
+    the kernel as in PyTorch, and ran 3x faster with this. The peak memory is unchanged; up to
+    1 GiB freed stays mapped. Returns whether the settings were applied (False off glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train, validate every epoch, test; returns {"history", "test" (metrics), "paths"}.
 
@@ -611,6 +640,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     context = distributed.setup(args.device)
     try:
         with reference_ops(args.reference_ops):
