@@ -831,6 +831,9 @@ def _run(args: argparse.Namespace, context: distributed.Context) -> dict[str, An
         print("\nwritten:")
         for name, path in paths.items():
             print(f"  {name}: {path}")
+    # Every process done before any leaves the group (a process tearing gloo down while another
+    # still uses it can abort).
+    distributed.barrier(context)
     return {"history": history, "test": test, "paths": paths}
 
 
