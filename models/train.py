@@ -53,6 +53,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+import mlkernels
+
 from . import distributed
 from .checkpoint import (
     CheckpointError,
@@ -61,7 +63,6 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_states,
 )
-from .reference_ops import reference_ops
 from .registry import build_model, get_model
 
 PROG = "models.train"
@@ -644,7 +645,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         keep_freed_memory()
     context = distributed.setup(args.device)
     try:
-        with reference_ops(args.reference_ops):
+        # --reference-ops: every mlkernels op and layer runs its pure-PyTorch twin.
+        swap = mlkernels.reference.replacing_ops() if args.reference_ops else nullcontext()
+        with swap:
             return _run(args, context)
     finally:
         distributed.cleanup(context)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import mlkernels
 import mlkernels.ops
@@ -21,7 +20,6 @@ from models.baseline import Baseline, masked_bce_with_logits
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.distributed import Context, gather_predictions
 from models.predict import main as predict_main
-from models.reference_ops import reference_ops, swappable_names
 from models.registry import register_model
 from models.train import Collate, SplitView, hflip, main
 
@@ -235,38 +233,6 @@ def test_lr_schedule_warmup_then_cosine_to_zero():
     factor = train_module.lr_factor(args, steps_per_epoch=10)
     assert [factor(s) for s in range(5)] == [0.2, 0.4, 0.6, 0.8, 1.0]
     assert factor(5) == 1.0 and factor(12) > factor(16) > factor(19) > 0.0 and factor(20) == 0.0
-
-
-# ---- --reference-ops ----------------------------------------------------------------------------
-
-
-class RoIPool(nn.Module):
-    """Calls the op through the module attribute, as mlkernels.nn layers do."""
-
-    def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        return mlkernels.ops.roi_align(features, rois, output_size=2, spatial_scale=1.0)
-
-
-def kernel_calls(function) -> tuple[torch.Tensor, list[str]]:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        result = function()
-    return result, [e.name for e in profile.events() if e.name.startswith("mlkernels::")]
-
-
-def test_reference_ops_swaps_every_op_and_restores_them():
-    features = torch.rand(1, 2, 8, 8)
-    rois = torch.tensor([[0.0, 1.0, 1.0, 6.0, 5.0]])
-    layer = RoIPool()
-    compiled, calls = kernel_calls(lambda: layer(features, rois))
-    assert "mlkernels::roi_align" in calls  # the profiler sees the kernel when it runs
-    original = mlkernels.ops.roi_align
-    with reference_ops() as names:
-        assert "roi_align" in names and "nms" in names and names == swappable_names()
-        assert mlkernels.ops.roi_align is mlkernels.reference.roi_align
-        reference, calls = kernel_calls(lambda: layer(features, rois))
-        assert calls == []
-    assert mlkernels.ops.roi_align is original
-    torch.testing.assert_close(reference, compiled)
 
 
 # ---- DDP ----------------------------------------------------------------------------------------
