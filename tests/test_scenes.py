@@ -261,6 +261,9 @@ def test_default_root_and_open_dataset(tmp_path, monkeypatch):
     dataset = open_dataset(f"scenes:{tmp_path}", "val", num_images=(2, 3, 2), progress=False)
     assert isinstance(dataset, ScenesDataset) and len(dataset) == 3
     assert dataset.folder.parent == tmp_path
+    fresh = tmp_path / "not" / "yet"  # a cache folder that does not exist is made
+    dataset = open_dataset(f"scenes:{fresh}", "test", num_images=(2, 1, 2), progress=False)
+    assert len(dataset) == 2 and dataset.folder.parent == fresh
 
 
 def test_picture(tmp_path):

@@ -55,7 +55,7 @@ def open_dataset(spec: str, split: str, **options: Any):
 
     Raises:
         ValueError: an unknown dataset name or split, or a missing PATH where one is needed.
-        FileNotFoundError: PATH does not exist.
+        FileNotFoundError: PATH does not exist (but for scenes, whose cache folder is made).
     """
     import importlib
 
@@ -69,7 +69,7 @@ def open_dataset(spec: str, split: str, **options: Any):
         raise ValueError(f"open_dataset: split must be one of {SPLITS}, got {split!r}")
     if name != "scenes" and not path:
         raise ValueError(f"--data {name}: needs the dataset's folder, as {name}:PATH")
-    if path and not Path(path).exists():
+    if path and name != "scenes" and not Path(path).exists():  # scenes:DIR is created
         raise FileNotFoundError(f"--data {spec}: {path} does not exist")
     module_name, class_name = _DATASETS[name]
     cls = getattr(importlib.import_module(module_name), class_name)
