@@ -96,6 +96,7 @@ sanitize: $(DEPS)
 	rm -rf $(SAN_DIR)/lib  # no stale modules; the objects in $(SAN_DIR)/temp* are reused
 	MLKERNELS_SANITIZE=1 MLKERNELS_CUDA=0 MLKERNELS_EMULATOR=1 \
 	  $(PY) setup.py -q build --build-base $(SAN_DIR) --build-lib $(SAN_DIR)/lib
+	ln -s $(CURDIR)/models $(SAN_DIR)/lib/models  # the models tests import it; the repo root is not on the path
 	cd $(SAN_DIR)/lib && $(SAN_ENV) $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider \
 	  $(addprefix $(CURDIR)/,$(SANITIZE_TESTS))
 
