@@ -18,7 +18,7 @@ BUILD_MODE := $(VENV)/.mlkernels-build-mode
 MODE_LINE := cuda=$(MLKERNELS_CUDA) emulator=$(MLKERNELS_EMULATOR)
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
-.PHONY: install build test bench bench-quick lint format demo train clean sanitize wheel FORCE
+.PHONY: install build test bench bench-quick lint format demo train compare clean sanitize wheel FORCE
 
 install: $(BUILT)
 
@@ -69,6 +69,12 @@ demo: $(BUILT)
 	$(PY) -m mlkernels
 	$(PY) benchmarks/run.py --quick
 	$(PY) -m models.train $(DEMO_TRAIN_ARGS)
+
+# Every model and the baseline on one budget (make demo's), side by side: models/RESULTS.md.
+# COMPARE_ARGS: options of models.compare (e.g. --models baseline,cadm); after "--", of each run.
+COMPARE_ARGS ?=
+compare: $(BUILT)
+	$(PY) -m models.compare $(COMPARE_ARGS)
 
 # The full run of a model: make train MODEL=baseline ARGS="--epochs 20 --backbone resnet50".
 MODEL ?= baseline
