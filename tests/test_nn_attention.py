@@ -302,6 +302,21 @@ def test_low_precision_error_within_twice_torchs(dtype):
         assert our_error <= 2 * torch_error + 1e-3, (index, our_error, torch_error)
 
 
+def test_autocast_takes_mixed_dtypes_like_torch():
+    """Under bf16 autocast a float32 module takes bf16 and float32 inputs, as torch's does (its
+    projections cast them); outside autocast the mismatch is an error naming the argument."""
+    theirs, ours = make_pair(batch_first=True)
+    query, key, value = make_inputs({"batch_first": True}, tgt=8, src=24)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = theirs(query.bfloat16(), key, value)
+        got = ours(query.bfloat16(), key, value)
+    for index in (0, 1):
+        assert got[index].dtype == expected[index].dtype == torch.bfloat16
+        torch.testing.assert_close(got[index].float(), expected[index].float(), atol=2e-2, rtol=0)
+    with pytest.raises(RuntimeError, match="query must have the module's dtype"):
+        ours(query.bfloat16(), key, value)
+
+
 def test_non_contiguous_masks():
     theirs, ours = make_pair()
     query, key, value = make_inputs({})

@@ -254,8 +254,10 @@ class MultiheadAttention(nn.MultiheadAttention):
                     f"{_NAME}: {name} must be a floating tensor, got {C.dtype_str(t.dtype)}"
                 )
         weight = self.out_proj.weight
+        # Under autocast the projections cast their inputs, as torch's module allows.
+        autocast = torch.is_autocast_enabled(query.device.type)
         for name, t in (("query", query), ("key", key), ("value", value)):
-            if t.dtype != weight.dtype:
+            if t.dtype != weight.dtype and not autocast:
                 raise RuntimeError(
                     f"{_NAME}: {name} must have the module's dtype ({C.dtype_str(weight.dtype)}), "
                     f"got {C.dtype_str(t.dtype)}"
