@@ -312,7 +312,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-@register_model("cadm", add_arguments)
 def build_cadm(num_classes: int, backbone: nn.Module, args: argparse.Namespace) -> CADM:
     """The registry builder of :class:`CADM`."""
     return CADM(
@@ -376,4 +375,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as ``python -m models.cadm``: this file is then ``__main__``, a second copy of the
+    # module; the importable ``models.cadm`` registers the model and defines the CADM class.
+    from models.cadm import main as module_main
+
+    sys.exit(module_main())
+else:
+    register_model("cadm", add_arguments)(build_cadm)

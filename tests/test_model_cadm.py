@@ -251,3 +251,30 @@ def test_bad_num_classes_and_backbone():
         CADM(3, torch.nn.Conv2d(3, 8, 3))
     with pytest.raises(ValueError, match="correlation_embedding_loss: embeddings must be"):
         correlation_embedding_loss(torch.zeros(2, 3), torch.zeros(2, 3))
+
+
+def test_trains_from_the_cli_and_draws_maps_from_its_checkpoint(tmp_path, capsys):
+    from PIL import Image
+
+    from models import cadm
+    from models.train import main
+
+    out = tmp_path / "run"
+    argv = [
+        "--model", "cadm", "--embed-dim", "8", "--embed-hidden", "16",
+        "--data", f"scenes:{tmp_path / 'scenes'}", "--data-option", "num_images=(16, 8, 8)",
+        "--data-option", "image_size=48", "--data-option", "progress=False",
+        "--backbone", "small_cnn", "--no-pretrained", "--epochs", "1", "--batch-size", "8",
+        "--image-size", "32", "--threads", "1", "--no-progress", "--no-report", "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    image = tmp_path / "image.png"
+    Image.fromarray((torch.rand(40, 56, 3) * 255).to(torch.uint8).numpy()).save(image)
+    capsys.readouterr()
+    assert (
+        cadm.main(["--checkpoint", str(out / "best.pt"), str(image), "--out", str(out / "m.png")])
+        == 0
+    )
+    assert (out / "m.png").read_bytes()[:4] == b"\x89PNG"
+    assert cadm.main(["--checkpoint", str(out / "missing.pt"), str(image)]) == 2
+    assert "models.cadm: error: checkpoint" in capsys.readouterr().err
