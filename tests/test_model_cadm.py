@@ -278,3 +278,15 @@ def test_trains_from_the_cli_and_draws_maps_from_its_checkpoint(tmp_path, capsys
     assert (out / "m.png").read_bytes()[:4] == b"\x89PNG"
     assert cadm.main(["--checkpoint", str(out / "missing.pt"), str(image)]) == 2
     assert "models.cadm: error: checkpoint" in capsys.readouterr().err
+
+
+def test_bf16_autocast_loss_is_float32_and_close_to_float32():
+    model = make_model().eval()
+    batch = tiny_batch(size=32)
+    with torch.no_grad():
+        expected = model.loss(model(batch["images"]), batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs = model(batch["images"])
+            loss = model.loss(outputs, batch)
+    assert outputs["maps"].dtype == torch.bfloat16 and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=2e-2, atol=2e-2)
