@@ -255,7 +255,8 @@ class MultiheadAttention(nn.MultiheadAttention):
                 )
         weight = self.out_proj.weight
         # Under autocast the projections cast their inputs, as torch's module allows.
-        autocast = torch.is_autocast_enabled(query.device.type)
+        kind = query.device.type  # "meta" has no autocast: asking would raise
+        autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
         for name, t in (("query", query), ("key", key), ("value", value)):
             if t.dtype != weight.dtype and not autocast:
                 raise RuntimeError(
