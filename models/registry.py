@@ -45,6 +45,7 @@ ArgumentsHook = Callable[[argparse.ArgumentParser], None]
 
 # The modules that register models; imported lazily by get_model / model_names.
 MODEL_MODULES = ("models.baseline",)
+MODEL_MODULES += ("models.cmsg",)
 
 
 @dataclass(frozen=True)
