@@ -160,7 +160,12 @@ def correlation_graph(similarity: Tensor, tau: float, p: float) -> tuple[Tensor,
 
 
 def sine_position_encoding(
-    height: int, width: int, dim: int, *, device=None, dtype=torch.float32
+    height: int,
+    width: int,
+    dim: int,
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """DETR's 2-D sine position encoding: Tensor[height * width, dim], row-major positions.
 
@@ -251,7 +256,15 @@ class _Layer(nn.Module):
     def forward(self, x: Tensor, attend: Tensor, memory: Tensor, memory_keys: Tensor) -> Tensor:
         x = x + self.drop(self.sga(self.norm_sga(x), attend))
         x = x + self.drop(self.ffn1(self.norm_ffn1(x)))
-        spatial, _ = self.saa(self.norm_saa(x), memory_keys, memory, need_weights=False)
+        # mlkernels.nn.MultiheadAttention wants inputs of its own dtype, which autocast breaks
+        # (LayerNorm gives float32, the 1x1 conv bfloat16): its projections autocast anyway.
+        dtype = self.saa.in_proj_weight.dtype
+        spatial, _ = self.saa(
+            self.norm_saa(x).to(dtype),
+            memory_keys.to(dtype),
+            memory.to(dtype),
+            need_weights=False,
+        )
         x = x + self.drop(spatial)
         return x + self.drop(self.ffn2(self.norm_ffn2(x)))
 
@@ -459,7 +472,7 @@ def class_names_of(args: argparse.Namespace, num_classes: int) -> list[str] | No
 
                 options = getattr(args, "data_options", None) or {}
                 names = list(open_dataset(spec, "train", **options).classes)
-        except Exception:  # noqa: BLE001 - any failure means "unknown", handled by the caller
+        except Exception:  # any failure means "unknown": the caller warns
             names = None
     if names is None or len(names) != num_classes:
         return None

@@ -172,6 +172,19 @@ def test_torch_compile_aot_eager_forward() -> None:
         torch.testing.assert_close(compiled(images), model(images), rtol=1e-5, atol=1e-6)
 
 
+def test_bfloat16_autocast_trains() -> None:
+    """The trainer's --amp bf16: forward and backward run, the bias gets a gradient."""
+    model = _model()
+    batch = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(batch["images"])
+        loss = model.loss(logits, batch)
+    loss.backward()
+    assert logits.shape == (3, C) and torch.isfinite(loss)
+    grad = model.layers[0].sga.bias.grad
+    assert grad is not None and bool(torch.isfinite(grad).all()) and grad.abs().sum() > 0
+
+
 def test_ignored_labels_leave_the_loss_alone() -> None:
     model = _model().eval()
     batch = _batch()
