@@ -43,6 +43,7 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, list[s
     state = load_checkpoint(path)
     args = argparse.Namespace(**state["args"])
     class_names = list(state["class_names"])
+    args.class_names = class_names  # as the trainer gives them to builders
     try:
         backbone = build_backbone(args.backbone, pretrained=False)
         model = build_model(state["model_name"], len(class_names), backbone, args)

@@ -16,7 +16,8 @@ A model is registered by decorating its *builder*::
 - ``builder(num_classes, backbone, args) -> nn.Module``: ``backbone`` comes from
   ``models.backbones.build_backbone`` (``channels``, ``stride`` attributes; ``forward(images
   float Tensor[B, 3, H, W] in [0, 1], RGB) -> Tensor[B, channels, H / stride, W / stride]``);
-  ``args`` is the trainer's whole parsed namespace, including the model's own options.
+  ``args`` is the trainer's whole parsed namespace, including the model's own options, and
+  ``args.class_names`` (the dataset's class names, in label order; also set by models.predict).
 - The module's ``forward(images: Tensor[B, 3, H, W]) -> outputs`` (anything: a tensor, a tuple,
   a dict), ``loss(outputs, batch) -> Tensor[]`` (a scalar; ``batch`` is the collated dict of
   ``models.train.collate``: ``"images"`` Tensor[B, 3, S, S] float in [0, 1], ``"labels"``

@@ -687,6 +687,7 @@ def _run(args: argparse.Namespace, context: distributed.Context) -> dict[str, An
     if len(train_view) == 0 or len(val_view) == 0 or len(test_view) == 0:
         raise UsageError(f"--data {args.data}: a split is empty")
 
+    args.class_names = list(class_names)  # for builders that need them (CMSG's label graph)
     model = _build(args, len(class_names), context.device)
     wrapped: nn.Module = model
     if context.distributed:
