@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import written_atomically
 from .registry import model_names
 
 # make demo's settings: the budget the baseline's README numbers were measured with.
@@ -171,9 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     results = [run_model(name, args.out, budget, args.timing_steps) for name in names]
     text = results_markdown(results, budget)
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.results.with_suffix(".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, args.results)
+    with written_atomically(args.results) as temporary:
+        temporary.write_text(text)
     print(text)
     print(f"written: {args.results}")
     return 0

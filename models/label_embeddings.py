@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .atomic import written_atomically
+
 __all__ = [
     "EMBEDDING_DIM",
     "SENTENCE_MODEL",
@@ -106,9 +108,8 @@ def label_name_embeddings(names: Sequence[str], cache_dir: str | Path | None = N
     embeddings = _encode(texts)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({"texts": texts, "embeddings": embeddings}, partial)
-        os.replace(partial, path)
+        with written_atomically(path) as partial:
+            torch.save({"texts": texts, "embeddings": embeddings}, partial)
     except OSError:  # a read-only cache: the embeddings are still right, just not kept
         pass
     return embeddings

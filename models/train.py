@@ -37,7 +37,6 @@ import argparse
 import ast
 import csv
 import math
-import os
 import random
 import sys
 import time
@@ -56,6 +55,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 import mlkernels
 
 from . import distributed
+from .atomic import written_atomically
 from .checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -537,12 +537,10 @@ def _write_csv(path: Path, history: list[dict[str, Any]]) -> None:
     keys: list[str] = []
     for row in history:
         keys += [k for k in row if k not in keys]
-    temporary = path.with_suffix(".csv.tmp")
-    with open(temporary, "w", newline="") as file:
+    with written_atomically(path) as temporary, open(temporary, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=keys)
         writer.writeheader()
         writer.writerows(history)
-    os.replace(temporary, path)
 
 
 # ---- the run -----------------------------------------------------------------------------------
