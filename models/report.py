@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -29,6 +28,7 @@ from torch import Tensor
 
 from mlkernels.metrics import MultiLabelMetrics, precision_recall_curve, recall_by_object_size
 from mlkernels.ops._checks import ShapeError, shape_str
+from models.atomic import written_atomically
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -203,15 +203,8 @@ def _check_inputs(
 
 def _write_atomic(path: Path, content: Callable[[IO[bytes]], None]) -> None:
     """Write ``path`` through a temporary file beside it and ``os.replace``."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            content(file)
-        os.chmod(temporary, 0o644)  # mkstemp makes it 0o600; a report is for others to read
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with written_atomically(path) as temporary, open(temporary, "wb") as file:
+        content(file)
 
 
 def _text(text: str) -> Callable[[IO[bytes]], None]:
