@@ -97,6 +97,23 @@ def test_proposal_layer_head_layout_and_propose():
         torch.testing.assert_close(ours, theirs)
 
 
+def test_proposal_layer_config_argument_overrides_its_settings_for_one_call():
+    layer = _layer(post_nms_top_n=20)
+    features = torch.randn(2, 8, 4, 5)
+    sizes = [(32, 40), (30, 36)]
+    other = mlkernels.ops.ProposeConfig(post_nms_top_n=7, append_whole_image=True)
+    out = layer(features, sizes, other)
+    assert out.boxes.shape == (2, 8, 4)
+    expected = reference.propose(
+        out.anchors, out.deltas.detach(), out.objectness.detach(), sizes, other
+    )
+    for ours, theirs in zip(out[:3], expected, strict=True):
+        torch.testing.assert_close(ours, theirs)
+    assert layer(features, sizes).boxes.shape == (2, 20, 4)  # its own settings are unchanged
+    with pytest.raises(TypeError, match="config must be a ProposeConfig"):
+        layer(features, sizes, {"post_nms_top_n": 7})
+
+
 def test_proposal_layer_gradients_reach_the_head():
     layer = _layer(post_nms_top_n=10)
     features = torch.randn(2, 8, 4, 4, requires_grad=True)

@@ -159,11 +159,12 @@ class ProposalLayer(nn.Module):
             keyword (``post_nms_top_n=256``), overriding ``config``'s.
 
     Shape:
-        forward(features: Tensor[N, C, H, W], image_sizes: Tensor[N, 2] or list of (h, w))
-        -> Proposals(boxes [N, P, 4], scores [N, P], counts [N], objectness [N, HWk],
-        deltas [N, HWk, 4], anchors [HWk, 4]). The boxes carry gradients to the head's deltas.
-        A float16/bfloat16 head (autocast) gets its predictions converted to float32 for the
-        proposals.
+        forward(features: Tensor[N, C, H, W], image_sizes: Tensor[N, 2] or list of (h, w),
+        config: ProposeConfig | None = None) -> Proposals(boxes [N, P, 4], scores [N, P],
+        counts [N], objectness [N, HWk], deltas [N, HWk, 4], anchors [HWk, 4]). The boxes carry
+        gradients to the head's deltas. A float16/bfloat16 head (autocast) gets its predictions
+        converted to float32 for the proposals. ``config``, when given, replaces the layer's own
+        settings for this call (e.g. a model that keeps other proposals at test time).
     """
 
     def __init__(
@@ -196,7 +197,12 @@ class ProposalLayer(nn.Module):
             nn.init.normal_(layer.weight, std=0.01)
             nn.init.constant_(layer.bias, 0)
 
-    def forward(self, features: Tensor, image_sizes: Tensor | Sequence[Sequence[int]]) -> Proposals:
+    def forward(
+        self,
+        features: Tensor,
+        image_sizes: Tensor | Sequence[Sequence[int]],
+        config: ProposeConfig | None = None,
+    ) -> Proposals:
         if not isinstance(features, Tensor) or features.dim() != 4:
             got = (
                 f"Tensor[{', '.join(map(str, features.shape))}]"
@@ -239,7 +245,7 @@ class ProposalLayer(nn.Module):
             deltas,
             objectness.detach(),  # as torchvision's RPN: no gradient through the ranking
             image_sizes,
-            self.config,
+            self.config if config is None else ProposeConfig.make(config, {}),
         )
         return Proposals(boxes, scores, counts, objectness, deltas, anchors)
 
