@@ -51,7 +51,15 @@ import mlkernels.ops
 from .baseline import masked_bce_with_logits
 from .registry import register_model
 
-__all__ = ["OrderFreeRNN", "add_arguments", "build_order_free_rnn", "save_attention_maps"]
+__all__ = [
+    "SCORE_SOURCES",
+    "OrderFreeRNN",
+    "add_arguments",
+    "build_order_free_rnn",
+    "save_attention_maps",
+]
+
+SCORE_SOURCES = ("mean", "classifier", "decoder")
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -76,6 +84,9 @@ class OrderFreeRNN(nn.Module):
         threshold: a decoded path stops when its probability would fall below this, in [0, 1].
         detach_v_pred: the LSTM input v_pred is v_prob detached (see the module docstring).
         dropout: dropout on the LSTM output before the head.
+        score_source: what :meth:`scores` ranks in eval mode: "mean" ``(v_prob + q) / 2`` (the
+            default), "classifier" (v_prob alone) or "decoder" (q alone; 0 for every label no
+            beam chose). The last two are ablations: what each half gives the ranking.
 
     ``forward(images Tensor[B, 3, H, W])``: in training mode a dict of what :meth:`loss` needs
     (``"v_logits"`` Tensor[B, C], ``"features"`` Tensor[B, N, E]); in eval mode the decoded sets
@@ -96,6 +107,7 @@ class OrderFreeRNN(nn.Module):
         threshold: float = 0.25,
         detach_v_pred: bool = True,
         dropout: float = 0.0,
+        score_source: str = "mean",
     ) -> None:
         super().__init__()
         _check_int("num_classes", num_classes, 1)
@@ -119,6 +131,11 @@ class OrderFreeRNN(nn.Module):
             raise ValueError(f"OrderFreeRNN: threshold must be in [0, 1], got {threshold}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"OrderFreeRNN: dropout must be in [0, 1), got {dropout}")
+        if score_source not in SCORE_SOURCES:
+            raise ValueError(
+                f"OrderFreeRNN: score_source must be one of {SCORE_SOURCES}, got {score_source!r}"
+            )
+        self.score_source = score_source
         self.num_classes = num_classes
         self.max_length = max_length
         self.beam_size = beam_size
@@ -325,17 +342,20 @@ class OrderFreeRNN(nn.Module):
 
     def scores(self, outputs: dict[str, Tensor]) -> Tensor:
         """Tensor[B, C] in [0, 1]: ``(v_prob + q) / 2`` in eval mode (q: the decoder's label
-        probabilities), v_prob alone for training-mode outputs."""
+        probabilities; see ``score_source`` for the ablations), v_prob alone for training-mode
+        outputs."""
         v_prob = torch.sigmoid(outputs["v_logits"].float())
-        if "label_probs" not in outputs:
+        if "label_probs" not in outputs or self.score_source == "classifier":
             return v_prob
+        if self.score_source == "decoder":
+            return outputs["label_probs"].float()
         return 0.5 * (v_prob + outputs["label_probs"].float())
 
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, max_length={self.max_length}, "
             f"beam_size={self.beam_size}, threshold={self.threshold}, "
-            f"detach_v_pred={self.detach_v_pred}"
+            f"detach_v_pred={self.detach_v_pred}, score_source={self.score_source!r}"
         )
 
 
@@ -435,6 +455,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the LSTM reads v_prob without passing gradients back to the classifier",
     )
     group.add_argument("--rnn-dropout", type=float, default=0.0, help="before the head")
+    group.add_argument(
+        "--of-scores",
+        choices=SCORE_SOURCES,
+        default="mean",
+        help="what the metrics rank: (v_prob + q) / 2, v_prob alone or the decoder's q alone",
+    )
 
 
 @register_model("order_free_rnn", add_arguments)
@@ -453,4 +479,5 @@ def build_order_free_rnn(
         threshold=getattr(args, "decode_threshold", 0.25),
         detach_v_pred=getattr(args, "detach_v_pred", True),
         dropout=getattr(args, "rnn_dropout", 0.0),
+        score_source=getattr(args, "of_scores", "mean"),
     )

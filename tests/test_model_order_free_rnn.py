@@ -242,3 +242,17 @@ def test_bad_inputs_give_clear_errors() -> None:
     model.eval()
     with torch.no_grad(), pytest.raises(ValueError, match="needs the training-mode outputs"):
         model.loss(model(batch["images"]), batch)
+
+
+def test_score_sources_rank_the_classifier_the_decoder_or_both() -> None:
+    images = make_batch()["images"]
+    outputs = {}
+    for source in ("mean", "classifier", "decoder"):
+        model = make_model(score_source=source).eval()
+        with torch.no_grad():
+            outputs[source] = model.scores(model(images))
+    v_prob, q = outputs["classifier"], outputs["decoder"]
+    torch.testing.assert_close(outputs["mean"], (v_prob + q) / 2)
+    assert not torch.equal(v_prob, q)
+    with pytest.raises(ValueError, match="score_source"):
+        make_model(score_source="both")
