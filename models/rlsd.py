@@ -56,15 +56,18 @@ from .registry import register_model
 
 __all__ = [
     "RLSD",
+    "LOSSES",
     "VARIANTS",
     "add_arguments",
     "build_rlsd",
     "cluster_regions",
+    "masked_bce",
     "match_anchors",
     "normalized_squared_loss",
 ]
 
 VARIANTS = ("regional", "global")
+LOSSES = ("squared", "bce")
 
 # torchvision's RPN thresholds, which RLSD+ft-RPN uses for its ground-truth regions.
 POSITIVE_IOU = 0.7
@@ -101,6 +104,15 @@ def normalized_squared_loss(scores: Tensor, labels: Tensor) -> Tensor:
     target = positive / positive.sum(dim=1, keepdim=True).clamp(min=1)
     squared = (scores.float() - target).square() * known
     return squared.sum(dim=1).mean() if scores.shape[0] else squared.sum()
+
+
+def masked_bce(scores: Tensor, labels: Tensor) -> Tensor:
+    """Binary cross-entropy of probabilities ``scores`` Tensor[B, C] against ``labels`` (-1 left
+    out), the mean over the known entries; probabilities clamped to [1e-6, 1 - 1e-6]."""
+    known = labels != -1
+    probabilities = scores.float().clamp(1e-6, 1 - 1e-6)
+    terms = F.binary_cross_entropy(probabilities, (labels == 1).float(), reduction="none")
+    return (terms * known).sum() / known.sum().clamp(min=1)
 
 
 def cluster_regions(boxes: Tensor, distance: float) -> Tensor:
@@ -178,6 +190,9 @@ class RLSD(nn.Module):
         hidden: the LSTM's hidden size (512).
         steps: T, the decoding steps per region.
         objectness_weight: the weight of the localization layer's loss (>= 0).
+        classification_loss: "squared" (the paper's, against the L1-normalized label vector) or
+            "bce" (binary cross-entropy of the max-pooled probabilities against the labels; an
+            ablation).
         box_supervision: RLSD+ft-RPN: train the localization layer on regions clustered from
             the objects' boxes (``batch["boxes"]``).
         cluster_distance: for ``box_supervision``: the cut of the clustering, in image sides.
@@ -209,6 +224,7 @@ class RLSD(nn.Module):
         hidden: int = 512,
         steps: int = 5,
         objectness_weight: float = 1.0,
+        classification_loss: str = "squared",
         box_supervision: bool = False,
         cluster_distance: float = 0.25,
     ) -> None:
@@ -227,6 +243,12 @@ class RLSD(nn.Module):
         ):
             _check(name, _is_int(value, minimum), f"an int >= {minimum}", value)
         _check("variant", variant in VARIANTS, f"one of {VARIANTS}", variant)
+        _check(
+            "classification_loss",
+            classification_loss in LOSSES,
+            f"one of {LOSSES}",
+            classification_loss,
+        )
         _check("dropout", 0 <= dropout < 1, "in [0, 1)", dropout)
         _check("objectness_weight", objectness_weight >= 0, ">= 0", objectness_weight)
         _check("cluster_distance", cluster_distance > 0, "> 0", cluster_distance)
@@ -254,6 +276,7 @@ class RLSD(nn.Module):
         self.pool_size = pool_size
         self.steps = steps
         self.objectness_weight = float(objectness_weight)
+        self.classification_loss = classification_loss
         self.box_supervision = bool(box_supervision)
         self.cluster_distance = float(cluster_distance) * image_size
         self.backbone = backbone
@@ -289,6 +312,7 @@ class RLSD(nn.Module):
         return (
             f"num_classes={self.num_classes}, variant={self.variant!r}, regions={self.regions}, "
             f"steps={self.steps}, objectness_weight={self.objectness_weight}, "
+            f"classification_loss={self.classification_loss!r}, "
             f"box_supervision={self.box_supervision}"
         )
 
@@ -402,8 +426,11 @@ class RLSD(nn.Module):
         return loss
 
     def loss(self, outputs: dict[str, Tensor], batch: dict) -> Tensor:
-        """The normalized squared loss plus ``objectness_weight`` x the localization loss."""
-        loss = normalized_squared_loss(outputs["scores"], batch["labels"])
+        """The classification loss plus ``objectness_weight`` x the localization loss."""
+        if self.classification_loss == "squared":
+            loss = normalized_squared_loss(outputs["scores"], batch["labels"])
+        else:
+            loss = masked_bce(outputs["scores"], batch["labels"])
         if self.localization is None or self.objectness_weight == 0:
             return loss
         return loss + self.objectness_weight * self.localization_loss(outputs, batch)
@@ -443,6 +470,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--label-embed", type=int, default=64, help="region and label embeddings")
     group.add_argument("--rlsd-steps", type=int, default=5, help="T: LSTM steps per region")
     group.add_argument("--objectness-weight", type=float, default=1.0)
+    group.add_argument(
+        "--rlsd-loss",
+        choices=LOSSES,
+        default="squared",
+        help="the paper's squared loss on L1-normalized labels, or BCE (ablation)",
+    )
     group.add_argument(
         "--box-supervision",
         action=argparse.BooleanOptionalAction,
@@ -485,6 +518,7 @@ def build_rlsd(num_classes: int, backbone: nn.Module, args: argparse.Namespace) 
         hidden=getattr(args, "lstm_hidden", 512),
         steps=getattr(args, "rlsd_steps", 5),
         objectness_weight=getattr(args, "objectness_weight", 1.0),
+        classification_loss=getattr(args, "rlsd_loss", "squared"),
         box_supervision=getattr(args, "box_supervision", False),
         cluster_distance=getattr(args, "cluster_distance", 0.25),
     )

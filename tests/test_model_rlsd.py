@@ -19,6 +19,7 @@ from models.rlsd import (
     RLSD,
     build_rlsd,
     cluster_regions,
+    masked_bce,
     match_anchors,
     normalized_squared_loss,
 )
@@ -187,6 +188,19 @@ def test_normalized_squared_loss_by_hand_and_ignored_labels() -> None:
     assert normalized_squared_loss(torch.zeros(0, 3), torch.zeros(0, 3)).item() == 0
 
 
+def test_bce_ablation_loss_by_hand() -> None:
+    scores = torch.tensor([[0.8, 0.1, 0.5]])
+    labels = torch.tensor([[1.0, 0.0, -1.0]])
+    expected = -(torch.tensor(0.8).log() + torch.tensor(0.9).log()) / 2
+    torch.testing.assert_close(masked_bce(scores, labels), expected)
+    model, batch = make_model(classification_loss="bce"), make_batch()
+    outputs = model(batch["images"])
+    objectness = model.objectness_weight * model.localization_loss(outputs, batch)
+    torch.testing.assert_close(
+        model.loss(outputs, batch), masked_bce(outputs["scores"], batch["labels"]) + objectness
+    )
+
+
 def test_cluster_regions_unites_near_centers() -> None:
     boxes = torch.tensor([[0.0, 0, 10, 10], [4, 4, 16, 12], [100, 100, 120, 130], [50, 0, 60, 8]])
     regions = cluster_regions(boxes, distance=10.0)
@@ -259,6 +273,7 @@ def test_registered_with_its_options() -> None:
     "kwargs, message",
     [
         ({"variant": "local"}, "variant"),
+        ({"classification_loss": "hinge"}, "classification_loss"),
         ({"regions": 1}, "regions"),
         ({"steps": 0}, "steps"),
         ({"dropout": 1.0}, "dropout"),
