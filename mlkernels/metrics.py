@@ -68,6 +68,7 @@ from .ops._checks import ShapeError, shape_str
 __all__ = [
     "MultiLabelMetrics",
     "average_precision",
+    "best_threshold",
     "evaluate",
     "mean_average_precision",
     "precision_recall_curve",
@@ -351,6 +352,41 @@ def threshold_metrics(
     threshold = _check_threshold(fn, threshold)
     scores, targets = _check_inputs(fn, scores, targets)
     return _counting_metrics(_predicted_at_threshold(scores, threshold), targets)
+
+
+def best_threshold(
+    scores: Tensor,
+    targets: Tensor,
+    *,
+    metric: str = "CF1",
+    candidates: Sequence[float] | Tensor | None = None,
+) -> float:
+    """The threshold at which ``metric`` of :func:`threshold_metrics` is highest (choose it on a
+    validation split, then apply it to the test split).
+
+    Args:
+        scores: ``Tensor[N, C]``; targets: ``Tensor[N, C]`` in {-1, 0, 1}.
+        metric: one of "CP", "CR", "CF1", "OP", "OR", "OF1".
+        candidates: the thresholds tried; default the 99 values 0.01, 0.02, ..., 0.99.
+
+    Returns:
+        The best candidate; on ties (and where every value is NaN) the lowest such candidate.
+    """
+    fn = "best_threshold"
+    if metric not in _METRIC_KEYS:
+        raise ValueError(f"{fn}: metric must be one of {_METRIC_KEYS}, got {metric!r}")
+    scores, targets = _check_inputs(fn, scores, targets)
+    if candidates is None:
+        candidates = [i / 100 for i in range(1, 100)]
+    values = [_check_threshold(fn, float(c)) for c in candidates]
+    if not values:
+        raise ValueError(f"{fn}: candidates must not be empty")
+    best, best_value = values[0], -math.inf
+    for threshold in sorted(values):
+        value = _counting_metrics(_predicted_at_threshold(scores, threshold), targets)[metric]
+        if value > best_value:  # NaN never wins
+            best, best_value = threshold, value
+    return best
 
 
 def top_k_metrics(scores: Tensor, targets: Tensor, *, k: int = 3) -> dict[str, float]:

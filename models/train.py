@@ -15,8 +15,11 @@ epoch it was in; ``--resume OUT/last.pt`` with the same options continues it exa
 final weights as a run never interrupted). At the end the **best** checkpoint (highest val mAP;
 ``--test-checkpoint last`` for the last one) is evaluated on the test split: the markdown metrics
 table is printed and ``models.report.write_report`` writes ``metrics.json``, ``metrics.md`` and
-the plots. Also in OUT: ``metrics.csv`` (one row per epoch), ``tensorboard/`` (TensorBoard
-logs), ``predictions_test.pt`` (test scores and targets).
+the plots. CP..OF1 and the recall by size take labels scoring at least ``--threshold`` (0.5), or,
+with ``--threshold val``, the threshold of the best val CF1 with that checkpoint (for models whose
+scores are not probabilities calibrated around 0.5: RLSD's, label ranking's). Also in OUT:
+``metrics.csv`` (one row per epoch), ``tensorboard/`` (TensorBoard logs), ``predictions_test.pt``
+(test scores and targets).
 
 Determinism: the same seed and options give the same weights, run to run and with any
 ``--workers``: the model is initialized from ``--seed``, the sampler's shuffle and every
@@ -197,6 +200,18 @@ def _seed_worker(worker_id: int) -> None:
 # ---- options -----------------------------------------------------------------------------------
 
 
+def _threshold(value: str) -> float | str:
+    if value == "val":
+        return value
+    try:
+        threshold = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'val', got {value!r}") from None
+    if math.isnan(threshold):
+        raise argparse.ArgumentTypeError(f"expected a number or 'val', got {value!r}")
+    return threshold
+
+
 def _pretrained(value: str) -> bool | str:
     lowered = value.lower()
     if lowered in ("true", "yes", "1"):
@@ -284,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="a checkpoint (or run folder) to continue")
     p.add_argument(
         "--test-checkpoint", choices=("best", "last"), default="best", help="for the test split"
+    )
+    p.add_argument(
+        "--threshold",
+        type=_threshold,
+        default=0.5,
+        help="test CP..OF1 predict scores >= this; 'val': the threshold of the best val CF1",
     )
     p.add_argument(
         "--reference-ops", action="store_true", help="mlkernels.reference instead of the kernels"
@@ -802,18 +823,24 @@ def _run(args: argparse.Namespace, context: distributed.Context) -> dict[str, An
         chosen = out / "last.pt"
     test_state = load_checkpoint(chosen, model_name=args.model)
     model.load_state_dict(test_state["model"])
+    threshold = args.threshold
+    if threshold == "val":  # chosen with the same weights, on val
+        val_scores, val_targets = predict_split(state, val_loader, len(val_view))
+        threshold = mlmetrics.best_threshold(val_scores, val_targets, metric="CF1")
     scores, targets = predict_split(state, test_loader, len(test_view))
     objects = getattr(splits["test"], "objects", None)
-    test = mlmetrics.evaluate(scores, targets, objects=objects)
+    test = mlmetrics.evaluate(scores, targets, objects=objects, threshold=threshold)
     paths: dict[str, Path] = {}
     if context.main:
         torch.save(
             {"scores": scores, "targets": targets, "class_names": class_names},
             out / "predictions_test.pt",
         )
+        chosen_by = " (best val CF1)" if args.threshold == "val" else ""
         print(
             f"\ntest split, {test_state['epoch']}-epoch checkpoint {chosen} "
-            f"(val mAP {100 * test_state.get('best_map', math.nan):.2f} best):\n",
+            f"(val mAP {100 * test_state.get('best_map', math.nan):.2f} best), "
+            f"threshold {threshold:g}{chosen_by}:\n",
             flush=True,
         )
         print(test.markdown_table(class_names), flush=True)

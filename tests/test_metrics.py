@@ -659,3 +659,31 @@ def test_bad_input(call, error, message):
     with pytest.raises(error) as info:
         call()
     assert str(info.value).startswith(message)
+
+
+@given(st.integers(min_value=0, max_value=2**31 - 1))
+def test_best_threshold_is_the_best_candidate(seed):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(12, 4, generator=generator)
+    targets = torch.randint(-1, 2, (12, 4), generator=generator)
+    candidates = [0.1, 0.25, 0.5, 0.75, 0.9]
+    chosen = metrics.best_threshold(scores, targets, metric="OF1", candidates=candidates)
+    values = [metrics.threshold_metrics(scores, targets, threshold=t)["OF1"] for t in candidates]
+    finite = [v for v in values if not math.isnan(v)]
+    if finite:
+        assert values[candidates.index(chosen)] == max(finite)
+        assert chosen == candidates[values.index(max(finite))]  # the lowest of tied ones
+    else:
+        assert chosen == candidates[0]
+
+
+def test_best_threshold_default_grid_and_bad_arguments():
+    scores = torch.tensor([[0.9, 0.2], [0.3, 0.35], [0.8, 0.05]])
+    targets = torch.tensor([[1, 0], [0, 1], [1, 0]])
+    # Every class is perfect (CF1 1) for thresholds in (0.3, 0.35]: class 0's negative scores
+    # 0.3, class 1's only positive 0.35. The grid's lowest such value is 0.31.
+    assert metrics.best_threshold(scores, targets) == pytest.approx(0.31)
+    with pytest.raises(ValueError, match="best_threshold: metric"):
+        metrics.best_threshold(scores, targets, metric="mAP")
+    with pytest.raises(ValueError, match="candidates must not be empty"):
+        metrics.best_threshold(scores, targets, candidates=[])

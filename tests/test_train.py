@@ -5,6 +5,7 @@ folder), the small_cnn backbone, 48 px inputs, one thread."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -213,6 +214,25 @@ def test_bf16_autocast_and_reference_ops_run(scenes_dir, tmp_path, capsys):
     assert "amp bf16" in out and "reference ops" in out
     assert mlkernels.ops.roi_align is not mlkernels.reference.roi_align  # restored
     assert load_checkpoint(tmp_path / "last.pt")["metrics"][0]["train_loss"] > 0
+
+
+def test_threshold_chosen_on_val_is_the_test_threshold(scenes_dir, tmp_path, monkeypatch, capsys):
+    seen = []
+
+    def best_threshold(scores, targets, *, metric):
+        seen.append((tuple(scores.shape), metric))
+        return 0.37
+
+    monkeypatch.setattr(mlkernels.metrics, "best_threshold", best_threshold)
+    argv = tiny_args(scenes_dir, tmp_path, "--epochs", "1", "--threshold", "val", "--report")
+    assert main(argv + ["--steps-per-epoch", "2"]) == 0
+    assert seen == [((9, 27), "CF1")]  # the 9 val images, with the checkpoint the test uses
+    assert "threshold 0.37 (best val CF1)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "metrics.json").read_text())["threshold"] == 0.37
+    with pytest.raises(SystemExit):
+        train_module.parse_args(["--threshold", "high"])
+    assert train_module.parse_args(["--threshold", "0.3"]).threshold == 0.3
+    assert train_module.parse_args([]).threshold == 0.5
 
 
 def test_config_file_sets_options_and_the_command_line_overrides_it(scenes_dir, tmp_path):
