@@ -45,7 +45,13 @@ Builder = Callable[[int, nn.Module, argparse.Namespace], nn.Module]
 ArgumentsHook = Callable[[argparse.ArgumentParser], None]
 
 # The modules that register models; imported lazily by get_model / model_names.
-MODEL_MODULES = ("models.baseline", "models.cadm", "models.cmsg", "models.order_free_rnn")
+MODEL_MODULES = (
+    "models.baseline",
+    "models.cadm",
+    "models.cmsg",
+    "models.label_ranking",
+    "models.order_free_rnn",
+)
 
 
 @dataclass(frozen=True)
