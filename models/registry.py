@@ -49,6 +49,7 @@ MODEL_MODULES = (
     "models.baseline",
     "models.cadm",
     "models.cmsg",
+    "models.label_ranking",
     "models.order_free_rnn",
     "models.rlsd",
 )
