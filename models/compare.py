@@ -69,6 +69,7 @@ ABLATIONS: tuple[Ablation, ...] = (
     Ablation("rlsd", "global CNN+LSTM (no regions)", ("--rlsd-variant", "global")),
     Ablation("rlsd", "RLSD+ft-RPN (box-supervised regions)", ("--box-supervision",)),
     Ablation("rlsd", "BCE instead of the squared loss", ("--rlsd-loss", "bce")),
+    Ablation("label_ranking", "mean of the positives vs each negative", ("--rank-pairing", "mean")),
 )
 
 
