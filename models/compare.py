@@ -61,14 +61,9 @@ class Ablation:
 # One part of each model changed at a time: what the model's own idea gives on this budget.
 ABLATIONS: tuple[Ablation, ...] = (
     Ablation("cadm", "no label-correlation loss", ("--corr-weight", "0")),
-    Ablation("cadm", "theta = the linear head", ("--share-classifier",)),
     Ablation("cmsg", "no label graph", ("--cmsg-correlation", "none")),
-    Ablation("cmsg", "graph bias frozen", ("--cmsg-freeze-bias",)),
     Ablation("order_free_rnn", "ranked by the classifier alone", ("--of-scores", "classifier")),
-    Ablation("order_free_rnn", "ranked by the decoder alone", ("--of-scores", "decoder")),
     Ablation("rlsd", "global CNN+LSTM (no regions)", ("--rlsd-variant", "global")),
-    Ablation("rlsd", "RLSD+ft-RPN (box-supervised regions)", ("--box-supervision",)),
-    Ablation("rlsd", "BCE instead of the squared loss", ("--rlsd-loss", "bce")),
     Ablation("label_ranking", "mean of the positives vs each negative", ("--rank-pairing", "mean")),
 )
 
