@@ -49,6 +49,10 @@ MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Models that call no mlkernels op: their two timing columns differ by the measurement's noise.
+NO_MLKERNELS_OPS = ("baseline", "label_ranking")
+
+
 @dataclass(frozen=True)
 class Ablation:
     """One model trained again with ``options`` added: what ``change`` costs or gives."""
@@ -192,7 +196,10 @@ _METRIC_HEADER = "| mAP | CF1 | OF1 | top-3 CF1 | top-3 OF1 | mAP small | recall
 
 
 def results_markdown(
-    results: list[ModelResult], budget: list[str], ablations: list[ModelResult] | None = None
+    results: list[ModelResult],
+    budget: list[str],
+    ablations: list[ModelResult] | None = None,
+    timing_steps: int = 10,
 ) -> str:
     """The tables of ``models/RESULTS.md``: the models, then (when given) the ablations."""
     baseline = next((r for r in results if r.model == "baseline" and not r.change), None)
@@ -224,9 +231,16 @@ def results_markdown(
     lines += [
         "",
         "Seconds per epoch: the training images of the budget over the images per second of a "
-        "short run (validation not included), with the mlkernels ops and with "
-        "`--reference-ops` (their pure-PyTorch twins), on the same inputs.",
+        f"short run ({timing_steps} steps, validation not included), with the mlkernels ops "
+        "and with `--reference-ops` (their pure-PyTorch twins), on the same inputs, the "
+        "mlkernels run first.",
     ]
+    controls = [r.model for r in results if r.model in NO_MLKERNELS_OPS and not r.change]
+    if controls:
+        lines[-1] += (
+            f" {' and '.join(controls)} {'call' if len(controls) > 1 else 'calls'} no mlkernels "
+            "op: the gap between the two columns there is the noise of this measurement."
+        )
     shrunk = [r.model for r in results if r.model in MODEL_OPTIONS]
     if shrunk:
         lines += ["", "Each run of these models also had its own options:"]
@@ -301,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, ablation in enumerate(ABLATIONS)
             if ablation.model in behind
         ]
-    text = results_markdown(results, budget, ablations)
+    text = results_markdown(results, budget, ablations, args.timing_steps)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     with written_atomically(args.results) as temporary:
         temporary.write_text(text)
