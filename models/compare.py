@@ -69,6 +69,7 @@ ABLATIONS: tuple[Ablation, ...] = (
     Ablation("order_free_rnn", "ranked by the classifier alone", ("--of-scores", "classifier")),
     Ablation("rlsd", "global CNN+LSTM (no regions)", ("--rlsd-variant", "global")),
     Ablation("label_ranking", "mean of the positives vs each negative", ("--rank-pairing", "mean")),
+    Ablation("rlsd", "BCE instead of the squared loss", ("--rlsd-loss", "bce")),
 )
 
 
