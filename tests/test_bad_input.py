@@ -613,6 +613,28 @@ def _check_beam_step(args, out):
     assert ((parents == -1) == (scores == -math.inf)).all(), (parents, scores)
 
 
+def _make_beam_backtrack(g):
+    T, B, K = 3, 2, 3
+    sources = torch.randint(0, B * K, (T, B * K), generator=g)
+    labels = torch.randint(-1, 5, (T, B * K), generator=g)
+    scores = -torch.rand(B, K, generator=g) * 3
+    scores[:, 2] = -math.inf
+    return {"sources": sources, "labels": labels, "scores": scores, "width": 4}
+
+
+_BACKTRACK_KINDS = {"sources": "tensor", "labels": "tensor", "scores": "tensor", "width": "int"}
+
+
+def _check_beam_backtrack(args, out):
+    paths, lengths = out
+    B, K = args["scores"].shape
+    assert paths.shape == (B, K, args["width"]) and paths.dtype == torch.int64, paths
+    assert lengths.shape == (B, K) and lengths.dtype == torch.int64, lengths
+    if paths.is_meta or paths.numel() == 0:
+        return
+    assert ((paths >= 0).sum(-1) == lengths).all(), (paths, lengths)
+
+
 def _check_beam_search(args, out):
     labels, scores, lengths = out
     B, K = args["batch_size"], args["beam_size"]
@@ -863,6 +885,17 @@ TARGETS = [
         check=_check_beam_step,
     ),
     Target(
+        "ops.beam_search_backtrack",
+        ("beam_search_backtrack",),
+        ops.beam_search_backtrack,
+        _make_beam_backtrack,
+        _BACKTRACK_KINDS,
+        reference.beam_search_backtrack,
+        "beam_search_backtrack",
+        fake=True,
+        check=_check_beam_backtrack,
+    ),
+    Target(
         "ops.beam_search",
         ("beam_search", "beam_search_step"),
         _beam_search_call,
@@ -1063,6 +1096,17 @@ TARGETS = [
         "beam_search_step",
         fake=True,
         check=_check_beam_step,
+    ),
+    Target(
+        "raw.beam_search_backtrack",
+        ("beam_search_backtrack",),
+        raw.beam_search_backtrack,
+        _make_beam_backtrack,
+        _BACKTRACK_KINDS,
+        reference.beam_search_backtrack,
+        "beam_search_backtrack",
+        fake=True,
+        check=_check_beam_backtrack,
     ),
     Target(
         "raw.roi_align",
@@ -1281,6 +1325,7 @@ VALUE_CHECKS = (
     "(batch index) must be",
     "image_sizes must be finite",
     "kept_anchors must lie in",
+    "sources must hold rows in",
     "could not be allocated",
     "must fit in memory once made contiguous",
     "must fit in memory once concatenated",

@@ -722,3 +722,104 @@ def test_search_on_cuda_equals_cpu():
     torch.testing.assert_close(got.scores.cpu(), want.scores, rtol=1e-4, atol=1e-4)
     assert torch.equal(got.labels.cpu(), want.labels)
     assert got.labels.device.type == "cuda" and got.lengths.device.type == "cuda"
+
+
+# ---- the backtrack at the search's end: every implementation against the reference ----
+
+
+def random_backtrack_inputs(seed: int, B: int, K: int, T: int, C: int = 9):
+    """Sources in range (except step 0's, which is never read), labels in [-1, C), final scores
+    with empty slots (-inf, NaN)."""
+    g = torch.Generator().manual_seed(seed)
+    R = B * K
+    sources = torch.randint(0, max(R, 1), (T, R), generator=g)
+    if T:
+        sources[0] = torch.randint(-5, 3 * R + 5, (R,), generator=g)  # never read
+    labels = torch.randint(-1, C, (T, R), generator=g)
+    scores = -torch.rand(B, K, generator=g) * 3
+    kind = torch.rand(B, K, generator=g)
+    scores[kind < 0.15] = -INF
+    scores[(kind >= 0.15) & (kind < 0.25)] = math.nan
+    return sources, labels, scores
+
+
+def call_backtrack(impl, sources, labels, scores, width):
+    out = impl.ops.beam_search_backtrack(*impl.to(sources, labels, scores), width)
+    return tuple(t.cpu() for t in out)
+
+
+@ALL_IMPLS
+@given(
+    seed=st.integers(0, 2**31),
+    B=st.integers(0, 4),
+    K=st.integers(1, 6),
+    T=st.integers(0, 7),
+    extra=st.integers(0, 3),
+)
+def test_backtrack_matches_reference(impl, seed, B, K, T, extra):
+    sources, labels, scores = random_backtrack_inputs(seed, B, K, T)
+    paths, lengths = call_backtrack(impl, sources, labels, scores, T + extra)
+    want_paths, want_lengths = reference.beam_search_backtrack(sources, labels, scores, T + extra)
+    assert paths.dtype == lengths.dtype == torch.int64
+    assert torch.equal(paths, want_paths) and torch.equal(lengths, want_lengths)
+
+
+@ALL_IMPLS
+def test_backtrack_by_hand(impl):
+    # B = 1, K = 2, 3 steps. Final beam 0 came from row 1 of step 1, which came from row 0 of
+    # step 0; final beam 1 from row 0 of step 1, from row 1 of step 0; it carried at step 1.
+    sources = torch.tensor([[0, 0], [1, 0], [1, 0]])
+    labels = torch.tensor([[4, 7], [-1, 2], [5, 6]])
+    scores = torch.tensor([[-1.0, -2.0]])
+    paths, lengths = call_backtrack(impl, sources, labels, scores, 4)
+    assert paths.tolist() == [[[4, 2, 5, -1], [7, -1, 6, -1]]]
+    assert lengths.tolist() == [[3, 2]]
+    scores[0, 1] = -INF  # an empty slot: no path
+    paths, lengths = call_backtrack(impl, sources, labels, scores, 3)
+    assert paths.tolist() == [[[4, 2, 5], [-1, -1, -1]]] and lengths.tolist() == [[3, 0]]
+
+
+@pytest.mark.parametrize("impl", impl_params("cpu", "emulated"))
+def test_backtrack_refuses_a_source_out_of_range(impl):
+    sources = torch.tensor([[0, 0], [0, 1], [2, 0]])  # final beam 0 comes from row 2 of 2
+    labels = torch.zeros(3, 2, dtype=torch.int64)
+    scores = torch.tensor([[-1.0, -2.0]])
+    for backtrack in (impl.ops.beam_search_backtrack, reference.beam_search_backtrack):
+        with pytest.raises(IndexError, match=r"sources must hold rows in \[0, R = 2\)"):
+            backtrack(sources, labels, scores, 3)
+    scores[0, 0] = -INF  # an empty slot is not followed: its source is not read
+    paths, _ = call_backtrack(impl, sources, labels, scores, 3)
+    assert paths[0, 0].tolist() == [-1, -1, -1]
+
+
+@DEVICE_IMPLS
+@pytest.mark.parametrize("shape", [(2, 3, 4), (1, 1, 1), (0, 2, 3), (3, 2, 0)])
+def test_backtrack_opcheck(impl, shape):
+    B, K, T = shape
+    args = impl.to(*random_backtrack_inputs(0, B, K, T))
+    torch.library.opcheck(torch.ops.mlkernels.beam_search_backtrack, (*args, T + 1))
+
+
+BAD_BACKTRACK = [
+    ((torch.zeros(2, dtype=torch.int64),), RuntimeError, "sources must be Tensor\\[T, R\\]"),
+    ((torch.zeros(2, 2),), RuntimeError, "sources must be int64, got float32"),
+    ((None, torch.zeros(2, 3, dtype=torch.int64)), RuntimeError, "labels must be Tensor\\[2, 2\\]"),
+    ((None, torch.zeros(2, 2)), RuntimeError, "labels must be int64"),
+    ((None, None, torch.zeros(1, 3)), RuntimeError, "scores must be Tensor\\[B, K\\] with B \\* K"),
+    ((None, None, torch.zeros(1, 2, dtype=torch.float64)), RuntimeError, "scores must be float32"),
+    ((None, None, None, 1), ValueError, "width must be at least the number of steps T = 2, got 1"),
+]
+
+
+@pytest.mark.parametrize("mode", ["eager", "fake"])
+@pytest.mark.parametrize("case", BAD_BACKTRACK, ids=[str(i) for i in range(len(BAD_BACKTRACK))])
+def test_backtrack_bad_input_messages(case, mode):
+    changes, error, message = case
+    args = [torch.zeros(2, 2, dtype=torch.int64), torch.zeros(2, 2, dtype=torch.int64)]
+    args += [torch.zeros(1, 2), 2]
+    for i, value in enumerate(changes):
+        if value is not None:
+            args[i] = value
+    assert_raises(
+        ops.beam_search_backtrack, tuple(args), error, f"beam_search_backtrack: {message}", mode
+    )

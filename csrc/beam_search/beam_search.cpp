@@ -1,4 +1,4 @@
-// Schema of beam_search_step. Kernels: beam_search_cpu.cpp (CPU), beam_search_cuda.cu (CUDA),
+// Schemas of beam_search_step and beam_search_backtrack. Kernels: beam_search_cpu.cpp (CPU), beam_search_cuda.cu (CUDA),
 // beam_search_emulated.cpp (the CUDA kernel on the CPU grid emulator, for tests).
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
@@ -11,6 +11,11 @@ void define_beam_search_ops(torch::Library& m) {
   m.def(
       "beam_search_step(Tensor log_probs, Tensor scores, Tensor used, Tensor finished, *, "
       "float log_threshold, int max_length) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The search's end (the driver's, mlkernels/ops/beam_search.py): each final beam's labels,
+  // followed back through the steps. Returns (paths [B, K, width], lengths [B, K]).
+  m.def(
+      "beam_search_backtrack(Tensor sources, Tensor labels, Tensor scores, int width) -> "
+      "(Tensor, Tensor)");
 }
 
 }  // namespace
@@ -23,4 +28,5 @@ TORCH_LIBRARY_FRAGMENT(mlkernels_emulated, m) { define_beam_search_ops(m); }
 // cost tens of microseconds per step of a search.
 TORCH_LIBRARY_IMPL(mlkernels, Autograd, m) {
   m.impl("beam_search_step", torch::autograd::autogradNotImplementedFallback());
+  m.impl("beam_search_backtrack", torch::autograd::autogradNotImplementedFallback());
 }

@@ -117,5 +117,48 @@ StepArgs<T> step_args(const StepInputs& in, const StepOutputs& out) {
   return a;
 }
 
+// ---- beam_search_backtrack ----------------------------------------------------------------------
+
+constexpr const char* kBacktrackOp = "beam_search_backtrack";
+
+struct BacktrackInputs {
+  at::Tensor sources, labels, scores;  // contiguous
+  int64_t steps = 0, rows = 0, width = 0;
+};
+
+inline BacktrackInputs prepare_backtrack(const at::Tensor& sources, const at::Tensor& labels,
+                                         const at::Tensor& scores, int64_t width) {
+  const char* op = kBacktrackOp;
+  check_defined(op, "sources", sources);
+  check_defined(op, "labels", labels);
+  check_defined(op, "scores", scores);
+  TORCH_CHECK(sources.dim() == 2, op, ": sources must be Tensor[T, R] (T steps, R = B * K beams), ",
+              "got ", shape_str(sources));
+  TORCH_CHECK(sources.scalar_type() == at::kLong, op, ": sources must be int64, got ",
+              dtype_str(sources.scalar_type()));
+  TORCH_CHECK(labels.sizes() == sources.sizes(), op, ": labels must be Tensor[",
+              c10::Join(", ", sources.sizes()), "] (the shape of sources), got ", shape_str(labels));
+  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ",
+              dtype_str(labels.scalar_type()));
+  TORCH_CHECK(scores.dim() == 2 && scores.numel() == sources.size(1), op,
+              ": scores must be Tensor[B, K] with B * K = R = ", sources.size(1),
+              " (the beams of sources), got ", shape_str(scores));
+  TORCH_CHECK(scores.scalar_type() == at::kFloat, op, ": scores must be float32, got ",
+              dtype_str(scores.scalar_type()));
+  check_same_device(op, "sources", sources, "labels", labels);
+  check_same_device(op, "sources", sources, "scores", scores);
+  TORCH_CHECK_VALUE(width >= sources.size(0), op,
+                    ": width must be at least the number of steps T = ", sources.size(0), ", got ",
+                    width);
+  BacktrackInputs in;
+  in.steps = sources.size(0);
+  in.rows = sources.size(1);
+  in.width = width;
+  in.sources = contiguous_input(op, "sources", sources);
+  in.labels = contiguous_input(op, "labels", labels);
+  in.scores = contiguous_input(op, "scores", scores);
+  return in;
+}
+
 }  // namespace beam_search
 }  // namespace mlk

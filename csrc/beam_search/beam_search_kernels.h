@@ -95,6 +95,14 @@ void step_kernel(const Runner& run, const StepInputs& in, const StepOutputs& out
   });
 }
 
+// One thread per final beam (beam_search_math.h's backtrack_row).
+struct BacktrackThread {
+  BacktrackArgs a;
+  MLK_HOST_DEVICE void operator()(const ThreadIndex& t) const {
+    for (int64_t row = t.global_x(); row < a.rows; row += t.grid_stride_x()) backtrack_row(a, row);
+  }
+};
+
 // Every op of the family over one Runner, with the dispatcher's signatures: registered with
 // CudaRunner, EmulatorRunner and CpuParallelRunner (whose own step_kernel replaces the runner's).
 template <typename Runner>
@@ -108,12 +116,40 @@ struct Kernels {
     if (in.batch > 0 && in.beams > 0) step_kernel(Runner::on(in.scores), in, out);
     return out.as_tuple();
   }
+
+  static std::tuple<at::Tensor, at::Tensor> beam_search_backtrack(const at::Tensor& sources,
+                                                                  const at::Tensor& labels,
+                                                                  const at::Tensor& scores,
+                                                                  int64_t width) {
+    const BacktrackInputs in = prepare_backtrack(sources, labels, scores, width);
+    const auto options = in.scores.options().dtype(at::kLong);
+    at::Tensor paths = allocate_output(kBacktrackOp, {scores.size(0), scores.size(1), width},
+                                       options);
+    at::Tensor lengths = allocate_output(kBacktrackOp, {scores.size(0), scores.size(1)}, options);
+    if (in.rows == 0) return {paths, lengths};
+    BacktrackArgs a;
+    a.sources = in.sources.data_ptr<int64_t>();
+    a.labels = in.labels.data_ptr<int64_t>();
+    a.scores = in.scores.data_ptr<float>();
+    a.steps = in.steps;
+    a.rows = in.rows;
+    a.width = in.width;
+    a.out_paths = paths.data_ptr<int64_t>();
+    a.out_lengths = lengths.data_ptr<int64_t>();
+    int bad_source = 0;
+    if (!in.scores.is_cuda()) a.bad_source = &bad_source;
+    Runner::on(in.scores).threads(launch_config_1d(in.rows), BacktrackThread{a});
+    TORCH_CHECK_INDEX(bad_source == 0, kBacktrackOp, ": sources must hold rows in [0, R = ",
+                      in.rows, "), got a value outside it");
+    return {paths, lengths};
+  }
 };
 
 // The family's registration, written once: op names and the kernels behind them.
 template <typename K>
 void register_beam_search(torch::Library& m) {
   m.impl("beam_search_step", &K::beam_search_step);
+  m.impl("beam_search_backtrack", &K::beam_search_backtrack);
 }
 
 }  // namespace beam_search

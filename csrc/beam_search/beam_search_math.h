@@ -18,6 +18,7 @@
 // limit is finished at once (it could not be extended again).
 #pragma once
 
+#include <cassert>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -388,6 +389,50 @@ MLK_HOST_DEVICE void write_phase(const ThreadIndex& t, const StepArgs<T>& a,
     const int64_t k = key_index(key, a.beams * (a.labels + 1)) / (a.labels + 1);
     write_slot(a, b, rank, true, key, s.lengths[k]);
   }
+}
+
+// ---- the search's end: following each final beam back through the steps ----------------------
+
+// beam_search_backtrack's view of its tensors. Rows are beams numbered b * K + k at every step.
+struct BacktrackArgs {
+  const int64_t* sources = nullptr;  // [steps, rows]: the row each beam of step t came from
+  const int64_t* labels = nullptr;   // [steps, rows]: the label it added at step t (-1: none)
+  const float* scores = nullptr;     // [rows]: the final beams' scores (-inf, NaN: empty slot)
+  int64_t steps = 0, rows = 0, width = 0;
+  int64_t* out_paths = nullptr;    // [rows, width]
+  int64_t* out_lengths = nullptr;  // [rows]
+  // Host runs only (CPU, emulator): set when a source is out of [0, rows), for the op to raise.
+  // On a GPU it is null and the thread asserts instead (a kernel error, no host sync per call).
+  int* bad_source = nullptr;
+};
+
+// One final beam (one thread): its labels at every step, in step order, followed back along the
+// sources; -1 past the steps, and everywhere for an empty slot. Its length counts labels >= 0.
+MLK_HOST_DEVICE void backtrack_row(const BacktrackArgs& a, int64_t row) {
+  int64_t* path = a.out_paths + row * a.width;
+  for (int64_t t = a.steps; t < a.width; ++t) path[t] = -1;
+  int64_t length = 0;
+  const bool present = beam_present(a.scores[row]);
+  int64_t r = row;
+  for (int64_t t = a.steps - 1; t >= 0; --t) {
+    const int64_t label = present ? a.labels[t * a.rows + r] : -1;
+    path[t] = label;
+    length += label >= 0 ? 1 : 0;
+    if (!present || t == 0) continue;
+    const int64_t source = a.sources[t * a.rows + r];
+    if (source < 0 || source >= a.rows) {
+#if MLK_ON_DEVICE
+      assert(false && "beam_search_backtrack: a source row is out of range");
+#else
+      __atomic_store_n(a.bad_source, 1, __ATOMIC_RELAXED);
+#endif
+      for (int64_t u = t - 1; u >= 0; --u) path[u] = -1;
+      length = 0;
+      break;
+    }
+    r = source;
+  }
+  a.out_lengths[row] = length;
 }
 
 }  // namespace beam_search

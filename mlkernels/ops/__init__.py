@@ -2,7 +2,13 @@
 torch.ops.mlkernels.* (CPU or CUDA kernels); each has a pure-PyTorch twin in mlkernels.reference."""
 
 from .attention import scaled_dot_product_attention
-from .beam_search import BeamSearchResult, BeamStep, beam_search, beam_search_step
+from .beam_search import (
+    BeamSearchResult,
+    BeamStep,
+    beam_search,
+    beam_search_backtrack,
+    beam_search_step,
+)
 from .boxes import box_iou, decode_boxes, encode_boxes
 from .proposals import ProposeConfig, batched_nms, generate_anchors, nms, propose
 from .roi_align import roi_align
@@ -12,6 +18,7 @@ __all__ = [
     "BeamStep",
     "ProposeConfig",
     "beam_search",
+    "beam_search_backtrack",
     "beam_search_step",
     "batched_nms",
     "box_iou",

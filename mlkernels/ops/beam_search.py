@@ -110,6 +110,34 @@ StepFn = Callable[[Tensor, Any], tuple[Tensor, Any]]
 # beam_search_step for the driver, whose arguments are checked already: the op itself, looked up
 # once (each step of a search would otherwise pay for the lookup and the wrapper's checks).
 _raw_step = torch.ops.mlkernels.beam_search_step.default
+_raw_backtrack = torch.ops.mlkernels.beam_search_backtrack.default
+
+
+def beam_search_backtrack(
+    sources: Tensor, labels: Tensor, scores: Tensor, width: int
+) -> tuple[Tensor, Tensor]:
+    """The end of a search (:func:`beam_search`'s driver calls it once): each final beam's labels,
+    followed back through the steps, in one op.
+
+    Args:
+        sources: ``Tensor[T, R]`` int64, R = B * K: row ``r`` of step ``t`` holds the row (beam
+            ``b * K + k`` of step ``t - 1``) that beam ``r`` of step ``t`` came from, in [0, R)
+            (row 0 is not read); an index outside raises an IndexError (on a GPU, a device-side
+            assert).
+        labels: ``Tensor[T, R]`` int64: the label each beam added at step ``t`` (-1: none).
+        scores: ``Tensor[B, K]`` float32, the final beams' scores (-inf or NaN: an empty slot,
+            whose path is all -1).
+        width: the paths' length, >= T (the steps past T are -1).
+
+    Returns:
+        ``paths Tensor[B, K, width]`` int64 (the labels of steps 0..T-1, then -1) and
+        ``lengths Tensor[B, K]`` int64 (the labels >= 0 of each path). Not differentiable.
+        Equivalent PyTorch code: :func:`mlkernels.reference.beam_search_backtrack`.
+    """
+    for name, value in (("sources", sources), ("labels", labels), ("scores", scores)):
+        C.check_tensor("beam_search_backtrack", name, value)
+    width = C.as_int("beam_search_backtrack", "width", width)
+    return _raw_backtrack(sources, labels, scores, width)
 
 
 def beam_search(
@@ -148,6 +176,7 @@ def beam_search(
     """
     return decode(
         _raw_step,
+        _raw_backtrack,
         step_fn,
         state,
         "beam_search",
@@ -223,6 +252,7 @@ def _reorder(state: Any, rows: Tensor) -> Any:
 
 def decode(
     step: Callable[..., tuple],
+    backtrack: Callable[..., tuple],
     step_fn: StepFn,
     state: Any,
     op: str,
@@ -234,9 +264,10 @@ def decode(
     threshold: float,
 ) -> BeamSearchResult:
     """The beam search driver over any implementation of the step (``step(log_probs, scores,
-    used, finished, log_threshold=, max_length=)``, ours or the reference's); settings checked.
-    The steps' parents and labels are kept (2 x B x K int64 per step run, nothing for steps not
-    run) and followed back once at the end."""
+    used, finished, log_threshold=, max_length=)``) and of the backtrack (``backtrack(sources,
+    labels, scores, width)``), ours or the reference's; settings checked. The steps' source rows
+    and labels are kept (2 x B x K int64 per step run, nothing for steps not run) and followed
+    back once at the end."""
     if not callable(step_fn):
         raise TypeError(f"{op}: step_fn must be callable, got {type(step_fn).__name__}")
     B, C_, K = batch_size, num_labels, beam_size
@@ -294,8 +325,14 @@ def decode(
         # The rows of the beams' parents (an empty slot: its row's first beam; its state is
         # never looked at), in place: the step's parents are not needed as they were.
         source = parents.clamp_(min=0).add_(offsets).view(-1)
+        last = labels.view(-1)
         sources.append(source)
-        labels_seen.append(labels)
+        labels_seen.append(last)
+        # The one host synchronisation of a step (none on the last step; a meta tensor has no
+        # value to look at, so a meta search runs every step). The state is reordered only for a
+        # step to come: nothing reads it after the last one.
+        if t + 1 == T or (not finished.is_meta and bool(finished.all())):
+            break
         try:
             state = _reorder(state, source)
         except RuntimeError as error:  # e.g. an expanded state whose copy no memory holds
@@ -303,13 +340,9 @@ def decode(
                 f"{op}: the state tensors could not be reordered along the beams' parents "
                 f"({str(error).strip().splitlines()[0]})"
             ) from None
-        last = labels.view(-1)
-        # The one host synchronisation of a step (none on the last step; a meta tensor has no
-        # value to look at, so a meta search runs every step).
-        if t + 1 < T and not finished.is_meta and bool(finished.all()):
-            break
-    out = _allocate(op, B, K, C_, lambda: scores.new_full((B, K, T), -1, dtype=torch.int64))
-    return _backtrack(sources, labels_seen, scores, out)
+    # One op for the whole backtrack (its outputs' allocation errors name it and the sizes).
+    paths, lengths = backtrack(torch.stack(sources), torch.stack(labels_seen), scores, T)
+    return BeamSearchResult(paths, scores, lengths)
 
 
 def _allocate(op: str, B: int, K: int, C_: int, fn: Callable[[], Any]) -> Any:
@@ -321,28 +354,6 @@ def _allocate(op: str, B: int, K: int, C_: int, fn: Callable[[], Any]) -> Any:
             f"{op}: the search for batch_size={B}, beam_size={K}, num_labels={C_} could not be "
             f"allocated ({str(error).strip().splitlines()[0]})"
         ) from None
-
-
-def _backtrack(
-    sources: list[Tensor], labels: list[Tensor], scores: Tensor, out: Tensor
-) -> BeamSearchResult:
-    """The label sequences of the final beams, followed back through the steps' parent rows,
-    written into ``out`` (Tensor[B, K, T] of -1)."""
-    B, K = scores.shape
-    steps = len(labels)
-    # The row each final beam occupied at every step, followed back one step at a time (one
-    # small op per step: a search's bookkeeping is mostly per-op dispatch), then all labels in
-    # one gather.
-    rows = [torch.arange(B * K, device=scores.device)]
-    for t in range(steps - 1, 0, -1):
-        rows.append(sources[t].index_select(0, rows[-1]))
-    rows.reverse()
-    chosen = torch.stack(labels).view(steps, B * K).gather(1, torch.stack(rows))
-    out[:, :, :steps] = chosen.t().view(B, K, steps)
-    # An empty slot (its score -inf) has no path; a carried step added no label (-1 already), and
-    # a path carried from step t on has -1 from t on, so its labels come first.
-    out.masked_fill_(~(scores > -math.inf)[..., None], -1)
-    return BeamSearchResult(out, scores, (out >= 0).sum(-1))
 
 
 # ---- fake kernel: the C++ checks, repeated, and the output shapes ----
@@ -401,4 +412,52 @@ def _beam_search_step_fake(log_probs, scores, used, finished, *, log_threshold, 
         C.allocate_output(_OP, scores, (B, K), dtype=torch.int64),
         C.allocate_output(_OP, scores, (B, K, W), dtype=torch.int64),
         C.allocate_output(_OP, scores, (B, K), dtype=torch.bool),
+    )
+
+
+_BACKTRACK_OP = "beam_search_backtrack"
+
+
+@torch.library.register_fake("mlkernels::beam_search_backtrack")
+def _beam_search_backtrack_fake(sources, labels, scores, width):
+    op = _BACKTRACK_OP
+    for name, t in (("sources", sources), ("labels", labels), ("scores", scores)):
+        C.check_defined(op, name, t)
+    C.check(
+        sources.dim() == 2,
+        f"{op}: sources must be Tensor[T, R] (T steps, R = B * K beams), got "
+        f"{C.shape_str(sources)}",
+    )
+    C.check(
+        sources.dtype == torch.int64,
+        f"{op}: sources must be int64, got {C.dtype_str(sources.dtype)}",
+    )
+    C.check(
+        labels.shape == sources.shape,
+        f"{op}: labels must be Tensor[{', '.join(str(s) for s in sources.shape)}] (the shape of "
+        f"sources), got {C.shape_str(labels)}",
+    )
+    C.check(
+        labels.dtype == torch.int64, f"{op}: labels must be int64, got {C.dtype_str(labels.dtype)}"
+    )
+    C.check(
+        scores.dim() == 2 and scores.numel() == sources.shape[1],
+        f"{op}: scores must be Tensor[B, K] with B * K = R = {sources.shape[1]} (the beams of "
+        f"sources), got {C.shape_str(scores)}",
+    )
+    C.check(
+        scores.dtype == torch.float32,
+        f"{op}: scores must be float32, got {C.dtype_str(scores.dtype)}",
+    )
+    C.check_same_device(op, "sources", sources, "labels", labels)
+    C.check_same_device(op, "sources", sources, "scores", scores)
+    C.check(
+        width >= sources.shape[0],
+        f"{op}: width must be at least the number of steps T = {sources.shape[0]}, got {width}",
+        ValueError,
+    )
+    B, K = scores.shape
+    return (
+        C.allocate_output(op, scores, (B, K, width), dtype=torch.int64),
+        C.allocate_output(op, scores, (B, K), dtype=torch.int64),
     )

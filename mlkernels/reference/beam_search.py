@@ -98,4 +98,33 @@ def beam_search(
 ) -> BeamSearchResult:
     """:func:`mlkernels.ops.beam_search` with the pure-PyTorch step above."""
     settings = _settings("beam_search", batch_size, num_labels, beam_size, max_length, threshold)
-    return decode(beam_search_step, step_fn, state, "beam_search", **settings)
+    return decode(
+        beam_search_step, beam_search_backtrack, step_fn, state, "beam_search", **settings
+    )
+
+
+def beam_search_backtrack(
+    sources: Tensor, labels: Tensor, scores: Tensor, width: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`mlkernels.ops.beam_search_backtrack`: the row each final beam occupied at every step,
+    followed back one step at a time, then every label in one gather."""
+    steps, rows = sources.shape
+    B, K = scores.shape
+    present = scores.reshape(-1) > -math.inf  # an empty slot (-inf or NaN) is not followed
+    out = torch.full((B, K, width), -1, dtype=torch.int64, device=scores.device)
+    if steps:
+        followed = [torch.arange(rows, device=scores.device)]
+        for t in range(steps - 1, 0, -1):
+            source = sources[t].index_select(0, followed[-1])
+            if bool((((source < 0) | (source >= rows)) & present).any()):
+                raise IndexError(
+                    f"beam_search_backtrack: sources must hold rows in [0, R = {rows}), got a "
+                    "value outside it"
+                )
+            followed.append(source.clamp(0, rows - 1))
+        followed.reverse()
+        chosen = labels.gather(1, torch.stack(followed))  # [T, R]
+        out[:, :, :steps] = chosen.t().reshape(B, K, steps)
+    # An empty slot has no path; a carried step added no label (-1 already).
+    out.masked_fill_(~present.reshape(B, K, 1), -1)
+    return out, (out >= 0).sum(-1)
