@@ -329,8 +329,7 @@ def build_cadm(num_classes: int, backbone: nn.Module, args: argparse.Namespace) 
 def main(argv: list[str] | None = None) -> int:
     """``python -m models.cadm --checkpoint CKPT IMAGE... --out maps.png [--top-k 3]``."""
     from .checkpoint import CheckpointError
-    from .predict import PredictError, load_model, read_image
-    from .train import Collate
+    from .predict import PredictError, image_batch, load_model, read_image
 
     parser = argparse.ArgumentParser(
         prog="models.cadm", description="Draw the class-aware disentangled maps of a CADM model."
@@ -346,17 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             raise PredictError(
                 f"checkpoint {args.checkpoint} holds a {type(model).__name__}, not a CADM model"
             )
-        samples = [
-            {
-                "image": read_image(image),
-                "labels": torch.zeros(0),
-                "boxes": torch.zeros(0, 4),
-                "box_classes": torch.zeros(0, dtype=torch.int64),
-                "index": i,
-            }
-            for i, image in enumerate(args.images)
-        ]
-        images = Collate(image_size)(samples)["images"]
+        images = image_batch([read_image(image) for image in args.images], image_size)
         top_k = min(args.top_k, len(class_names))
         out = save_cadm_maps(
             model,
@@ -365,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out,
             class_names=class_names,
             top_k=top_k,
-            max_images=len(samples),
+            max_images=len(args.images),
         )
     except (CheckpointError, PredictError, ValueError) as error:
         print(f"models.cadm: error: {error}", file=sys.stderr)

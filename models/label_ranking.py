@@ -529,8 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m models.label_ranking --checkpoint CKPT IMAGE... [--labels a,b,c] [--top-k 5]``:
     each image's labels ranked by ``||A w||^2``, the trained classes or any names (zero-shot)."""
     from .checkpoint import CheckpointError
-    from .predict import PredictError, load_model, read_image
-    from .train import Collate
+    from .predict import PredictError, image_batch, load_model, read_image
 
     parser = argparse.ArgumentParser(
         prog="models.label_ranking",
@@ -553,17 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             names = [n.strip() for n in args.labels.split(",") if n.strip()]
             vectors = model.label_vectors_for(names)
-        samples = [
-            {
-                "image": read_image(image),
-                "labels": torch.zeros(0),
-                "boxes": torch.zeros(0, 4),
-                "box_classes": torch.zeros(0, dtype=torch.int64),
-                "index": i,
-            }
-            for i, image in enumerate(args.images)
-        ]
-        images = Collate(image_size)(samples)["images"]
+        images = image_batch([read_image(image) for image in args.images], image_size)
         with torch.no_grad():
             ranking = model.rank(images, vectors)
     except (CheckpointError, PredictError, ValueError, OSError) as error:

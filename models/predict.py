@@ -82,10 +82,9 @@ def read_image(path: str | Path) -> Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-@torch.no_grad()
-def predict(model: nn.Module, images: list[Tensor], image_size: int) -> Tensor:
-    """Scores ``Tensor[len(images), C]`` in [0, 1] of uint8 ``Tensor[3, H, W]`` images."""
-    device = next(model.parameters()).device
+def image_batch(images: list[Tensor], image_size: int) -> Tensor:
+    """uint8 ``Tensor[3, H, W]`` images (any sizes, e.g. from :func:`read_image`) as the model
+    input the trainer makes of them: float ``Tensor[N, 3, S, S]`` in [0, 1], S = ``image_size``."""
     samples = [
         {
             "image": image,
@@ -96,8 +95,14 @@ def predict(model: nn.Module, images: list[Tensor], image_size: int) -> Tensor:
         }
         for i, image in enumerate(images)
     ]
-    batch = Collate(image_size)(samples)
-    return model.scores(model(batch["images"].to(device))).float().cpu()
+    return Collate(image_size)(samples)["images"]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: list[Tensor], image_size: int) -> Tensor:
+    """Scores ``Tensor[len(images), C]`` in [0, 1] of uint8 ``Tensor[3, H, W]`` images."""
+    device = next(model.parameters()).device
+    return model.scores(model(image_batch(images, image_size).to(device))).float().cpu()
 
 
 def format_prediction(
