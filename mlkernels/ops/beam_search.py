@@ -367,10 +367,10 @@ def _check_shape(arg: str, t: Tensor, expected: tuple[int, ...], why: str) -> No
     )
 
 
-def _check_dtype(arg: str, t: Tensor, expected: torch.dtype) -> None:
+def _check_dtype(arg: str, t: Tensor, expected: torch.dtype, op: str = _OP) -> None:
     C.check(
         t.dtype == expected,
-        f"{_OP}: {arg} must be {C.dtype_str(expected)}, got {C.dtype_str(t.dtype)}",
+        f"{op}: {arg} must be {C.dtype_str(expected)}, got {C.dtype_str(t.dtype)}",
     )
 
 
@@ -428,27 +428,19 @@ def _beam_search_backtrack_fake(sources, labels, scores, width):
         f"{op}: sources must be Tensor[T, R] (T steps, R = B * K beams), got "
         f"{C.shape_str(sources)}",
     )
-    C.check(
-        sources.dtype == torch.int64,
-        f"{op}: sources must be int64, got {C.dtype_str(sources.dtype)}",
-    )
+    _check_dtype("sources", sources, torch.int64, op)
     C.check(
         labels.shape == sources.shape,
         f"{op}: labels must be Tensor[{', '.join(str(s) for s in sources.shape)}] (the shape of "
         f"sources), got {C.shape_str(labels)}",
     )
-    C.check(
-        labels.dtype == torch.int64, f"{op}: labels must be int64, got {C.dtype_str(labels.dtype)}"
-    )
+    _check_dtype("labels", labels, torch.int64, op)
     C.check(
         scores.dim() == 2 and scores.numel() == sources.shape[1],
         f"{op}: scores must be Tensor[B, K] with B * K = R = {sources.shape[1]} (the beams of "
         f"sources), got {C.shape_str(scores)}",
     )
-    C.check(
-        scores.dtype == torch.float32,
-        f"{op}: scores must be float32, got {C.dtype_str(scores.dtype)}",
-    )
+    _check_dtype("scores", scores, torch.float32, op)
     C.check_same_device(op, "sources", sources, "labels", labels)
     C.check_same_device(op, "sources", sources, "scores", scores)
     C.check(
