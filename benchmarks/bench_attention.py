@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 from harness import Case, median_seconds
@@ -89,6 +90,26 @@ def _matmul_gflops(device: str) -> float:
     return 2 * MATMUL_N**3 / seconds / 1e9
 
 
+# The matrix products of one forward+backward without an O(Lq*Lk) buffer per (batch, head): the
+# forward's q k^T and p v, the backward's recomputed q k^T, dO v^T, p^T dO, dS k and dS^T q.
+FWD_BWD_PRODUCTS = 7
+
+
+def _roofline(anchor: Callable[[], object], products_flops: float, reference, device: str):
+    """What the machine allows a forward+backward: its FWD_BWD_PRODUCTS matrix products at the
+    fp32 matrix product's GFLOP/s (``reference``, the same run's) take at least "floor ms";
+    "largest reachable ratio" is the anchor's time (timed here again) over that floor, and
+    "share of matmul speed 2x needs" the GFLOP/s that half the anchor's time asks for, as a
+    share of the matrix product's: above 1, no kernel on this machine reaches 2x."""
+    floor_s = FWD_BWD_PRODUCTS * products_flops / (reference() * 1e9)
+    anchor_s = median_seconds(anchor, 0.5, device)
+    return {
+        "floor ms": floor_s * 1e3,
+        "largest reachable ratio": anchor_s / floor_s,
+        "share of matmul speed 2x needs": 2 * floor_s / anchor_s,
+    }
+
+
 def cases(quick: bool, device: str = "cpu") -> list[Case]:
     """Every case runs on CUDA too: torch's SDPA (with a learnable bias it takes the efficient or
     math path there) and the math expression are plain tensor code."""
@@ -126,6 +147,7 @@ def cases(quick: bool, device: str = "cpu") -> list[Case]:
                 target_share=0.5 if lk == 1024 else None,
             )
         )
+        product_flops = 2 * batch * H * LQ * lk * E  # one [Lq, E] x [E, Lk] product per (b, h)
         for name, anchor, anchor_name, target in (
             ("fwd+bwd, learnable bias", sdpa, "torch SDPA (math path)", 2.0),
             (
@@ -146,6 +168,18 @@ def cases(quick: bool, device: str = "cpu") -> list[Case]:
                     _gradients_close,
                     target_ratio=target,
                     peak_memory=True,
+                    measures=None
+                    if target is None
+                    else functools.partial(
+                        _roofline,
+                        _forward_backward(anchor, q, k, v, bias, grad),
+                        product_flops,
+                        reference,
+                        device,
+                    ),
+                    measure_targets=None
+                    if target is None
+                    else {"share of matmul speed 2x needs": "<= 1 (else 2x is out of reach)"},
                 )
             )
     return out
