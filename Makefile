@@ -114,7 +114,7 @@ wheel: $(DEPS)
 
 # ---- CUDA: the resource report (nvcc only, no GPU) and the check on a machine with a GPU --------
 # docs/cuda-report.md: registers, spills, shared memory and occupancy of every CUDA kernel for
-# setup.py's archs (ptxas -v; cached in build/cuda-report). CI runs it with --check: a spill fails.
+# setup.py's archs (ptxas -v; cached in ~/.cache/mlkernels). CI runs it with --check: a spill fails.
 cuda-report: $(DEPS)
 	$(PY) benchmarks/cuda_report.py
 

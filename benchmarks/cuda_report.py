@@ -9,8 +9,9 @@ Each csrc/*/*_cuda.cu is compiled for each arch with the flags setup.py gives nv
 and default archs are read from setup.py itself, torch's from torch.utils.cpp_extension), plus
 `-Xptxas -v`, as `nvcc -cubin`: the device code only, which is all that ptxas reports on, without
 the host compile that costs as much again. The jobs run in parallel (--jobs, default the number of
-cores) and their ptxas output is cached in build/cuda-report/, keyed by the command, nvcc's version
-and every file under csrc/, so a second run with nothing changed takes a second.
+cores) and their ptxas output is cached (~/.cache/mlkernels/cuda-report, or
+$MLKERNELS_CUDA_REPORT_CACHE), keyed by the command, nvcc's version and every file under csrc/, so a
+second run with nothing changed takes seconds.
 
 Occupancy is worked out as CUDA's occupancy calculator does, from the block size each kernel is
 launched with (LAUNCHES below: the launch sites in csrc/*/*_kernels.h) and the per-SM limits of the
@@ -37,7 +38,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "docs" / "cuda-report.md"
-CACHE = ROOT / "build" / "cuda-report"
+# ccache does not cache `nvcc -cubin` (it counts it "uncacheable"), so the script keeps its own
+# cache, out of the tree as ccache's is, so that it outlives a clean clone (CI).
+CACHE = Path(
+    os.environ.get("MLKERNELS_CUDA_REPORT_CACHE")
+    or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    / "mlkernels"
+    / "cuda-report"
+)
 
 # Per SM, from the CUDA programming guide's table of compute-capability features. Registers are
 # given to a warp in units of 256 (a thread's count rounded up to a multiple of 8); shared memory
