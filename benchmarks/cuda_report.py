@@ -160,6 +160,18 @@ def cpp_standard(cpp_extension) -> str:
     return "-std=c++20" if "-std=c++20" in inspect.getsource(cpp_extension) else "-std=c++17"
 
 
+def find_nvcc() -> str | None:
+    """nvcc on PATH, else the toolkit's (as setup.py's build would find it through CUDA_HOME)."""
+    for candidate in (
+        shutil.which("nvcc"),
+        os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc"),
+        "/usr/local/cuda/bin/nvcc",
+    ):
+        if candidate and os.access(candidate, os.X_OK) and os.path.isfile(candidate):
+            return candidate
+    return None
+
+
 def sources_digest() -> str:
     digest = hashlib.sha256()
     for path in sorted((ROOT / "csrc").rglob("*")):
@@ -346,9 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in archs if a not in ARCH_LIMITS]
     if unknown:
         sys.exit(f"cuda_report: no SM limits for arch {unknown} (known: {list(ARCH_LIMITS)})")
-    nvcc = shutil.which("nvcc")
+    nvcc = find_nvcc()
     if nvcc is None:
-        sys.exit("cuda_report: nvcc is not on PATH")
+        sys.exit("cuda_report: no nvcc on PATH, in $CUDA_HOME/bin or /usr/local/cuda/bin")
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     version = version.strip().splitlines()[-1] if version.strip() else "unknown"
     flags = nvcc_flags(setup_flags, archs)

@@ -65,7 +65,7 @@ def test_occupancy_and_what_limits_it():
 
 def test_check_fails_on_a_spill(monkeypatch, tmp_path, capsys):
     pytest.importorskip("torch")
-    monkeypatch.setattr(cuda_report.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setattr(cuda_report, "find_nvcc", lambda: "nvcc")
     monkeypatch.setattr(cuda_report, "compile_one", lambda *args: PTXAS)
     monkeypatch.setattr(
         cuda_report.subprocess,
