@@ -18,7 +18,8 @@ BUILD_MODE := $(VENV)/.mlkernels-build-mode
 MODE_LINE := cuda=$(MLKERNELS_CUDA) emulator=$(MLKERNELS_EMULATOR)
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
-.PHONY: install build test bench bench-quick lint format demo train compare clean sanitize wheel FORCE
+.PHONY: install build test bench bench-quick lint format demo train compare clean sanitize wheel \
+  cuda-report gpu-check FORCE
 
 install: $(BUILT)
 
@@ -110,3 +111,16 @@ sanitize: $(DEPS)
 wheel: $(DEPS)
 	MLKERNELS_EMULATOR=$(WHEEL_EMULATOR) $(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
 	@ls -l dist/*.whl
+
+# ---- CUDA: the resource report (nvcc only, no GPU) and the check on a machine with a GPU --------
+# docs/cuda-report.md: registers, spills, shared memory and occupancy of every CUDA kernel for
+# setup.py's archs (ptxas -v; cached in ~/.cache/mlkernels). CI runs it with --check: a spill fails.
+cuda-report: $(DEPS)
+	$(PY) benchmarks/cuda_report.py
+
+# The GPU check (benchmarks/gpu_check.sh): build for the local GPU against the machine's own torch
+# (python3 from PATH, or PYTHON=...; no venv), the cuda tests, compute-sanitizer, the GPU
+# benchmarks and the resource report, into OUT (default gpu-check-out/). Without a GPU it stops at
+# once with a message.
+gpu-check:
+	PYTHON="$(PYTHON)" $(if $(OUT),OUT="$(OUT)") bash benchmarks/gpu_check.sh

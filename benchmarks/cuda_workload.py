@@ -12,7 +12,13 @@ input-gradient kernel under torch.use_deterministic_algorithms), nms and batched
 64-box blocks, ties, NaN, negative coordinates, no boxes), propose forward and backward (both
 gradient masks, append_whole_image, score and size filters, more candidates than anchors, no
 images), encode_boxes, decode_boxes forward and backward (every mask, broadcasting, clamping),
-box_iou, generate_anchors. Public functions and autograd (``.backward()``) where they reach a
+box_iou, generate_anchors; scaled_dot_product_attention forward and backward (float32/float64/
+float16/bfloat16; tiled and wide-head kernels; no mask, bool mask with a fully masked row, float
+mask with and without gradient, a broadcast mask with gradient, is_causal, return_lse, leading
+dims, autocast, MultiheadAttention, every backward mask, empty inputs); beam_search_step (every
+dtype, ties, NaN, empty slots, finished beams, threshold and length stops, one warp to 256 threads,
+K up to the shared-memory limit), beam_search_backtrack and a short beam_search decode, all equal
+to the CPU's to the bit. Public functions and autograd (``.backward()``) where they reach a
 path, the raw ``torch.ops.mlkernels`` ops with explicit output masks where they don't.
 
 Inputs are drawn on the CPU (no random-number kernels to instrument) and moved to the device.
@@ -24,6 +30,7 @@ lists the failed steps and exits with status 1.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 import time
@@ -34,6 +41,7 @@ import torch
 
 import mlkernels
 from mlkernels import ops
+from mlkernels.ops.beam_search import pool_words
 from mlkernels.testing import assert_coords_close
 
 RAW = torch.ops.mlkernels
@@ -65,6 +73,17 @@ def on_cpu(value):
     if isinstance(value, (list, tuple)):
         return type(value)(on_cpu(v) for v in value)
     return value
+
+
+def close_to_cpu(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Attention on the GPU adds in other orders than the CPU: equal within a few ulps of the
+    dtype, relative to the largest value (a wide head sums 700 products)."""
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape)
+    finite = want.detach().abs().nan_to_num(posinf=0, neginf=0)
+    scale = max(float(finite.max()) if finite.numel() else 0.0, 1.0)
+    low = want.dtype in (torch.float16, torch.bfloat16)
+    rtol, atol = (2e-2, 2e-2) if low else (1e-4, 1e-5)
+    torch.testing.assert_close(got.detach().cpu(), want.detach(), rtol=rtol, atol=atol * scale)
 
 
 class Workload:
@@ -365,12 +384,208 @@ class Workload:
         assert ops.decode_boxes(empty, empty).shape == (0, 4)
         assert ops.encode_boxes(empty, empty).shape == (0, 4)
 
+    # ---- attention ----
+
+    def attention_dtypes(self) -> tuple[torch.dtype, ...]:
+        if self.light:
+            return (torch.float32, torch.float16)
+        return (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+    def attention(self) -> None:
+        for dtype in self.attention_dtypes():
+            # Tiled kernels (several tiles per head, partial last tiles) and, with E = 700, the
+            # one-thread-per-row kernels for heads too wide for shared memory.
+            for shape in ((2, 2, 40, 70, 16, 8), (1, 3, 17, 9, 5, 3), (1, 1, 3, 5, 700, 700)):
+                for mask in ("none", "bool", "float", "float grad", "broadcast grad", "causal"):
+                    name = f"attention {dtype} {shape} {mask}"
+                    self.step(name, self._attention_case, dtype, shape, mask)
+        self.step("attention leading dims, return_lse, masked rows", self._attention_forms)
+        self.step("attention raw backward masks", self._attention_raw_masks)
+        self.step("attention empty", self._attention_empty)
+
+    def _attention_mask(self, mask: str, b: int, h: int, lq: int, lk: int, dtype: torch.dtype):
+        """attn_mask of the given form (CPU), or None; with requires_grad for the grad forms."""
+        if mask in ("none", "causal"):
+            return None
+        if mask == "bool":
+            keep = rand(b, h, lq, lk) < 0.7
+            keep[..., 0] = True
+            keep[0, 0, -1] = False  # one fully masked row
+            return keep
+        if mask == "broadcast grad":  # one value per key, broadcast over batch and queries
+            return randn(1, h, 1, lk, dtype=dtype).requires_grad_()
+        bias = randn(lq, lk, dtype=dtype)
+        return bias.requires_grad_() if mask == "float grad" else bias
+
+    def _attention_case(self, dtype: torch.dtype, shape, mask: str) -> None:
+        b, h, lq, lk, e, ev = shape
+        q_cpu, k_cpu = randn(b, h, lq, e, dtype=dtype), randn(b, h, lk, e, dtype=dtype)
+        v_cpu = randn(b, h, lk, ev, dtype=dtype)
+        mask_cpu = self._attention_mask(mask, b, h, lq, lk, dtype)
+        causal = mask == "causal"
+        leaves = [t.requires_grad_() for t in (self.to(q_cpu), self.to(k_cpu), self.to(v_cpu))]
+        cpu_leaves = [t.clone().requires_grad_() for t in (q_cpu, k_cpu, v_cpu)]
+        if mask_cpu is not None and mask_cpu.requires_grad:
+            leaves.append(self.to(mask_cpu.detach()).requires_grad_())
+            cpu_leaves.append(mask_cpu.detach().clone().requires_grad_())
+            masks = (leaves[3], cpu_leaves[3])
+        else:
+            masks = (None if mask_cpu is None else self.to(mask_cpu), mask_cpu)
+        out, lse = ops.scaled_dot_product_attention(
+            *leaves[:3], masks[0], is_causal=causal, return_lse=True
+        )
+        expected, expected_lse = ops.scaled_dot_product_attention(
+            *cpu_leaves[:3], masks[1], is_causal=causal, return_lse=True
+        )
+        close_to_cpu(out, expected)
+        close_to_cpu(lse, expected_lse)
+        grad_cpu = randn(*out.shape, dtype=dtype)
+        grads = torch.autograd.grad(out, leaves, self.to(grad_cpu))
+        expected_grads = torch.autograd.grad(expected, cpu_leaves, grad_cpu)
+        for got, want in zip(grads, expected_grads, strict=True):
+            close_to_cpu(got, want)
+
+    def _attention_forms(self) -> None:
+        # No leading dims, (B,) leading dims; a bool mask broadcast over the batch; LSE of a
+        # fully masked row (-inf, zeros out).
+        q, k, v = self.to(randn(5, 8)), self.to(randn(7, 8)), self.to(randn(7, 4))
+        assert ops.scaled_dot_product_attention(q, k, v).shape == (5, 4)
+        qb, kb, vb = (self.to(randn(3, *t.shape)) for t in (q, k, v))
+        keep = torch.ones(5, 7, dtype=torch.bool)
+        keep[2] = False
+        out, lse = ops.scaled_dot_product_attention(
+            qb, kb, vb, self.to(keep), scale=0.3, return_lse=True
+        )
+        assert out.shape == (3, 5, 4) and lse.shape == (3, 5) and lse.dtype == torch.float32
+        assert torch.isinf(lse[:, 2]).all() and (out[:, 2] == 0).all()
+        # Autocast and a layer.
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            assert ops.scaled_dot_product_attention(qb, kb, vb).dtype == torch.bfloat16
+        layer = mlkernels.nn.MultiheadAttention(8, 2, batch_first=True).to(self.device)
+        assert layer(qb, kb, kb)[0].shape == (3, 5, 8)
+
+    def _attention_raw_masks(self) -> None:
+        q, k, v = self.to(randn(1, 2, 6, 4)), self.to(randn(1, 2, 9, 4)), self.to(randn(1, 2, 9, 3))
+        bias = self.to(randn(1, 2, 6, 9))
+        out, lse = RAW.scaled_dot_product_attention(q, k, v, bias, 0.5, False)
+        grad = self.to(randn(*out.shape))
+        for mask in itertools.product((False, True), repeat=4):
+            grads = RAW.scaled_dot_product_attention_backward(
+                grad, q, k, v, bias, out, lse, 0.5, False, list(mask)
+            )
+            for wanted, g, t in zip(mask, grads, (q, k, v, bias), strict=True):
+                assert g.shape == (t.shape if wanted else (0,)), (mask, g.shape)
+
+    def _attention_empty(self) -> None:
+        q = self.to(randn(2, 0, 4)).requires_grad_()
+        k, v = self.to(randn(2, 3, 4)).requires_grad_(), self.to(randn(2, 3, 5))
+        out = ops.scaled_dot_product_attention(q, k, v)
+        assert out.shape == (2, 0, 5)
+        out.sum().backward()
+        assert (k.grad == 0).all()
+        no_keys = ops.scaled_dot_product_attention(q.detach()[:, :0], k[:, :0], v[:, :0])
+        assert no_keys.shape == (2, 0, 5)
+
+    # ---- beam search ----
+
+    def beam_search(self) -> None:
+        dtypes = (
+            (torch.float32,)
+            if self.light
+            else (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+        )
+        for dtype in dtypes:
+            # 2 x 3 x 10: one warp a row; 2 x 64 x 40: 256 threads; K = 2352, the most that fits
+            # in shared memory.
+            for b, k, c in ((2, 3, 10), (2, 64, 40), (1, 2352, 2)):
+                self.step(
+                    f"beam_search_step {dtype} B{b} K{k} C{c}", self._beam_step, dtype, b, k, c
+                )
+        self.step("beam_search_backtrack", self._beam_backtrack)
+        self.step("beam_search decode", self._beam_decode)
+        self.step("beam search empty", self._beam_empty)
+
+    def _beam_step(self, dtype: torch.dtype, b: int, k: int, c: int) -> None:
+        # Ties (values from a small set), NaN and -inf log-probs, empty slots, finished beams,
+        # partly used pools.
+        log_probs = (-torch.randint(0, 4, (b, k, c), generator=G).double() / 2).to(dtype)
+        log_probs[0, 0, 0] = float("nan")
+        log_probs[-1, 0, -1] = -math.inf
+        scores = -torch.randint(0, 3, (b, k), generator=G).float() / 2
+        scores[:, -1] = -math.inf
+        finished = rand(b, k) < 0.2
+        used = torch.zeros(b, k, pool_words(c), dtype=torch.int64)
+        used[:, ::2, 0] = 1  # label 0 taken on every other beam
+        args = (log_probs, scores, used, finished)
+        for threshold, max_length in ((-math.inf, c), (-1.0, 2)):
+            kwargs = {"log_threshold": threshold, "max_length": max_length}
+            got = ops.beam_search_step(*(self.to(t) for t in args), **kwargs)
+            expected = ops.beam_search_step(*args, **kwargs)
+            for name, a, e in zip(got._fields, got, expected, strict=True):
+                assert torch.equal(a.cpu(), e), f"beam_search_step {name} differs from the CPU"
+
+    def _beam_backtrack(self) -> None:
+        steps, b, k, width = 4, 3, 5, 6
+        rows = b * k
+        sources = torch.randint(0, rows, (steps, rows), generator=G)
+        labels = torch.randint(-1, 9, (steps, rows), generator=G)
+        scores = -rand(b, k).float()
+        scores[1, 2] = -math.inf  # an empty slot: its path is all -1
+        got = ops.beam_search_backtrack(self.to(sources), self.to(labels), self.to(scores), width)
+        expected = ops.beam_search_backtrack(sources, labels, scores, width)
+        for a, e in zip(got, expected, strict=True):
+            assert torch.equal(a.cpu(), e)
+
+    def _beam_decode(self) -> None:
+        b, k, c = 3, 4, 7
+        table_cpu = randn(c + 1, c).log_softmax(-1)  # next label's log-probs by the last label
+
+        first_state = randn(b, 1).repeat_interleave(k, 0) * 0.1
+
+        def search(device: torch.device):
+            table = table_cpu.to(device)
+
+            def step_fn(last_labels, state):
+                return table[last_labels + 1] + state, state  # -1 (no label yet) -> row 0
+
+            return ops.beam_search(
+                step_fn,
+                first_state.to(device),
+                batch_size=b,
+                num_labels=c,
+                beam_size=k,
+                max_length=4,
+                threshold=0.01,
+            )
+
+        got, expected = search(self.device), search(torch.device("cpu"))
+        for a, e in zip(got, expected, strict=True):
+            assert torch.equal(a.cpu(), e)
+
+    def _beam_empty(self) -> None:
+        step = ops.beam_search_step(
+            self.to(torch.zeros(0, 3, 5)),
+            self.to(torch.zeros(0, 3)),
+            self.to(torch.zeros(0, 3, 1, dtype=torch.int64)),
+            self.to(torch.zeros(0, 3, dtype=torch.bool)),
+        )
+        assert step.scores.shape == (0, 3)
+        paths, lengths = ops.beam_search_backtrack(
+            self.to(torch.zeros(0, 0, dtype=torch.int64)),
+            self.to(torch.zeros(0, 0, dtype=torch.int64)),
+            self.to(torch.zeros(0, 0)),
+            3,
+        )
+        assert paths.shape == (0, 0, 3) and lengths.shape == (0, 0)
+
     def run(self) -> int:
         start = time.perf_counter()
         self.roi_align()
         self.nms()
         self.propose()
         self.boxes()
+        self.attention()
+        self.beam_search()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start

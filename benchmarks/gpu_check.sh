@@ -1,29 +1,36 @@
 #!/usr/bin/env bash
 # The GPU check: one run on a machine with an NVIDIA GPU, from the repository root:
 #
-#     OUT=/some/folder bash benchmarks/gpu_check.sh
+#     OUT=/some/folder bash benchmarks/gpu_check.sh        (or: make gpu-check OUT=/some/folder)
+#
+# It uses the machine's own torch (python3 from PATH, or $PYTHON; no pip, no venv) and builds for
+# the local GPU's arch. Without a visible GPU it stops at once (exit 2) with a message saying why.
 #
 # Steps (each under its own `timeout`; one that fails or hangs never stops the next):
 #   info       nvidia-smi -L, python / torch / torchvision / nvcc / compute-sanitizer versions
-#   build      MLKERNELS_CUDA=1 MLKERNELS_EMULATOR=1 TORCH_CUDA_ARCH_LIST=9.0 setup.py build_ext
+#   build      MLKERNELS_CUDA=1 MLKERNELS_EMULATOR=1 TORCH_CUDA_ARCH_LIST=<the GPU's> setup.py build_ext
 #   import     mlkernels.build_info() (cuda_compiled must be true)
 #   tests      pytest -m cuda (every CUDA-marked test; HYPOTHESIS_PROFILE=ci)
 #   memcheck   compute-sanitizer --tool memcheck on benchmarks/cuda_workload.py
 #   racecheck  the same with racecheck (--light workload: float32 and float16)
 #   synccheck  the same with synccheck
 #   bench      benchmarks/run.py --device cuda (full shapes)
+#   report     benchmarks/cuda_report.py for the GPU's arch (registers, spills, shared memory,
+#              occupancy per kernel; the step fails on a spill)
 #
-# Writes into "$OUT" (default ./gpu-check-out), seven files:
+# Writes into "$OUT" (default ./gpu-check-out), eight files:
 #   summary.txt       versions, then one line per step: name, exit code, seconds, limit;
 #                     pytest's result line and the sanitizers' summaries
 #   build.log  tests.log  sanitizer.log  bench.log      each step's output (long logs keep
 #                                                       their first and last 200 kB)
 #   bench.md          the benchmark table (markdown)
 #   latest-cuda.json  the benchmark results
+#   cuda-report.md    the resource report (as docs/cuda-report.md, for this GPU's arch)
 #
 # Time: every step has a cap, and the whole run a budget (GPU_CHECK_BUDGET, default 520 s): a
 # step never takes time that the steps after it need for their minimum, so the worst case (every
-# step hanging) ends within the budget plus a few seconds. Expected: about 4-6 minutes.
+# step hanging) ends within the budget plus a few seconds. Expected: about 5-7 minutes (not yet run
+# with the resource report and the attention and beam search workload).
 
 set -u
 
@@ -36,6 +43,21 @@ START=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 : >"$SUMMARY"
+
+# Fail fast without a GPU: nvidia-smi must list one and this python's torch must see it.
+no_gpu() {
+  echo "gpu_check: $1; this check needs a machine with an NVIDIA GPU, its driver and a CUDA" \
+    "build of torch for $PY (set PYTHON=... to use another python)" | tee -a "$SUMMARY" >&2
+  rm -rf "$SCRATCH"
+  exit 2
+}
+command -v nvidia-smi >/dev/null 2>&1 || no_gpu "nvidia-smi is not on PATH"
+timeout -k 5 30 nvidia-smi -L >/dev/null 2>&1 || no_gpu "nvidia-smi -L lists no GPU"
+command -v "$PY" >/dev/null 2>&1 || no_gpu "no python: $PY is not on PATH"
+GPU_ARCH=$(timeout -k 5 120 "$PY" -c 'import torch
+assert torch.cuda.is_available(), "no GPU visible to torch"
+print("%d.%d" % torch.cuda.get_device_capability())' 2>"$SCRATCH/arch.err") ||
+  no_gpu "$PY's torch sees no CUDA device ($(tail -n 1 "$SCRATCH/arch.err"))"
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -124,38 +146,39 @@ print("torchvision", torchvision.__version__)'
 }
 
 # Minimum seconds kept for each later step (each includes timeout's 5 s kill grace).
-FLOOR_IMPORT=20 FLOOR_TESTS=65 FLOOR_SANITIZER=50 FLOOR_BENCH=95
+FLOOR_IMPORT=20 FLOOR_TESTS=65 FLOOR_SANITIZER=50 FLOOR_BENCH=95 FLOOR_REPORT=45
 
 # (a) versions: into the summary itself, above the step lines.
-run_step info 60 $((FLOOR_IMPORT + FLOOR_TESTS + 3 * FLOOR_SANITIZER + FLOOR_BENCH)) "$SCRATCH/info.log" \
+run_step info 60 $((FLOOR_IMPORT + FLOOR_TESTS + 3 * FLOOR_SANITIZER + FLOOR_BENCH + FLOOR_REPORT)) "$SCRATCH/info.log" \
   bash -c "$(declare -f info); info"
 cat "$SCRATCH/info.out" >>"$SUMMARY" 2>/dev/null
 echo >>"$SUMMARY"
 
 # (b) build
-run_step build 240 $((FLOOR_IMPORT + FLOOR_TESTS + 3 * FLOOR_SANITIZER + FLOOR_BENCH)) "$OUT/build.log" \
-  env MLKERNELS_CUDA=1 MLKERNELS_EMULATOR=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
+run_step build 240 $((FLOOR_IMPORT + FLOOR_TESTS + 3 * FLOOR_SANITIZER + FLOOR_BENCH + FLOOR_REPORT)) \
+  "$OUT/build.log" \
+  env MLKERNELS_CUDA=1 MLKERNELS_EMULATOR=1 TORCH_CUDA_ARCH_LIST="$GPU_ARCH" MAX_JOBS="$(nproc)" \
   "$PY" setup.py build_ext --inplace
 summarize build 'error:|Error|ccache:|CUDA_HOME|TORCH_CUDA_ARCH_LIST'
-run_step import 60 $((FLOOR_TESTS + 3 * FLOOR_SANITIZER + FLOOR_BENCH)) "$OUT/build.log" \
+run_step import 60 $((FLOOR_TESTS + 3 * FLOOR_SANITIZER + FLOOR_BENCH + FLOOR_REPORT)) "$OUT/build.log" \
   "$PY" -c 'import json, mlkernels; print(json.dumps(mlkernels.build_info()))'
 summarize import 'cuda_compiled|Error'
 
 # (c) tests on the GPU
-run_step tests 240 $((3 * FLOOR_SANITIZER + FLOOR_BENCH)) "$OUT/tests.log" \
+run_step tests 240 $((3 * FLOOR_SANITIZER + FLOOR_BENCH + FLOOR_REPORT)) "$OUT/tests.log" \
   "$PY" -m pytest -q -m cuda -rfE -p no:cacheprovider --durations=10 tests
 summarize tests '^(FAILED|ERROR) |[0-9]+ (passed|failed|skipped|error)'
 
 # (d) compute-sanitizer on the workload. memcheck without torch's caching allocator, so that an
 # access past a tensor is past a cudaMalloc'ed block and not inside a cached one.
-run_step memcheck 120 $((2 * FLOOR_SANITIZER + FLOOR_BENCH)) "$OUT/sanitizer.log" \
+run_step memcheck 120 $((2 * FLOOR_SANITIZER + FLOOR_BENCH + FLOOR_REPORT)) "$OUT/sanitizer.log" \
   env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
   "$SANITIZER" --tool memcheck --error-exitcode 1 "$PY" benchmarks/cuda_workload.py
 summarize memcheck 'ERROR SUMMARY|workload (ok|FAILED)'
-run_step racecheck 120 $((FLOOR_SANITIZER + FLOOR_BENCH)) "$OUT/sanitizer.log" \
+run_step racecheck 120 $((FLOOR_SANITIZER + FLOOR_BENCH + FLOOR_REPORT)) "$OUT/sanitizer.log" \
   "$SANITIZER" --tool racecheck --error-exitcode 1 "$PY" benchmarks/cuda_workload.py --light
 summarize racecheck 'ERROR SUMMARY|RACECHECK SUMMARY|workload (ok|FAILED)'
-run_step synccheck 120 "$FLOOR_BENCH" "$OUT/sanitizer.log" \
+run_step synccheck 120 $((FLOOR_BENCH + FLOOR_REPORT)) "$OUT/sanitizer.log" \
   "$SANITIZER" --tool synccheck --error-exitcode 1 "$PY" benchmarks/cuda_workload.py
 summarize synccheck 'ERROR SUMMARY|workload (ok|FAILED)'
 
@@ -164,10 +187,15 @@ MIN_RUN_TIME=0.5
 if [ $((START + BUDGET - $(date +%s))) -lt 150 ]; then
   MIN_RUN_TIME=0.2
 fi
-run_step bench 180 0 "$OUT/bench.log" \
+run_step bench 180 "$FLOOR_REPORT" "$OUT/bench.log" \
   "$PY" benchmarks/run.py --device cuda --min-run-time "$MIN_RUN_TIME" --out "$OUT" \
   --markdown "$OUT/bench.md"
 summarize bench '^FAILED'
+
+# (f) the resource report for this GPU's arch (nvcc -cubin -Xptxas -v of every *_cuda.cu)
+run_step report 120 0 "$OUT/build.log" \
+  "$PY" benchmarks/cuda_report.py --archs "$GPU_ARCH" --out "$OUT/cuda-report.md"
+summarize report '^cuda_report:'
 
 printf '\ntotal %d s (budget %d s)\n' $(($(date +%s) - START)) "$BUDGET" >>"$SUMMARY"
 rm -rf "$SCRATCH"

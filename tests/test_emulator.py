@@ -34,4 +34,4 @@ def test_emulator_selftest(tmp_path):
     result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "FAILED" not in result.stdout
-    assert result.stdout.count("ok:") == 9
+    assert result.stdout.count("ok:") == 11

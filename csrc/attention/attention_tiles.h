@@ -26,8 +26,8 @@ namespace mlk {
 namespace attention {
 
 constexpr int64_t kTileThreads = 128;
-// CUDA's dynamic shared memory per block without an opt-in.
-constexpr int64_t kMaxSharedBytes = 48 * 1024;
+// CUDA's dynamic shared memory per block without an opt-in (grid.h; the runners refuse more).
+constexpr int64_t kMaxSharedBytes = kMaxDynamicSharedBytes;
 
 struct TileDims {
   int64_t br = 0, bc = 0;  // query rows and keys per tile; 0: no tiling fits

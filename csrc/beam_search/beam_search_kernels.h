@@ -30,8 +30,9 @@ namespace beam_search {
 
 // The most threads of the CUDA kernel's blocks (a power of two, as the tree sum needs).
 constexpr int64_t kMaxThreads = 256;
-// Dynamic shared memory a block may take without opting in on any GPU.
-constexpr int64_t kMaxSharedBytes = 48 * 1024;
+// Dynamic shared memory a block may take without opting in on any GPU (grid.h; the runners refuse
+// more).
+constexpr int64_t kMaxSharedBytes = kMaxDynamicSharedBytes;
 
 // The largest K whose shared memory fits kMaxSharedBytes with `threads` threads.
 inline int64_t max_cuda_beams(int64_t threads) {

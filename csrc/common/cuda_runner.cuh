@@ -53,6 +53,13 @@ __global__ void run_blocks_kernel(BlockFn fn) {
   fn(block);
 }
 
+// Refuses a launch beyond CUDA's limits (grid.h) with the same message as the emulator, before
+// CUDA would refuse it with a bare "invalid configuration argument".
+inline void check_launch(const LaunchConfig& config) {
+  const std::string error = launch_config_error(config);
+  TORCH_CHECK(error.empty(), error);
+}
+
 // Holds the device guard for the launches it makes; every launch goes to the current stream and
 // is checked for launch errors.
 class CudaRunner {
@@ -67,6 +74,7 @@ class CudaRunner {
   template <typename ThreadFn>
   void threads(const LaunchConfig& config, ThreadFn fn) const {
     if (config.grid.count() == 0 || config.block.count() == 0) return;
+    check_launch(config);
     run_threads_kernel<<<to_dim3(config.grid), to_dim3(config.block),
                          static_cast<size_t>(config.shared_bytes),
                          at::cuda::getCurrentCUDAStream()>>>(fn);
@@ -75,6 +83,7 @@ class CudaRunner {
   template <typename BlockFn>
   void blocks(const LaunchConfig& config, BlockFn fn) const {
     if (config.grid.count() == 0 || config.block.count() == 0) return;
+    check_launch(config);
     run_blocks_kernel<<<to_dim3(config.grid), to_dim3(config.block),
                         static_cast<size_t>(config.shared_bytes),
                         at::cuda::getCurrentCUDAStream()>>>(fn);

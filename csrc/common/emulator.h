@@ -17,6 +17,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "grid.h"
@@ -87,8 +89,16 @@ class Block {
   std::vector<double> shared_;  // double-typed so the storage is suitably aligned
 };
 
+// Refuses, as a GPU would, a launch beyond CUDA's limits (grid.h); std::runtime_error, which the
+// dispatcher reports as a RuntimeError, since this header needs no ATen.
+inline void check_launch(const LaunchConfig& config) {
+  const std::string error = launch_config_error(config);
+  if (!error.empty()) throw std::runtime_error(error);
+}
+
 template <typename BlockFn>
 void launch_blocks(const LaunchConfig& config, BlockFn&& block_fn) {
+  check_launch(config);
   const Dim3& g = config.grid;
   for (int64_t z = 0; z < g.z; ++z)
     for (int64_t y = 0; y < g.y; ++y)

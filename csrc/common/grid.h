@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "macros.h"
 
@@ -38,6 +39,46 @@ struct LaunchConfig {
   Dim3 block;
   int64_t shared_bytes = 0;
 };
+
+// What every CUDA GPU we build for (compute capability 8.0 and 9.0; in fact every one since 3.0)
+// refuses to launch. Both runners check each launch against these (launch_config_error), so the
+// emulator refuses what a GPU would. Dynamic shared memory beyond 48 KB needs a per-kernel opt-in
+// (cudaFuncSetAttribute) that our runners do not make.
+constexpr int64_t kMaxThreadsPerBlock = 1024;
+constexpr int64_t kMaxBlockDimXY = 1024;
+constexpr int64_t kMaxBlockDimZ = 64;
+constexpr int64_t kMaxGridDimX = 2147483647;  // 2^31 - 1
+constexpr int64_t kMaxGridDimYZ = 65535;
+constexpr int64_t kMaxDynamicSharedBytes = 48 * 1024;
+
+inline std::string dim3_string(const Dim3& d) {
+  return "(" + std::to_string(d.x) + ", " + std::to_string(d.y) + ", " + std::to_string(d.z) + ")";
+}
+
+// Why a GPU would refuse to launch `config`, naming the limit and the config; empty when it
+// launches. An empty launch (no blocks or no threads) is fine: the runners skip it.
+inline std::string launch_config_error(const LaunchConfig& config) {
+  const Dim3& g = config.grid;
+  const Dim3& b = config.block;
+  if (g.count() == 0 || b.count() == 0) return "";
+  std::string limit;
+  if (g.x < 0 || g.y < 0 || g.z < 0 || b.x < 0 || b.y < 0 || b.z < 0) {
+    limit = "grid and block sizes must be >= 0";
+  } else if (b.x > kMaxBlockDimXY || b.y > kMaxBlockDimXY || b.z > kMaxBlockDimZ) {
+    limit = "a block is at most (1024, 1024, 64) threads each way";
+  } else if (b.count() > kMaxThreadsPerBlock) {
+    limit = "a block has at most 1024 threads";
+  } else if (g.x > kMaxGridDimX || g.y > kMaxGridDimYZ || g.z > kMaxGridDimYZ) {
+    limit = "a grid is at most (2147483647, 65535, 65535) blocks";
+  } else if (config.shared_bytes < 0 || config.shared_bytes > kMaxDynamicSharedBytes) {
+    limit = "a block takes 0 to 49152 bytes (48 KB) of dynamic shared memory";
+  } else {
+    return "";
+  }
+  return "CUDA launch refused: " + limit + "; got grid " + dim3_string(g) + ", block " +
+         dim3_string(b) + ", " + std::to_string(config.shared_bytes) +
+         " bytes of dynamic shared memory";
+}
 
 // A 1-D launch for a grid-stride loop over n elements. The block count is capped: kernels loop,
 // so a cap changes only how the work is spread, never what is computed.

@@ -1,8 +1,11 @@
 // Checks the CPU grid emulator itself (csrc/common/emulator.h): grid-stride coverage, barriers
 // between phases, shared memory, per-thread state, that a missing barrier shows up, and that
-// shared memory is not silently zero at block start.
+// shared memory is not silently zero at block start, and that launches beyond CUDA's limits are
+// refused with a message naming the limit and the config.
 // Built and run by tests/test_emulator.py; prints one line per check and exits non-zero on failure.
 #include <cstdio>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "common/emulator.h"
@@ -47,6 +50,71 @@ void block_sums(const Runner& run, const std::vector<double>& in, std::vector<do
       if (t.thread.x == 0) result[t.block.x] = partial[0];
     });
   });
+}
+
+mlk::LaunchConfig make_config(mlk::Dim3 grid, mlk::Dim3 block, int64_t shared_bytes = 0) {
+  mlk::LaunchConfig config;
+  config.grid = grid;
+  config.block = block;
+  config.shared_bytes = shared_bytes;
+  return config;
+}
+
+// Launches `config` on the emulator with a kernel that counts its threads; returns the refusal's
+// message, or "" when it ran (and then every thread ran exactly once).
+std::string emulator_refusal(const mlk::LaunchConfig& config) {
+  int64_t ran = 0;
+  try {
+    mlk::EmulatorRunner().blocks(config, [&](mlk::EmulatorRunner::Block& block) {
+      block.phase([&](const mlk::ThreadIndex&) { ++ran; });
+    });
+  } catch (const std::runtime_error& e) {
+    return ran == 0 ? e.what() : "refused after running threads";
+  }
+  return ran == config.grid.count() * config.block.count() ? "" : "ran a wrong number of threads";
+}
+
+bool contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
+}
+
+// Each limit just inside (runs) and just past (refused, naming the limit and the config).
+void check_launch_limits() {
+  using mlk::Dim3;
+  bool inside = emulator_refusal(make_config({1, 1, 1}, {1024, 1, 1})).empty() &&
+                emulator_refusal(make_config({1, 1, 1}, {1, 1024, 1})).empty() &&
+                emulator_refusal(make_config({1, 1, 1}, {1, 1, 64})).empty() &&
+                emulator_refusal(make_config({1, 1, 1}, {32, 32, 1})).empty() &&
+                emulator_refusal(make_config({1, 65535, 1}, {1, 1, 1})).empty() &&
+                emulator_refusal(make_config({1, 1, 65535}, {1, 1, 1})).empty() &&
+                emulator_refusal(make_config({1, 1, 1}, {32, 1, 1}, 48 * 1024)).empty() &&
+                // Too many blocks to run here: the check alone.
+                mlk::launch_config_error(make_config({2147483647, 65535, 65535}, {1, 1, 1}))
+                    .empty() &&
+                // Empty launches are skipped, whatever their other sizes.
+                emulator_refusal(make_config({0, 70000, 1}, {2048, 1, 1}, 1 << 20)).empty();
+  expect(inside, "launches at CUDA's limits run");
+
+  const std::string threads = emulator_refusal(make_config({2, 1, 1}, {1025, 1, 1}));
+  const std::string threads_total = emulator_refusal(make_config({1, 1, 1}, {32, 32, 2}));
+  const std::string block_z = emulator_refusal(make_config({1, 1, 1}, {1, 1, 65}));
+  const std::string grid_y = emulator_refusal(make_config({3, 65536, 1}, {64, 1, 1}, 512));
+  const std::string grid_z = emulator_refusal(make_config({1, 1, 65536}, {1, 1, 1}));
+  const std::string grid_x =
+      mlk::launch_config_error(make_config({2147483648LL, 1, 1}, {256, 1, 1}));
+  const std::string shared = emulator_refusal(make_config({1, 1, 1}, {32, 1, 1}, 48 * 1024 + 1));
+  std::printf("  e.g. %s\n", grid_y.c_str());
+  expect(contains(threads, "at most (1024, 1024, 64) threads") &&
+             contains(threads, "block (1025, 1, 1)") &&
+             contains(threads_total, "a block has at most 1024 threads") &&
+             contains(threads_total, "block (32, 32, 2)") &&
+             contains(block_z, "(1024, 1024, 64)") && contains(block_z, "block (1, 1, 65)") &&
+             contains(grid_y, "a grid is at most (2147483647, 65535, 65535) blocks") &&
+             contains(grid_y, "got grid (3, 65536, 1), block (64, 1, 1), 512 bytes") &&
+             contains(grid_z, "grid (1, 1, 65536)") && contains(grid_x, "grid (2147483648, 1, 1)") &&
+             contains(shared, "49152 bytes (48 KB) of dynamic shared memory") &&
+             contains(shared, "49153 bytes"),
+         "launches past CUDA's limits are refused, naming the limit and the config");
 }
 
 }  // namespace
@@ -106,6 +174,8 @@ int main() {
     });
   });
   expect(unset != unset, "shared memory starts poisoned (NaN), not zero");
+
+  check_launch_limits();
 
   return failures == 0 ? 0 : 1;
 }
