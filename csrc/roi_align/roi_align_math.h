@@ -428,6 +428,15 @@ MLK_HOST_DEVICE void backward_input_row_thread(const ThreadIndex& t, int64_t row
       if (g.batch != n) continue;
       const S* gk = grad + (k * p.channels + c) * oh * ow;
       for (int64_t ph = 0; ph < oh; ++ph) {
+        // The bin row's samples lie in [base, base + bin_h] (up to rounding, which the slack
+        // covers as sample_range's does) and touch the rows of their floor and the one after:
+        // a bin row two rows or more away from r has nothing for it. NaN bounds skip nothing.
+        const T base = g.start_y + static_cast<T>(ph) * g.bin_h, end = base + g.bin_h;
+        const T slack = T(2) + T(4e-7) * (std::fabs(base) + std::fabs(g.bin_h));
+        const T row = static_cast<T>(r);
+        if (row + slack < (base < end ? base : end) || row - slack > (base < end ? end : base)) {
+          continue;
+        }
         for (int64_t pw = 0; pw < ow; ++pw) {
           const T gv = static_cast<T>(gk[ph * ow + pw]) / g.count;
           for_each_sample(
