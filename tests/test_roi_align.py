@@ -699,6 +699,34 @@ def test_bad_argument_types():
         torch.ops.mlkernels.roi_align_backward(torch.zeros(1, 3, 2, 3), X, BOX, 1.0, 2, 2, 2, False)
 
 
+@pytest.mark.parametrize("impl", impl_params("emulated"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("kind", "ratio", "aligned"),
+    [
+        ("outside", 2, False),
+        ("inside", -1, True),
+        ("tiny", 3, False),
+        ("degenerate", 2, True),
+        ("huge", -1, False),
+    ],
+)
+def test_deterministic_input_gradient_is_the_cpus_to_the_bit(impl, dtype, kind, ratio, aligned):
+    # The row-owner kernel adds each pixel's terms in the CPU kernel's order (RoIs of an image by
+    # index, bins, samples, corners); the emulator, like the CPU, does not fuse multiply-adds.
+    x = _map(10, (3, 5, 11, 13), dtype)
+    rois = _rois(10, 24, 3, 11 * 4, 13 * 4, "outside" if kind == "huge" else kind, dtype)
+    if kind == "huge":  # adaptive grids of ~10^5 samples a side, nearly all off the map
+        rois[::4, 3:] *= 1e5
+    grad = _map(11, (24, 5, 3, 4), dtype)
+    args = (grad, x, rois, 0.25, 3, 4, ratio, aligned)
+    with deterministic_algorithms(True):
+        ordered = impl.call("roi_align_backward", *args)
+    cpu = torch.ops.mlkernels.roi_align_backward(*args)
+    assert torch.equal(ordered[0], cpu[0])
+    assert ordered[0].abs().sum() > 0
+
+
 # ---- CUDA (skipped without a GPU) ----
 
 

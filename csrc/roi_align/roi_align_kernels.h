@@ -5,8 +5,8 @@
 //
 //  forward:         one thread per output element;
 //  input gradient:  atomics (one thread per grad element), or, when
-//                   torch.are_deterministic_algorithms_enabled(), one thread per (image, channel)
-//                   plane adding its RoIs in index order;
+//                   torch.are_deterministic_algorithms_enabled(), one thread per (image, channel,
+//                   map row) adding the corners in its row of its image's RoIs, in index order;
 //  box gradient:    one block per RoI, a tree sum of per-thread moments in shared memory.
 #pragma once
 
@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <limits>
 
 #include "roi_align.h"
 
@@ -26,6 +27,12 @@ struct CpuParallelRunner;  // csrc/common/cpu_runner.h
 namespace roi_align {
 
 constexpr int64_t kBoxGradThreads = 256;  // a power of two: block_sum_phase halves it
+
+// Whether a grid-stride loop over [0, total) under `config` can count in int32_t (BinIndex): its
+// last step, the largest index plus the grid's size, must not overflow.
+inline bool fits_int32(int64_t total, const LaunchConfig& config) {
+  return total + config.grid.x * config.block.x <= std::numeric_limits<int32_t>::max();
+}
 
 // The box-gradient block function; a functor rather than a lambda because its Block type
 // differs between runners (emulate::Block, DeviceBlock).
@@ -76,9 +83,17 @@ at::Tensor roi_align_forward_kernel(const Runner& run, const at::Tensor& input,
     const scalar_t* rois_p = rois.data_ptr<scalar_t>();
     scalar_t* out_p = out.data_ptr<scalar_t>();
     const int64_t total = out.numel();
-    run.threads(launch_config_1d(total), [=] MLK_LAMBDA(const ThreadIndex& t) {
-      forward_thread(t, total, in_p, rois_p, p, out_p);
-    });
+    const LaunchConfig config = launch_config_1d(total);
+    if (fits_int32(total, config)) {
+      const int32_t total32 = static_cast<int32_t>(total);
+      run.threads(config, [=] MLK_LAMBDA(const ThreadIndex& t) {
+        forward_thread(t, total32, in_p, rois_p, p, out_p);
+      });
+    } else {
+      run.threads(config, [=] MLK_LAMBDA(const ThreadIndex& t) {
+        forward_thread(t, total, in_p, rois_p, p, out_p);
+      });
+    }
   });
   return out;
 }
@@ -115,15 +130,23 @@ std::tuple<at::Tensor, at::Tensor> roi_align_backward_kernel(const Runner& run,
           if (mask.input) {
             T* gi_p = grad_input.data_ptr<T>();
             if (deterministic) {
-              const int64_t planes = input.size(0) * input.size(1);
-              run.threads(launch_config_1d(planes, 128), [=] MLK_LAMBDA(const ThreadIndex& t) {
-                backward_input_plane_thread(t, planes, num_rois, g_p, rois_p, p, gi_p);
+              const int64_t rows = input.size(0) * input.size(1) * input.size(2);
+              run.threads(launch_config_1d(rows, 128), [=] MLK_LAMBDA(const ThreadIndex& t) {
+                backward_input_row_thread(t, rows, num_rois, g_p, rois_p, p, gi_p);
               });
             } else {
               const int64_t total = g.numel();
-              run.threads(launch_config_1d(total), [=] MLK_LAMBDA(const ThreadIndex& t) {
-                backward_input_atomic_thread(t, total, g_p, rois_p, p, gi_p);
-              });
+              const LaunchConfig config = launch_config_1d(total);
+              if (fits_int32(total, config)) {
+                const int32_t total32 = static_cast<int32_t>(total);
+                run.threads(config, [=] MLK_LAMBDA(const ThreadIndex& t) {
+                  backward_input_atomic_thread(t, total32, g_p, rois_p, p, gi_p);
+                });
+              } else {
+                run.threads(config, [=] MLK_LAMBDA(const ThreadIndex& t) {
+                  backward_input_atomic_thread(t, total, g_p, rois_p, p, gi_p);
+                });
+              }
             }
           }
           if (mask.boxes) {

@@ -240,15 +240,24 @@ MLK_HOST_DEVICE T corner_sum(const T* w, V v0, V v1, V v2, V v3) {
          w[3] * static_cast<T>(v3);
 }
 
-// Calls fn(sample) for every valid sample of bin (ph, pw), in torchvision's order (iy, then ix).
+// A row filter of for_each_sample that keeps every row of samples.
+struct EveryRow {
+  template <typename T>
+  MLK_HOST_DEVICE bool operator()(T) const {
+    return true;
+  }
+};
+
+// Calls fn(sample) for every valid sample of bin (ph, pw), in torchvision's order (iy, then ix),
+// whose row position y passes keep_row(y) (default: all of them).
 // Where a window holds more samples than the map has pixels (step < 1 pixel, or a huge box whose
 // computed positions round to a few values), samples whose computed positions are equal are
 // visited once, with their weights and derivatives multiplied by their count and their mean
 // position in the box: the work is bounded by the distinct positions, and a run of one (every
 // sample of an ordinary box) is computed exactly as torchvision does.
-template <typename T, typename Fn>
+template <typename T, typename Fn, typename RowFilter = EveryRow>
 MLK_HOST_DEVICE void for_each_sample(const RoiGeometry<T>& g, const Params<T>& p, int64_t ph,
-                                     int64_t pw, Fn&& fn) {
+                                     int64_t pw, Fn&& fn, RowFilter keep_row = RowFilter()) {
   Sample<T> s;
   int64_t iy_lo, iy_hi, ix_lo, ix_hi;
   const T inv_y = T(1) / (static_cast<T>(g.grid_h) * static_cast<T>(p.pooled_height));
@@ -264,6 +273,7 @@ MLK_HOST_DEVICE void for_each_sample(const RoiGeometry<T>& g, const Params<T>& p
     if (runs_y) iy = run_end(iy, iy_hi, y, pos_y);
     // rows outside [-1, H] hold no valid sample: skip them before the loop over columns
     if (!(y >= T(-1) && y <= static_cast<T>(p.height))) continue;
+    if (!keep_row(y)) continue;
     // (ph + (iy + 0.5) / grid_h) / pooled_height, with the division hoisted out of the loops
     s.frac_y = (static_cast<T>(ph) * static_cast<T>(g.grid_h) +
                 (static_cast<T>(iy_first) + static_cast<T>(iy - iy_first) * T(0.5)) + T(0.5)) *
@@ -333,14 +343,31 @@ MLK_HOST_DEVICE void atomic_add(T* address, T value) {
 
 // ---- CUDA thread functions ----
 
-// Forward: one output element (k, c, ph, pw) per loop step, NCHW input.
-template <typename S, typename T>
-MLK_HOST_DEVICE void forward_thread(const ThreadIndex& t, int64_t total, const S* input,
-                                    const S* rois, Params<T> p, S* out) {
-  const int64_t ow = p.pooled_width, oh = p.pooled_height, hw = p.height * p.width;
-  for (int64_t i = t.global_x(); i < total; i += t.grid_stride_x()) {
-    const int64_t pw = i % ow, ph = (i / ow) % oh, c = (i / (ow * oh)) % p.channels;
-    const int64_t k = i / (ow * oh * p.channels);
+// The (RoI k, channel c, bin ph, pw) of element i of a [K, C, oh, ow] tensor. I is the index type:
+// int32_t when every index fits (the kernels' launches choose, see kernels.h), since a GPU divides
+// 32-bit integers in a few instructions and 64-bit ones in a software routine of dozens.
+template <typename I>
+struct BinIndex {
+  I k, c, ph, pw;
+};
+
+template <typename I, typename T>
+MLK_HOST_DEVICE BinIndex<I> bin_index(I i, const Params<T>& p) {
+  const I ow = static_cast<I>(p.pooled_width), oh = static_cast<I>(p.pooled_height);
+  const I channels = static_cast<I>(p.channels);
+  const I bin_row = i / ow, plane = bin_row / oh;
+  return {plane / channels, plane % channels, bin_row % oh, i % ow};
+}
+
+// Forward: one output element (k, c, ph, pw) per loop step, NCHW input; I as in BinIndex.
+template <typename I, typename S, typename T>
+MLK_HOST_DEVICE void forward_thread(const ThreadIndex& t, I total, const S* input, const S* rois,
+                                    Params<T> p, S* out) {
+  const int64_t hw = p.height * p.width;
+  const I stride = static_cast<I>(t.grid_stride_x());
+  for (I i = static_cast<I>(t.global_x()); i < total; i += stride) {
+    const BinIndex<I> b = bin_index(i, p);
+    const int64_t k = b.k, c = b.c, ph = b.ph, pw = b.pw;
     const RoiGeometry<T> g = roi_geometry(rois + 5 * k, p);
     const S* plane = input + (g.batch * p.channels + c) * hw;
     T acc = T(0);
@@ -353,15 +380,15 @@ MLK_HOST_DEVICE void forward_thread(const ThreadIndex& t, int64_t total, const S
 }
 
 // Input gradient, scatter form: one grad element (k, c, ph, pw) per loop step, atomics into
-// grad_input (NCHW, accumulation type T).
-template <typename S, typename T>
-MLK_HOST_DEVICE void backward_input_atomic_thread(const ThreadIndex& t, int64_t total,
-                                                  const S* grad, const S* rois, Params<T> p,
-                                                  T* grad_input) {
-  const int64_t ow = p.pooled_width, oh = p.pooled_height, hw = p.height * p.width;
-  for (int64_t i = t.global_x(); i < total; i += t.grid_stride_x()) {
-    const int64_t pw = i % ow, ph = (i / ow) % oh, c = (i / (ow * oh)) % p.channels;
-    const int64_t k = i / (ow * oh * p.channels);
+// grad_input (NCHW, accumulation type T); I as in BinIndex.
+template <typename I, typename S, typename T>
+MLK_HOST_DEVICE void backward_input_atomic_thread(const ThreadIndex& t, I total, const S* grad,
+                                                  const S* rois, Params<T> p, T* grad_input) {
+  const int64_t hw = p.height * p.width;
+  const I stride = static_cast<I>(t.grid_stride_x());
+  for (I i = static_cast<I>(t.global_x()); i < total; i += stride) {
+    const BinIndex<I> b = bin_index(i, p);
+    const int64_t k = b.k, c = b.c, ph = b.ph, pw = b.pw;
     const RoiGeometry<T> g = roi_geometry(rois + 5 * k, p);
     T* plane = grad_input + (g.batch * p.channels + c) * hw;
     const T gv = static_cast<T>(grad[i]) / g.count;
@@ -371,26 +398,57 @@ MLK_HOST_DEVICE void backward_input_atomic_thread(const ThreadIndex& t, int64_t 
   }
 }
 
-// Input gradient, deterministic form: one (image, channel) plane per loop step, owned by one
-// thread, which adds the RoIs of that image in index order. No atomics, a fixed order.
+// Input gradient, deterministic form: one row (image n, channel c, map row r) of grad_input per
+// loop step, owned by one thread, which adds the corners in row r of every sample of image n's
+// RoIs, RoIs by index, then bins and samples in torchvision's order. No atomics; each pixel gets
+// its terms in the order of the CPU kernel (RoIs of an image by index, bins, samples, corners),
+// so without fused multiply-adds (the emulator, the CPU) the sums are the CPU's to the bit. A
+// sample touches at most two rows (y_low, y_high), so each is evaluated by at most two threads:
+// about twice the bilinear work of the atomic kernel, spread over N*C*H threads.
 template <typename S, typename T>
-MLK_HOST_DEVICE void backward_input_plane_thread(const ThreadIndex& t, int64_t planes,
-                                                 int64_t num_rois, const S* grad, const S* rois,
-                                                 Params<T> p, T* grad_input) {
-  const int64_t ow = p.pooled_width, oh = p.pooled_height, hw = p.height * p.width;
-  for (int64_t plane_index = t.global_x(); plane_index < planes; plane_index += t.grid_stride_x()) {
+MLK_HOST_DEVICE void backward_input_row_thread(const ThreadIndex& t, int64_t rows, int64_t num_rois,
+                                               const S* grad, const S* rois, Params<T> p,
+                                               T* grad_input) {
+  const int64_t ow = p.pooled_width, oh = p.pooled_height, width = p.width;
+  for (int64_t row_index = t.global_x(); row_index < rows; row_index += t.grid_stride_x()) {
+    const int64_t r = row_index % p.height, plane_index = row_index / p.height;
     const int64_t n = plane_index / p.channels, c = plane_index % p.channels;
-    T* plane = grad_input + plane_index * hw;
+    T* plane = grad_input + plane_index * p.height * width;
+    const int64_t row_begin = r * width, row_end = row_begin + width;
+    // Whether a sample at height y has a corner in row r (clamped as bilinear_sample clamps).
+    const auto touches_row = [&](T y) {
+      int64_t low, high;
+      T frac;
+      bool moves;
+      clamp_axis(y, p.height, low, high, frac, moves);
+      return low == r || high == r;
+    };
     for (int64_t k = 0; k < num_rois; ++k) {
       const RoiGeometry<T> g = roi_geometry(rois + 5 * k, p);
       if (g.batch != n) continue;
       const S* gk = grad + (k * p.channels + c) * oh * ow;
       for (int64_t ph = 0; ph < oh; ++ph) {
+        // The bin row's samples lie in [base, base + bin_h] (up to rounding, which the slack
+        // covers as sample_range's does) and touch the rows of their floor and the one after:
+        // a bin row two rows or more away from r has nothing for it. NaN bounds skip nothing.
+        const T base = g.start_y + static_cast<T>(ph) * g.bin_h, end = base + g.bin_h;
+        const T slack = T(2) + T(4e-7) * (std::fabs(base) + std::fabs(g.bin_h));
+        const T row = static_cast<T>(r);
+        if (row + slack < (base < end ? base : end) || row - slack > (base < end ? end : base)) {
+          continue;
+        }
         for (int64_t pw = 0; pw < ow; ++pw) {
           const T gv = static_cast<T>(gk[ph * ow + pw]) / g.count;
-          for_each_sample(g, p, ph, pw, [&](const Sample<T>& s) {
-            for (int q = 0; q < 4; ++q) plane[s.pixel[q]] += gv * s.w[q];
-          });
+          for_each_sample(
+              g, p, ph, pw,
+              [&](const Sample<T>& s) {
+                for (int q = 0; q < 4; ++q) {
+                  if (s.pixel[q] >= row_begin && s.pixel[q] < row_end) {
+                    plane[s.pixel[q]] += gv * s.w[q];
+                  }
+                }
+              },
+              touches_row);
         }
       }
     }
