@@ -77,7 +77,7 @@ class Launch:
 # Launch shapes, matched (first match wins) against the demangled kernel name. They mirror the
 # launch sites in csrc/*/*_kernels.h; a kernel that matches none is reported with "?".
 LAUNCHES: list[tuple[str, Launch]] = [
-    # roi_align: the deterministic input gradient runs 128-thread blocks (one thread per plane).
+    # roi_align: the deterministic input gradient runs 128-thread blocks (one thread per map row).
     (r"roi_align_backward_kernel.*\{lambda\(mlk::ThreadIndex const&\)#1\}", Launch(128)),
     (r"BoxGradBlock<[^,]+, float>", Launch(256, 4 * 256 * 4)),
     (r"BoxGradBlock<[^,]+, double>", Launch(256, 4 * 256 * 8)),
