@@ -174,8 +174,8 @@ inline ProposeInputs prepare_propose(const at::Tensor& anchors, const at::Tensor
   in.deltas = contiguous_input(op, "deltas", deltas);
   in.objectness = contiguous_input(op, "objectness", objectness);
   // torchvision clamps with Python numbers, which the comparison converts to the boxes' dtype.
-  // The sizes' values are checked by the kernels (check_image_sizes_eagerly on the CPU,
-  // image_sizes_check_thread on CUDA and the emulator).
+  // Their values are checked by each kernel: check_image_sizes_eagerly before the CPU's, and
+  // image_sizes_check_thread on the device for CUDA's (and the emulator's).
   in.sizes = contiguous_input(op, "image_sizes", image_sizes.to(anchors.scalar_type()));
   in.images = n;
   in.num_anchors = a;
