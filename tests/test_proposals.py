@@ -820,6 +820,32 @@ def test_propose_bad_image_sizes(sizes, message):
         ops.propose(_anch, torch.zeros(2, 6, 4), torch.zeros(2, 6), sizes)
 
 
+@pytest.mark.emulated
+@pytest.mark.parametrize(
+    "sizes,got",
+    [
+        ([[8, 8], [-5, 8]], r"got \(-5, 8\) for image 1"),
+        ([[float("nan"), 8], [8, 8]], r"got \(nan, 8\) for image 0"),
+        ([[8, 8], [8, float("inf")]], r"got \(8, inf\) for image 1"),
+        ([[8, 8], [1e39, 8]], r"got \(1e\+39, 8\) for image 1"),  # inf in float32
+    ],
+)
+@pytest.mark.parametrize("pre_nms_top_n", [0, 4])
+def test_propose_bad_image_sizes_emulated(sizes, got, pre_nms_top_n):
+    # The CUDA kernels' check (a device-side assert on a GPU, no host sync), run by the emulator:
+    # the same rule as the CPU's, also when no candidate would read the sizes.
+    message = (
+        r"propose: image_sizes must be finite, >= 0 and at most the largest value of the boxes' "
+        r"dtype \(3.40282e\+38\), " + got
+    )
+    settings = ops.ProposeConfig(pre_nms_top_n=pre_nms_top_n).op_args()
+    sizes = torch.tensor(sizes, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.mlkernels_emulated.propose(
+            _anch, torch.zeros(2, 6, 4), torch.zeros(2, 6), sizes, *settings
+        )
+
+
 @pytest.mark.parametrize("mode", ["eager", "fake"])
 def test_propose_backward_bad_input_messages(mode):
     op = torch.ops.mlkernels.propose_backward
@@ -856,8 +882,9 @@ def test_propose_backward_bad_input_messages(mode):
 
 @pytest.mark.parametrize("impl", impl_params("cpu", "emulated"))
 def test_propose_backward_out_of_range_kept_anchors(impl):
-    # A hand-made call with an anchor index propose cannot have written: refused on CPU tensors
-    # (on CUDA, where checking would cost a sync, the kernel skips it: no out-of-range write).
+    # A hand-made call with an anchor index propose cannot have written: refused by the CPU
+    # before it starts, by the CUDA kernel where it reads it (a device-side assert, no host sync:
+    # tests/test_no_sync.py), whose check the emulator runs.
     op = impl.ops
     grad, d, sizes, w = (
         torch.ones(2, 3, 4),
@@ -869,6 +896,11 @@ def test_propose_backward_out_of_range_kept_anchors(impl):
     message = (
         r"propose_backward: kept_anchors must lie in \[-1, A\) with A = 6, got values in \[-1, 6\]"
     )
+    if impl.emulated:
+        message = (
+            r"propose_backward: kept_anchors must lie in \[-1, A\), A = anchors.size\(0\), "
+            r"got 6 \(A = 6\) in row 1 of image 0"
+        )
     with pytest.raises(RuntimeError, match=message):
         op.propose_backward(grad, _anch, d, bad, sizes, w, CLAMP)
 

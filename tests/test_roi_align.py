@@ -656,25 +656,58 @@ def test_bad_input_messages(args, error, message, mode):
             ops.roi_align(*args)
 
 
-@ALL_IMPLS
+# The CPU checks the column before it starts (no sync there) and names the smallest or largest bad
+# value; the CUDA kernels check each index where they read it (a device-side assert, see
+# tests/test_no_sync.py), and the emulator, which runs their code, raises the same check's error.
+_BAD_INDEX_CPU = r"roi_align: boxes\[:, 0\] \(batch index\) must be "
+_BAD_INDEX_KERNEL = (
+    r"roi_align: boxes\[:, 0\] \(batch index\) must be an integer in \[0, N\), "
+    r"N = input.size\(0\), got "
+)
+
+
+@pytest.mark.parametrize("impl", impl_params("cpu", "emulated"))
 @pytest.mark.parametrize(
-    "index,message",
+    "index,cpu_message,got",
     [
-        (2.0, r"roi_align: boxes\[:, 0\] \(batch index\) must be in \[0, 2\), got 2"),
-        (-1.0, r"roi_align: boxes\[:, 0\] \(batch index\) must be in \[0, 2\), got -1"),
-        (0.5, r"roi_align: boxes\[:, 0\] \(batch index\) must be integers, got 0.5"),
-        (float("nan"), r"roi_align: boxes\[:, 0\] \(batch index\) must be integers, got nan"),
+        (2.0, r"in \[0, 2\), got 2", "2"),
+        (-1.0, r"in \[0, 2\), got -1", "-1"),
+        (0.5, r"integers, got 0.5", "0.5"),
+        (float("nan"), r"integers, got nan", "nan"),
+        (1e30, r"in \[0, 2\), got 1e\+30", r"1e\+30"),
     ],
 )
-def test_bad_batch_index(impl, index, message):
+def test_bad_batch_index(impl, index, cpu_message, got):
     boxes = torch.tensor([[0.0, 0, 0, 2, 2], [index, 0, 0, 2, 2]])
-    if not impl.emulated:  # the wrapper on the device
+    if impl.emulated:
+        message = backward_message = _BAD_INDEX_KERNEL + got + r" \(N = 2\)"
+    else:
+        message = _BAD_INDEX_CPU + cpu_message
+        backward_message = message.replace("roi_align", "roi_align_backward")
         with pytest.raises(RuntimeError, match=message):
-            ops.roi_align(*impl.to(X, boxes), 2)
+            ops.roi_align(X, boxes, 2)
     with pytest.raises(RuntimeError, match=message):
         impl.call("roi_align", X, boxes, 1.0, 2, 2, 2, False)
-    with pytest.raises(RuntimeError, match=message.replace("roi_align", "roi_align_backward")):
-        impl.call("roi_align_backward", torch.zeros(2, 3, 2, 2), X, boxes, 1.0, 2, 2, 2, False)
+    for deterministic in (False, True):  # the two input-gradient kernels
+        with deterministic_algorithms(deterministic):
+            with pytest.raises(RuntimeError, match=backward_message):
+                impl.call(
+                    "roi_align_backward", torch.zeros(2, 3, 2, 2), X, boxes, 1.0, 2, 2, 2, False
+                )
+    # the box-gradient kernel alone
+    with pytest.raises(RuntimeError, match=backward_message):
+        impl.call(
+            "roi_align_backward",
+            torch.zeros(2, 3, 2, 2),
+            X,
+            boxes,
+            1.0,
+            2,
+            2,
+            2,
+            False,
+            [False, True],
+        )
 
 
 def test_output_size_accepts_any_integer_type():

@@ -118,6 +118,31 @@ inline void check_anchors_deltas_sizes(const char* op, const at::Tensor& anchors
   check_same_device(op, "anchors", anchors, "image_sizes", image_sizes);
 }
 
+// The largest image size propose accepts for boxes of `type`: a larger one is infinite there.
+inline double largest_image_size(at::ScalarType type) {
+  return type == at::kFloat ? static_cast<double>(std::numeric_limits<float>::max())
+                            : std::numeric_limits<double>::max();
+}
+
+// A negative, NaN or (in the boxes' dtype) infinite size would clip every box to nonsense rather
+// than fail. The CPU kernel checks the sizes as given (so that the message shows them) before it
+// starts, which on the CPU costs no synchronisation; the CUDA kernels check them on the device
+// instead (image_sizes_check_thread in proposals_math.h), by the same rule.
+inline void check_image_sizes_eagerly(const char* op, const at::Tensor& image_sizes,
+                                      at::ScalarType boxes_type) {
+  if (image_sizes.numel() == 0) return;
+  const auto given = image_sizes.to(at::kDouble);
+  const double largest = largest_image_size(boxes_type);
+  const auto ok = (given >= 0) & (given <= largest);  // NaN fails both
+  if (!ok.all().item<bool>()) {
+    const int64_t row = (~ok.all(1)).nonzero().select(0, 0).item<int64_t>();
+    const auto bad = given.select(0, row);
+    TORCH_CHECK_VALUE(false, op, ": image_sizes must be finite, >= 0 and at most the largest ",
+                      dtype_str(boxes_type), " (", largest, "), got (", bad[0].item<double>(), ", ",
+                      bad[1].item<double>(), ") for image ", row);
+  }
+}
+
 inline ProposeInputs prepare_propose(const at::Tensor& anchors, const at::Tensor& deltas,
                                      const at::Tensor& objectness, const at::Tensor& image_sizes,
                                      const ProposeArgs& args, at::ArrayRef<double> weights,
@@ -149,24 +174,9 @@ inline ProposeInputs prepare_propose(const at::Tensor& anchors, const at::Tensor
   in.deltas = contiguous_input(op, "deltas", deltas);
   in.objectness = contiguous_input(op, "objectness", objectness);
   // torchvision clamps with Python numbers, which the comparison converts to the boxes' dtype.
+  // Their values are checked by each kernel: check_image_sizes_eagerly before the CPU's, and
+  // image_sizes_check_thread on the device for CUDA's (and the emulator's).
   in.sizes = contiguous_input(op, "image_sizes", image_sizes.to(anchors.scalar_type()));
-  // A negative, NaN or (in the boxes' dtype) infinite size would clip every box to nonsense
-  // rather than fail; one reduction (a host sync on CUDA) rules it out, on the sizes as given so
-  // that the message shows them. Fake tensors have no values, so only eager calls check.
-  if (n > 0 && !in.sizes.is_meta()) {
-    const auto given = image_sizes.to(at::kDouble);
-    const double largest = anchors.scalar_type() == at::kFloat
-                               ? static_cast<double>(std::numeric_limits<float>::max())
-                               : std::numeric_limits<double>::max();
-    const auto ok = (given >= 0) & (given <= largest);  // NaN fails both
-    if (!ok.all().item<bool>()) {
-      const int64_t row = (~ok.all(1)).nonzero().select(0, 0).item<int64_t>();
-      const auto bad = given.select(0, row).cpu();
-      TORCH_CHECK_VALUE(false, op, ": image_sizes must be finite, >= 0 and at most the largest ",
-                        dtype_str(anchors.scalar_type()), " (", largest, "), got (",
-                        bad[0].item<double>(), ", ", bad[1].item<double>(), ") for image ", row);
-    }
-  }
   in.images = n;
   in.num_anchors = a;
   in.k = std::min(args.pre_nms_top_n, a);
@@ -190,12 +200,13 @@ inline ProposeOutputs empty_propose_outputs(const ProposeInputs& in) {
   return out;
 }
 
-// Checks for propose_backward. kept_anchors comes from propose; its values are checked against
-// [-1, A) where that costs no host sync (CPU), and the kernel skips any other value anyway, so a
-// hand-made kernel call can never index out of range.
+// Checks for propose_backward. kept_anchors comes from propose; its values must lie in [-1, A).
+// The CPU kernel checks them here (`values_on_host`: free on the CPU); the CUDA kernel (and the
+// emulator) where it reads them (propose_backward_thread), which also skips any other value, so
+// that a hand-made call never indexes out of range even where device asserts are compiled out.
 inline void check_propose_backward(const at::Tensor& grad_boxes, const at::Tensor& anchors,
                                    const at::Tensor& deltas, const at::Tensor& kept_anchors,
-                                   const at::Tensor& sizes) {
+                                   const at::Tensor& sizes, bool values_on_host) {
   const char* op = "propose_backward";
   check_anchors_deltas_sizes(op, anchors, deltas, sizes);
   check_defined(op, "grad_boxes", grad_boxes);
@@ -211,7 +222,7 @@ inline void check_propose_backward(const at::Tensor& grad_boxes, const at::Tenso
   check_same_dtype(op, "deltas", deltas, "grad_boxes", grad_boxes);
   check_same_device(op, "deltas", deltas, "grad_boxes", grad_boxes);
   check_same_device(op, "deltas", deltas, "kept_anchors", kept_anchors);
-  if (kept_anchors.is_cpu() && kept_anchors.numel() > 0) {
+  if (values_on_host && kept_anchors.numel() > 0) {
     const int64_t low = kept_anchors.min().item<int64_t>();
     const int64_t high = kept_anchors.max().item<int64_t>();
     TORCH_CHECK(low >= -1 && high < anchors.size(0), op,

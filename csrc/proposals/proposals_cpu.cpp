@@ -209,6 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose_kernel(
     at::ArrayRef<double> weights, double clamp) {
   const int64_t post_nms_top_n = args.post_nms_top_n;
   auto in = prepare_propose(anchors, deltas, objectness, image_sizes, args, weights, clamp);
+  check_image_sizes_eagerly("propose", image_sizes, anchors.scalar_type());
   auto out = empty_propose_outputs(in);
   const int64_t images = in.images, num_anchors = in.num_anchors, k = in.k;
   const int64_t max_keep = std::min(post_nms_top_n, k);

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <type_traits>
 #include <utility>
 
 #include "proposals.h"
@@ -185,6 +186,21 @@ void write_propose_outputs(const Runner& run, const ProposeInputs& in, const Pro
   });
 }
 
+// The image sizes' check where they live (see image_sizes_check_thread): no host sync. The CPU
+// kernel checks them with check_image_sizes_eagerly instead.
+template <typename Runner>
+void check_image_sizes_on_device(const Runner& run, const at::Tensor& image_sizes,
+                                 at::ScalarType boxes_type) {
+  const int64_t images = image_sizes.size(0);
+  if (images == 0) return;
+  const auto given = contiguous_input("propose", "image_sizes", image_sizes.to(at::kDouble));
+  const double* given_ptr = given.data_ptr<double>();
+  const double largest = largest_image_size(boxes_type);
+  run.threads(launch_config_1d(images), [=] MLK_LAMBDA(const ThreadIndex& t) {
+    image_sizes_check_thread(t, images, given_ptr, largest);
+  });
+}
+
 template <typename Runner>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose_kernel(
     const Runner& run, const at::Tensor& anchors, const at::Tensor& deltas,
@@ -193,6 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose_kernel(
   const int64_t post_nms_top_n = args.post_nms_top_n;
   const double iou_threshold = args.iou_threshold;
   auto in = prepare_propose(anchors, deltas, objectness, image_sizes, args, weights, clamp);
+  check_image_sizes_on_device(run, image_sizes, anchors.scalar_type());
   auto out = empty_propose_outputs(in);
   const int64_t images = in.images, k = in.k, num_anchors = in.num_anchors;
   const at::Tensor order = sorted_order(in.objectness, 1).narrow(1, 0, k).contiguous();
@@ -233,7 +250,9 @@ std::tuple<at::Tensor, at::Tensor> propose_backward_kernel(
     const Runner& run, const at::Tensor& grad_boxes, const at::Tensor& anchors,
     const at::Tensor& deltas, const at::Tensor& kept_anchors, const at::Tensor& image_sizes,
     at::ArrayRef<double> weights, double clamp, std::array<bool, 2> mask) {
-  check_propose_backward(grad_boxes, anchors, deltas, kept_anchors, image_sizes);
+  // The CPU runs this kernel too (CpuParallelRunner), and checks kept_anchors' values first.
+  check_propose_backward(grad_boxes, anchors, deltas, kept_anchors, image_sizes,
+                         /*values_on_host=*/std::is_same_v<Runner, CpuParallelRunner>);
   check_weights("propose_backward", weights);
   check_clamp("propose_backward", clamp);
   const char* op = "propose_backward";

@@ -12,6 +12,7 @@
 #include <limits>
 
 #include "../boxes/boxes_math.h"
+#include "../common/kernel_check.h"
 
 namespace mlk {
 namespace proposals {
@@ -181,6 +182,24 @@ MLK_HOST_DEVICE void nms_reduce_finish(const ThreadIndex& t, int64_t count, int6
 
 // ---- CUDA thread functions of propose ----
 
+// One image per loop step: its (height, width) as given (`given`, [images, 2] in float64) must be
+// finite, >= 0 and at most `largest` (the largest value of the boxes' dtype, in which the boxes
+// are clipped to them), the rule of the CPU's check_image_sizes_eagerly (proposals.h). On CUDA a
+// bad size stops the kernel with a device-side assert (kernel_check.h); in the emulator it throws.
+// The other kernels then read only the converted sizes, for clipping, never as an index.
+MLK_HOST_DEVICE void image_sizes_check_thread(const ThreadIndex& t, int64_t images,
+                                              const double* given, double largest) {
+  for (int64_t image = t.global_x(); image < images; image += t.grid_stride_x()) {
+    const double height = given[2 * image], width = given[2 * image + 1];
+    // NaN fails both comparisons
+    const bool ok = height >= 0 && height <= largest && width >= 0 && width <= largest;
+    MLK_KERNEL_CHECK(ok,
+                     "propose: image_sizes must be finite, >= 0 and at most the largest value of "
+                     "the boxes' dtype",
+                     " (", largest, "), got (", height, ", ", width, ") for image ", image);
+  }
+}
+
 // One candidate per loop step: candidate r of image r / k is anchor order[r], decoded, clipped and
 // filtered. sizes is [images, 2] (height, width).
 template <typename T>
@@ -234,7 +253,9 @@ MLK_HOST_DEVICE void propose_output_thread(const ThreadIndex& t, int64_t images,
 // (null pointers: not asked for), and target[q] = image * num_anchors + anchor, the row of the
 // [N * A, 4] gradient it goes to; the host sums the rows into it with index_add, so an anchor
 // repeated within an image (never from propose, possible in a hand-made call) adds up. A row with
-// no anchor (-1, or any value outside [0, num_anchors)) passes zeros to its image's anchor 0.
+// no anchor (-1) passes zeros to its image's anchor 0. Any other value outside [0, num_anchors)
+// cannot come from propose: a device-side assert on CUDA, an error in the emulator (the CPU
+// checked before), and zeros where device asserts are compiled out.
 template <typename T>
 MLK_HOST_DEVICE void propose_backward_thread(const ThreadIndex& t, int64_t images, int64_t rows,
                                              int64_t num_anchors, const T* grad_boxes,
@@ -244,6 +265,9 @@ MLK_HOST_DEVICE void propose_backward_thread(const ThreadIndex& t, int64_t image
                                              T* row_grad_anchors, int64_t* target) {
   for (int64_t q = t.global_x(); q < images * rows; q += t.grid_stride_x()) {
     const int64_t image = q / rows, a = kept_anchors[q];
+    MLK_KERNEL_CHECK(a >= -1 && a < num_anchors,
+                     "propose_backward: kept_anchors must lie in [-1, A), A = anchors.size(0)",
+                     ", got ", a, " (A = ", num_anchors, ") in row ", q % rows, " of image ", image);
     T* gd = row_grad_deltas ? row_grad_deltas + 4 * q : nullptr;
     T* ga = row_grad_anchors ? row_grad_anchors + 4 * q : nullptr;
     if (a < 0 || a >= num_anchors) {

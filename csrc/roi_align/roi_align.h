@@ -35,6 +35,7 @@ Params<T> to_params(const Args& a, const at::Tensor& input) {
                    a.pooled_width,
                    a.sampling_ratio,
                    a.aligned,
+                   input.size(0),
                    input.size(1),
                    input.size(2),
                    input.size(3)};
@@ -66,8 +67,11 @@ inline void check_args(const char* op, const at::Tensor& input, const at::Tensor
                     a.sampling_ratio);
 }
 
-// The batch-index column must hold integers in [0, N): a kernel indexes the map with it. On CUDA
-// this reads three numbers back to the host in one copy (one synchronization per valid call).
+// The batch-index column must hold integers in [0, N): a kernel indexes the map with it. The CPU
+// kernels check it here, before they start (on the CPU this costs no synchronisation), naming the
+// smallest or largest bad value. The CUDA kernels (and the emulator, which runs their code) check
+// each index where they read it instead, in roi_align_math.h's checked_batch_index: reading the
+// column back to the host would synchronise with the device on every call.
 inline void check_batch_index(const char* op, const at::Tensor& boxes, int64_t batch_size) {
   if (boxes.size(0) == 0) return;
   const auto index = contiguous_input(op, "boxes", boxes.select(1, 0)).to(at::kDouble);
@@ -94,19 +98,18 @@ inline void check_grad(const char* op, const at::Tensor& grad, const at::Tensor&
   check_same_device(op, "input", input, "grad", grad);
 }
 
-// All checks of the forward op.
+// The checks of the forward op that need no values of the tensors (the batch index: see
+// check_batch_index).
 inline void check_forward(const at::Tensor& input, const at::Tensor& boxes, const Args& a) {
   check_args("roi_align", input, boxes, a);
-  check_batch_index("roi_align", boxes, input.size(0));
 }
 
-// All checks of the backward op.
+// The checks of the backward op that need no values of the tensors.
 inline void check_backward(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& boxes,
                            const Args& a) {
   const char* op = "roi_align_backward";
   check_args(op, input, boxes, a);
   check_grad(op, grad, input, boxes, a);
-  check_batch_index(op, boxes, input.size(0));
 }
 
 // float32 for float16/bfloat16 (their accumulation type), the dtype itself otherwise.

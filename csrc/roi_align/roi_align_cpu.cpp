@@ -274,6 +274,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& map, const at::Tens
 at::Tensor roi_align_forward_kernel(const CpuParallelRunner&, const at::Tensor& input,
                                     const at::Tensor& boxes, const Args& a) {
   check_forward(input, boxes, a);
+  check_batch_index("roi_align", boxes, input.size(0));
   const auto acc_type = accumulation_type(input.scalar_type());
   auto out =
       allocate_output("roi_align", {boxes.size(0), input.size(1), a.pooled_height, a.pooled_width},
@@ -294,6 +295,7 @@ std::tuple<at::Tensor, at::Tensor> roi_align_backward_kernel(const CpuParallelRu
                                                              const at::Tensor& boxes, const Args& a,
                                                              OutputMask mask) {
   check_backward(grad, input, boxes, a);
+  check_batch_index("roi_align_backward", boxes, input.size(0));
   const auto acc_options = input.options().dtype(accumulation_type(input.scalar_type()));
   // [N, H, W, C] in memory: the task slices are channel runs of every pixel.
   const char* op = "roi_align_backward";

@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "../common/grid.h"
+#include "../common/kernel_check.h"
 #include "../common/macros.h"
 
 namespace mlk {
@@ -32,7 +33,7 @@ struct Params {
   T spatial_scale;
   int64_t pooled_height, pooled_width, sampling_ratio;
   bool aligned;
-  int64_t channels, height, width;
+  int64_t images, channels, height, width;
 };
 
 // One RoI's sampling geometry in map pixels.
@@ -63,10 +64,31 @@ MLK_HOST_DEVICE int64_t adaptive_grid(T size, int64_t bins) {
   return grid < cap ? static_cast<int64_t>(grid) : static_cast<int64_t>(cap);
 }
 
+// The image a RoI samples, from its batch-index column. The one check of that column for the
+// CUDA kernels and the emulator, made where every kernel reads it (the CPU kernels check the
+// column before they start, with the smallest and largest index in the message; see
+// check_batch_index in roi_align.h): it must be an integer in [0, images). A bad index stops a
+// CUDA kernel with a device-side assert (no host sync, see kernel_check.h) and throws in the
+// emulator; `valid` is false for it, and the index returned is 0, so that nothing reads outside
+// the map even where device asserts are compiled out.
+template <typename T>
+MLK_HOST_DEVICE int64_t checked_batch_index(T index, int64_t images, bool& valid) {
+  // Integral and in [0, 2^62) before the conversion (NaN fails both), then compared as int64,
+  // exactly for any image count.
+  valid = index == std::floor(index) && index >= T(0) && index < T(4611686018427387904.0) &&
+          static_cast<int64_t>(index) < images;
+  MLK_KERNEL_CHECK(valid,
+                   "roi_align: boxes[:, 0] (batch index) must be an integer in [0, N), "
+                   "N = input.size(0)",
+                   ", got ", index, " (N = ", images, ")");
+  return valid ? static_cast<int64_t>(index) : 0;
+}
+
 template <typename T, typename S>
 MLK_HOST_DEVICE RoiGeometry<T> roi_geometry(const S* roi, const Params<T>& p) {
   RoiGeometry<T> g;
-  g.batch = static_cast<int64_t>(static_cast<T>(roi[0]));
+  bool valid_batch;
+  g.batch = checked_batch_index(static_cast<T>(roi[0]), p.images, valid_batch);
   const T offset = p.aligned ? T(0.5) : T(0);
   g.scale = p.spatial_scale;
   g.start_x = static_cast<T>(roi[1]) * p.spatial_scale - offset;
@@ -92,6 +114,11 @@ MLK_HOST_DEVICE RoiGeometry<T> roi_geometry(const S* roi, const Params<T>& p) {
   // A NaN coordinate makes the RoI's bins NaN (and its box gradient, box_grad_from_moments):
   // its samples have no position, and averaging none of them into 0 would hide the NaN.
   if (is_nan(g.start_x) || is_nan(g.start_y) || is_nan(end_x) || is_nan(end_y)) {
+    g.count = static_cast<T>(NAN);
+  }
+  // A bad batch index (only where device asserts are compiled out): no samples, a NaN result.
+  if (!valid_batch) {
+    g.grid_w = g.grid_h = 0;
     g.count = static_cast<T>(NAN);
   }
   return g;

@@ -104,8 +104,8 @@ def generate_anchors(
         return anchors
     device = anchors.device
     # torchvision computes the base anchors in float32 whatever the output dtype; so do we.
-    scales = torch.as_tensor(sizes, dtype=torch.float32, device=device)
-    ratios = torch.as_tensor(aspect_ratios, dtype=torch.float32, device=device)
+    scales = host_to_device(torch.as_tensor(sizes, dtype=torch.float32), device)
+    ratios = host_to_device(torch.as_tensor(aspect_ratios, dtype=torch.float32), device)
     h_ratios = torch.sqrt(ratios)
     ws = ((1 / h_ratios)[:, None] * scales[None, :]).reshape(-1)
     hs = (h_ratios[:, None] * scales[None, :]).reshape(-1)
@@ -309,7 +309,10 @@ def propose(
         deltas (Tensor[N, A, 4]): (dx, dy, dw, dh) per image and anchor.
         objectness (Tensor[N, A]): logits.
         image_sizes (Tensor[N, 2] or list of (height, width)): finite and >= 0; boxes are
-            clipped to them (checked in eager mode, which costs one host sync on CUDA).
+            clipped to them. Checked without a host sync: on the CPU before the op runs, on
+            CUDA by the kernel (a bad size is a device-side assert, reported at the next
+            synchronising call). A list is copied to the device from pinned memory, without a
+            sync; pass a device tensor under CUDA graph capture.
         config: a :class:`ProposeConfig` (default: its defaults).
         **settings: any :class:`ProposeConfig` field by keyword, overriding ``config``'s, e.g.
             ``propose(..., pre_nms_top_n=6000, post_nms_top_n=256, iou_threshold=0.7)``.
@@ -342,13 +345,27 @@ def image_sizes_tensor(
     if isinstance(image_sizes, torch.Tensor):
         return image_sizes
     try:
-        sizes = torch.as_tensor(image_sizes, dtype=torch.float64, device=device)
+        sizes = torch.as_tensor(image_sizes, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as error:
         raise ValueError(
             f"{op}: image_sizes must be Tensor[N, 2] or a list of (height, width) pairs, "
             f"got {image_sizes!r} ({error})"
         ) from None
-    return sizes.reshape(0, 2) if sizes.numel() == 0 else sizes
+    sizes = sizes.reshape(0, 2) if sizes.numel() == 0 else sizes
+    return host_to_device(sizes, device)
+
+
+def host_to_device(values: Tensor, device: torch.device) -> Tensor:
+    """A CPU tensor built from Python numbers, on ``device`` without a synchronising copy.
+
+    A plain copy from pageable memory to a GPU waits for the copy (a host sync); from pinned
+    memory with ``non_blocking=True`` it is queued on the current stream like a kernel, and the
+    caching host allocator keeps the pinned block until the copy has run. Under CUDA graph
+    capture, pass device tensors instead: a captured copy would re-read the host block at replay.
+    """
+    if torch.device(device).type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
 
 
 # ---- fake kernels: the C++ checks, repeated, and the output shapes ----

@@ -128,7 +128,9 @@ def roi_align(
             without a copy on CPU.
         boxes (Tensor[K, 5] or list of Tensor[L, 4]): (batch index, x1, y1, x2, y2) rows, or
             one (x1, y1, x2, y2) tensor per image; same dtype and device as ``input``. Batch
-            indices must be integers in [0, N).
+            indices must be integers in [0, N): checked before the op runs on the CPU, by the
+            kernel on CUDA (no host sync: a bad index is a device-side assert, reported at the
+            next synchronising call).
         output_size (int or (oh, ow)): bins per box, each way.
         spatial_scale: box coordinates are multiplied by it (e.g. 1/16 for a stride-16 map);
             finite and positive, within float32's normal range.
