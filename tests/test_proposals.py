@@ -293,6 +293,73 @@ def test_batched_nms_many_boxes_matches_torchvision(impl):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def _grouping(kind, n, generator):
+    """idxs for n boxes: "many" groups of about 3 boxes, "one" group, "singletons" (every box its
+    own group), "gaps" (4 group ids far apart: the ids between are empty groups), "mixed" (one
+    big group across several 64-box mask words, one of 65 boxes, then singletons)."""
+    if kind == "many":
+        return torch.randint(0, max(1, n // 3), (n,), generator=generator)
+    if kind == "one":
+        return torch.full((n,), 7)
+    if kind == "singletons":
+        return torch.randperm(n, generator=generator) * 3 - n  # negative ids too
+    if kind == "gaps":
+        return torch.randint(0, 4, (n,), generator=generator) * 1000 - 2000
+    big, medium = min(n, 150), max(0, min(n - 150, 65))
+    idxs = torch.cat([torch.zeros(big), torch.ones(medium), torch.arange(n - big - medium) + 2])
+    return idxs[torch.randperm(n, generator=generator)].long()
+
+
+@ALL_IMPLS
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(0, 300),
+    grouping=st.sampled_from(["many", "one", "singletons", "gaps", "mixed"]),
+    threshold=st.sampled_from(THRESHOLDS),
+    ties=st.booleans(),
+    grid=st.booleans(),
+)
+def test_batched_nms_groupings_match_cpu_and_torchvision(
+    impl, seed, n, grouping, threshold, ties, grid
+):
+    # The CUDA kernels (emulated here) build a mask per group and reduce the groups in parallel;
+    # every way of cutting the boxes into groups must give the CPU kernel's result to the bit.
+    boxes, scores = _nms_inputs(seed, n, torch.float32, ties=ties, grid=grid)
+    idxs = _grouping(grouping, n, torch.Generator().manual_seed(seed))
+    ours = impl.call("batched_nms", boxes, scores, idxs, threshold)
+    assert ours.dtype == torch.int64 and ours.shape == (len(set(ours.tolist())),)
+    impl.assert_matches_cpu(ours, "batched_nms", boxes, scores, idxs, threshold)
+    torch.testing.assert_close(
+        ours, reference.batched_nms(boxes, scores, idxs, threshold), rtol=0, atol=0
+    )
+    tv = torchvision.ops.boxes._batched_nms_vanilla(boxes, scores, idxs, threshold)
+    if ties:  # torchvision orders equal scores with an unstable sort
+        assert sorted(ours.tolist()) == sorted(tv.tolist())
+    else:
+        torch.testing.assert_close(ours, tv, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", impl_params("emulated"))
+def test_batched_nms_mask_is_per_group(impl):
+    # The CUDA kernels' largest allocation is the suppression mask: a row of mask_words(n_g)
+    # 64-bit words per box of each group, so 8 groups of 600 boxes need an eighth of what one
+    # group of 4800 does (8 * 600 * 10 words against 4800 * 75), and groups of one box no mask.
+    def largest_allocation(groups, per_group):
+        n = groups * per_group
+        boxes, scores = _nms_inputs(groups, n, torch.float32, size=600.0)
+        g = torch.Generator().manual_seed(groups)
+        idxs = torch.arange(groups).repeat_interleave(per_group)[torch.randperm(n, generator=g)]
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+            kept = impl.call("batched_nms", boxes, scores, idxs, 0.5)
+        impl.assert_matches_cpu(kept, "batched_nms", boxes, scores, idxs, 0.5)
+        return max(e.self_cpu_memory_usage for e in prof.events())
+
+    assert largest_allocation(8, 600) == 8 * 600 * 10 * 8
+    assert largest_allocation(1, 4800) == 4800 * 75 * 8
+    assert largest_allocation(4800, 1) < 4800 * 8 * 8  # the boxes, a few per-box arrays
+
+
 # ---- propose ----
 
 
