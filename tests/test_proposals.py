@@ -341,9 +341,14 @@ def test_batched_nms_groupings_match_cpu_and_torchvision(
 
 @pytest.mark.parametrize("impl", impl_params("emulated"))
 def test_batched_nms_mask_is_per_group(impl):
-    # The CUDA kernels' largest allocation is the suppression mask: a row of mask_words(n_g)
-    # 64-bit words per box of each group, so 8 groups of 600 boxes need an eighth of what one
-    # group of 4800 does (8 * 600 * 10 words against 4800 * 75), and groups of one box no mask.
+    # The CUDA kernels' largest allocation is the suppression mask: per group of n boxes, each
+    # row i holds the 64-bit words from its own (i // 64) to the last of ceil(n / 64), so 8
+    # groups of 600 boxes need about a seventh of what one group of 4800 does, and groups of one
+    # box a word each (less than the boxes).
+    def mask_bytes(groups, per_group):
+        words = -(-per_group // 64)
+        return groups * sum(words - i // 64 for i in range(per_group)) * 8
+
     def largest_allocation(groups, per_group):
         n = groups * per_group
         boxes, scores = _nms_inputs(groups, n, torch.float32, size=600.0)
@@ -355,9 +360,30 @@ def test_batched_nms_mask_is_per_group(impl):
         impl.assert_matches_cpu(kept, "batched_nms", boxes, scores, idxs, 0.5)
         return max(e.self_cpu_memory_usage for e in prof.events())
 
-    assert largest_allocation(8, 600) == 8 * 600 * 10 * 8
-    assert largest_allocation(1, 4800) == 4800 * 75 * 8
-    assert largest_allocation(4800, 1) < 4800 * 8 * 8  # the boxes, a few per-box arrays
+    assert mask_bytes(8, 600) == 222_720 and mask_bytes(1, 4800) == 1_459_200
+    assert largest_allocation(8, 600) == mask_bytes(8, 600)
+    assert largest_allocation(1, 4800) == mask_bytes(1, 4800)
+    assert largest_allocation(4800, 1) <= 4800 * 4 * 4  # the boxes in list order
+
+
+@pytest.mark.parametrize("impl", impl_params("emulated"))
+def test_cuda_nms_refuses_a_group_beyond_its_shared_memory(impl):
+    # The reduce keeps a group's removed set (a bit per box) in 48 KB of shared memory, next to
+    # 64 words of its own: 6080 words, 389,120 boxes. One more is refused before the mask is
+    # allocated.
+    n = 6080 * 64 + 1
+    boxes, scores = torch.zeros(n, 4), torch.zeros(n)
+    message = "batched_nms: the CUDA NMS takes at most 389120 boxes per group .* got 389121"
+    idxs = torch.cat([torch.ones(5), torch.zeros(n), torch.full((5,), 2.0)]).long()
+    assert torch.bincount(idxs).tolist() == [n, 5, 5]
+    with pytest.raises(RuntimeError, match=message):
+        impl.call("batched_nms", torch.zeros(n + 10, 4), torch.zeros(n + 10), idxs, 0.5)
+    with pytest.raises(RuntimeError, match="nms: the CUDA NMS takes at most 389120 boxes "):
+        impl.call("nms", boxes, scores, 0.5)
+    anchors = torch.zeros(n, 4)
+    args = (anchors, torch.zeros(1, n, 4), torch.zeros(1, n), torch.tensor([[10, 10]]), n, 5)
+    with pytest.raises(RuntimeError, match="389120 candidates per image .* got 389121"):
+        impl.call("propose", *args, 0.7, 0.0, 0.0, [1.0] * 4, CLAMP, False)
 
 
 # ---- propose ----

@@ -95,9 +95,9 @@ constexpr int64_t kNmsMaxGroupWords = kNmsMaxSharedBytes / 8 - kMaskBits;
 // and the totals the launches need on the host.
 struct NmsLayout {
   int64_t groups = 0;
-  int64_t tiles = 0;       // mask blocks, all groups together
-  int64_t mask_size = 0;   // mask words, all groups together
-  int64_t max_words = 0;   // the largest group's words per mask row
+  int64_t tiles = 0;      // mask blocks, all groups together
+  int64_t mask_size = 0;  // mask words, all groups together
+  int64_t largest = 0;    // the largest group's candidates
   at::Tensor starts, tile_offsets, mask_offsets;  // int64 [>= groups + 1]
 
   NmsSegments segments() const {
@@ -106,67 +106,73 @@ struct NmsLayout {
   }
 };
 
-inline void check_nms_layout(const char* op, const NmsLayout& layout) {
-  TORCH_CHECK(layout.max_words <= kNmsMaxGroupWords, op, ": the CUDA NMS takes at most ",
-              kNmsMaxGroupWords * kMaskBits, " boxes per ",
-              layout.groups > 1 ? "group" : "list",
-              " (its removed set lives in 48 KB of shared memory), got ",
-              layout.max_words * kMaskBits - kMaskBits + 1, " or more");
-  TORCH_CHECK(layout.tiles <= kNmsMaxGridX, op, ": the CUDA NMS's mask needs ", layout.tiles,
+// `per_group` names a group in the messages ("boxes per group", "candidates per image").
+inline void check_nms_layout(const char* op, const char* per_group, const NmsLayout& layout) {
+  TORCH_CHECK(mask_words(layout.largest) <= kNmsMaxGroupWords, op, ": the CUDA NMS takes at most ",
+              kNmsMaxGroupWords * kMaskBits, " ", per_group,
+              " (its removed set lives in 48 KB of shared memory), got ", layout.largest);
+  TORCH_CHECK(layout.tiles <= kNmsMaxGridX && layout.groups <= kNmsMaxGridX, op,
+              ": the CUDA NMS's grids would need ", std::max(layout.tiles, layout.groups),
               " blocks, more than a grid holds (", kNmsMaxGridX, ")");
 }
 
 // `groups` lists of n candidates each (nms: one; propose: one per image), known on the host.
-inline NmsLayout uniform_nms_layout(const char* op, int64_t groups, int64_t n,
-                                    const at::TensorOptions& long_options) {
+inline NmsLayout uniform_nms_layout(const char* op, const char* per_group, int64_t groups,
+                                    int64_t n, const at::TensorOptions& long_options) {
   NmsLayout layout;
   const int64_t words = mask_words(n);
   layout.groups = groups;
   layout.tiles = groups * words * words;
-  layout.mask_size = groups * n * words;
-  layout.max_words = words;
-  check_nms_layout(op, layout);
+  layout.mask_size = groups * nms_row_offset(n, words);
+  layout.largest = n;
+  check_nms_layout(op, per_group, layout);
   const at::Tensor group = at::arange(groups + 1, long_options);
   layout.starts = group * n;
   layout.tile_offsets = group * (words * words);
-  layout.mask_offsets = group * (n * words);
+  layout.mask_offsets = group * nms_row_offset(n, words);
   return layout;
 }
 
 // The groups of a list sorted by group (`sorted_groups`, int64 [n], n > 0): found on the device;
 // the totals come to the host in one copy, the one host synchronisation this adds. Every array
 // has n + 1 entries (there are at most n groups); those past the groups' are never read.
-inline NmsLayout grouped_nms_layout(const char* op, const at::Tensor& sorted_groups) {
+template <typename Runner>
+NmsLayout grouped_nms_layout(const Runner& run, const char* op, const at::Tensor& sorted_groups) {
   const int64_t n = sorted_groups.size(0);
   const auto long_options = sorted_groups.options().dtype(at::kLong);
-  const at::Tensor positions = at::arange(n, long_options);
   auto is_start = at::ones({n}, sorted_groups.options().dtype(at::kBool));
   is_start.narrow(0, 1, n - 1).copy_(sorted_groups.narrow(0, 1, n - 1) !=
                                      sorted_groups.narrow(0, 0, n - 1));
   const at::Tensor group_of = is_start.cumsum(0) - 1;  // each position's group
   // starts[g] = the first position of group g; n for every g past the last group.
-  const at::Tensor starts = at::full({n + 1}, n, long_options)
-                                .scatter_reduce_(0, group_of, positions, "amin",
-                                                 /*include_self=*/true);
-  const at::Tensor sizes = starts.narrow(0, 1, n) - starts.narrow(0, 0, n);  // 0 past the last
-  const at::Tensor words = at::floor_divide(sizes + (kMaskBits - 1), kMaskBits);
-  const auto offsets = [&](const at::Tensor& per_group) {
-    return at::cat({at::zeros({1}, long_options), per_group.cumsum(0)});
-  };
+  const at::Tensor starts =
+      at::full({n + 1}, n, long_options)
+          .scatter_reduce_(0, group_of, at::arange(n, long_options), "amin", true);
+  auto tiles = at::zeros({n + 1}, long_options);  // [0] stays 0: the cumsum gives offsets
+  auto mask_sizes = at::zeros({n + 1}, long_options);
+  {
+    const int64_t* s = starts.data_ptr<int64_t>();
+    int64_t* tp = tiles.data_ptr<int64_t>() + 1;
+    int64_t* mp = mask_sizes.data_ptr<int64_t>() + 1;
+    run.threads(launch_config_1d(n), [=] MLK_LAMBDA(const ThreadIndex& t) {
+      nms_group_sizes_thread(t, n, s, tp, mp);
+    });
+  }
   NmsLayout layout;
   layout.starts = starts;
-  layout.tile_offsets = offsets(words * words);
-  layout.mask_offsets = offsets(sizes * words);
+  layout.tile_offsets = tiles.cumsum(0);
+  layout.mask_offsets = mask_sizes.cumsum(0);
+  const at::Tensor largest_group = (starts.narrow(0, 1, n) - starts.narrow(0, 0, n)).max();
   const at::Tensor totals =
       at::stack({group_of[n - 1] + 1, layout.tile_offsets[n], layout.mask_offsets[n],
-                 words.max()})
+                 largest_group})
           .cpu();
   const int64_t* total = totals.data_ptr<int64_t>();
   layout.groups = total[0];
   layout.tiles = total[1];
   layout.mask_size = total[2];
-  layout.max_words = total[3];
-  check_nms_layout(op, layout);
+  layout.largest = total[3];
+  check_nms_layout(op, "boxes per group", layout);
   return layout;
 }
 
@@ -195,8 +201,9 @@ void bitmask_nms(const Runner& run, const at::Tensor& boxes, const NmsLayout& la
   LaunchConfig config;
   config.grid.x = layout.groups;
   // One thread per removed word of the largest group (up to 512), at least a warp.
-  config.block.x = std::min<int64_t>(512, std::max<int64_t>(32, (layout.max_words + 31) / 32 * 32));
-  config.shared_bytes = (kMaskBits + layout.max_words) * static_cast<int64_t>(sizeof(uint64_t));
+  const int64_t max_words = mask_words(layout.largest);
+  config.block.x = std::min<int64_t>(512, std::max<int64_t>(32, (max_words + 31) / 32 * 32));
+  config.shared_bytes = (kMaskBits + max_words) * static_cast<int64_t>(sizeof(uint64_t));
   run.blocks(config, NmsReduceBlock{segments, max_keep, mask_ptr,
                                     valid.defined() ? valid.data_ptr<bool>() : nullptr,
                                     kept.defined() ? kept.data_ptr<int64_t>() : nullptr,
@@ -234,9 +241,9 @@ at::Tensor nms_family_kernel(const Runner& run, const char* op, const at::Tensor
     const auto sorted = in.groups.index_select(0, order).sort(/*stable=*/true, 0, false);
     by_group = std::get<1>(sorted);
     listed = order.index_select(0, by_group);
-    layout = grouped_nms_layout(op, std::get<0>(sorted));
+    layout = grouped_nms_layout(run, op, std::get<0>(sorted));
   } else {
-    layout = uniform_nms_layout(op, 1, in.n, long_options);
+    layout = uniform_nms_layout(op, "boxes", 1, in.n, long_options);
   }
   const at::Tensor listed_boxes = in.boxes.index_select(0, listed).contiguous();
   at::Tensor keep = at::zeros({in.n}, in.boxes.options().dtype(at::kBool));
@@ -318,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose_kernel(
   auto kept = at::empty({images, max_keep}, long_options);
   auto kept_counts = at::empty({images}, long_options);
   bitmask_nms(run, cand_boxes.view({images * k, 4}),
-              uniform_nms_layout("propose", images, k, long_options), valid.view({images * k}),
+              uniform_nms_layout("propose", "candidates per image", images, k, long_options), valid.view({images * k}),
               iou_threshold, max_keep, kept, kept_counts, at::Tensor());
   write_propose_outputs(run, in, args, cand_boxes, scores, order, kept, kept_counts, out);
   return {out.boxes, out.scores, out.counts, out.kept_anchors};

@@ -101,10 +101,32 @@ MLK_HOST_DEVICE int64_t mask_words(int64_t n) { return (n + kMaskBits - 1) / kMa
 // The candidates are one list in processing order cut into `groups` contiguous groups: group g
 // holds positions [starts[g], starts[g + 1]) (nms: one group; batched_nms: one per idxs value;
 // propose: one per image). A candidate only suppresses later candidates of its own group, so
-// each group has its own mask, n_g rows of words_g = mask_words(n_g) words at mask_offsets[g]
-// (row r of the group at mask_offsets[g] + r * words_g), and its own words_g x words_g mask
-// blocks ("tiles"), numbered from tile_offsets[g] in the mask kernel's 1-D grid. All three
-// arrays hold (at least) groups + 1 entries, the last being the totals.
+// each group has its own mask at mask_offsets[g], n_g rows over words_g = mask_words(n_g) words,
+// and its own words_g x words_g mask blocks ("tiles"), numbered from tile_offsets[g] in the mask
+// kernel's 1-D grid. All three arrays hold (at least) groups + 1 entries, the last being the
+// totals.
+//
+// A row stores only its words from its own (i / 64) on: a candidate suppresses no earlier one,
+// and the reduce reads no earlier word. Row i starts at nms_row_offset(i, words_g) in its group's
+// mask, and nms_row_offset(n_g, words_g) is the group's mask size, about half of n_g * words_g.
+MLK_HOST_DEVICE int64_t nms_row_offset(int64_t i, int64_t words) {
+  const int64_t blocks = i / kMaskBits;  // full row blocks before i: 64 rows of words - b each
+  return kMaskBits * (blocks * words - blocks * (blocks - 1) / 2) +
+         (i - kMaskBits * blocks) * (words - blocks);
+}
+
+// One group slot per loop step: the group's mask blocks and stored mask words (starts has
+// slots + 1 entries; a slot past the last group is empty and gets zeros).
+MLK_HOST_DEVICE void nms_group_sizes_thread(const ThreadIndex& t, int64_t slots,
+                                            const int64_t* starts, int64_t* tiles,
+                                            int64_t* mask_size) {
+  for (int64_t g = t.global_x(); g < slots; g += t.grid_stride_x()) {
+    const int64_t n = starts[g + 1] - starts[g], words = mask_words(n);
+    tiles[g] = words * words;
+    mask_size[g] = nms_row_offset(n, words);
+  }
+}
+
 struct NmsSegments {
   int64_t groups;
   const int64_t* starts;
@@ -171,7 +193,7 @@ MLK_HOST_DEVICE void nms_mask_row(const ThreadIndex& t, const NmsTile& tile, con
     const T* other = col_boxes + 4 * jj;
     if (box_iou(box, area, other, box_area(other)) > threshold) bits |= uint64_t(1) << jj;
   }
-  mask[tile.mask_offset + i * tile.words + tile.col_block] = bits;
+  mask[tile.mask_offset + nms_row_offset(i, tile.words) + tile.col_block - tile.row_block] = bits;
 }
 
 // Reduce kernel, grid (groups), one block per group, any block size; shared memory: `diagonal`
@@ -226,7 +248,7 @@ MLK_HOST_DEVICE void nms_reduce_load_diagonal(const ThreadIndex& t, const NmsGro
                                               uint64_t* diagonal) {
   for (int64_t b = t.thread_rank(); b < kMaskBits; b += t.block_dim.count()) {
     const int64_t i = w * kMaskBits + b;
-    diagonal[b] = i < g.n ? g.mask[i * g.words + w] : 0;
+    diagonal[b] = i < g.n ? g.mask[nms_row_offset(i, g.words)] : 0;  // the row's first word
   }
 }
 
@@ -241,9 +263,9 @@ MLK_HOST_DEVICE void nms_reduce_word(const ThreadIndex& t, const NmsGroup& g, in
     if ((removed_here >> b) & 1) continue;
     const int64_t i = w * kMaskBits + b;
     removed_here |= diagonal[b];
-    const uint64_t* row = g.mask + i * g.words;
+    const uint64_t* row = g.mask + nms_row_offset(i, g.words);  // row[0] is word w
     for (int64_t j = w + 1 + t.thread_rank(); j < g.words; j += t.block_dim.count()) {
-      removed[j] |= row[j];
+      removed[j] |= row[j - w];
     }
     if (t.thread_rank() == 0) {
       if (kept != nullptr) kept[g.index * max_keep + state.count] = i;
