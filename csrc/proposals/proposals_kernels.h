@@ -59,6 +59,7 @@ struct NmsReduceBlock {
   int64_t* kept;
   int64_t* counts;
   bool* keep_flags;
+  const int64_t* flag_index;
 
   MLK_EXEC_CHECK_DISABLE
   template <typename Block>
@@ -75,7 +76,7 @@ struct NmsReduceBlock {
       block.phase([&](const ThreadIndex& t) { nms_reduce_load_diagonal(t, group, w, diagonal); });
       block.phase([&](const ThreadIndex& t) {
         nms_reduce_word(t, group, w, k.max_keep, diagonal, removed, state[t], k.kept,
-                        k.keep_flags);
+                        k.keep_flags, k.flag_index);
       });
     }
     block.phase([&](const ThreadIndex& t) {
@@ -145,9 +146,7 @@ NmsLayout grouped_nms_layout(const Runner& run, const char* op, const at::Tensor
                                      sorted_groups.narrow(0, 0, n - 1));
   const at::Tensor group_of = is_start.cumsum(0) - 1;  // each position's group
   // starts[g] = the first position of group g; n for every g past the last group.
-  const at::Tensor starts =
-      at::full({n + 1}, n, long_options)
-          .scatter_reduce_(0, group_of, at::arange(n, long_options), "amin", true);
+  const at::Tensor starts = at::searchsorted(group_of, at::arange(n + 1, long_options));
   auto tiles = at::zeros({n + 1}, long_options);  // [0] stays 0: the cumsum gives offsets
   auto mask_sizes = at::zeros({n + 1}, long_options);
   {
@@ -180,11 +179,13 @@ NmsLayout grouped_nms_layout(const Runner& run, const char* op, const at::Tensor
 // order), valid [L] bool (undefined: all valid). Keeps at most max_keep candidates per group and
 // writes, where the tensor is defined: kept [groups, max_keep] int64, the kept positions within
 // each group (-1 past the count); counts [groups] int64; keep_flags [L] bool (to be zeros on
-// entry), true at the kept positions. Everything stays on the device.
+// entry), true at flag_index[p] for each kept position p (flag_index [L] int64; undefined: at p).
+// Everything stays on the device.
 template <typename Runner>
 void bitmask_nms(const Runner& run, const at::Tensor& boxes, const NmsLayout& layout,
                  const at::Tensor& valid, double iou_threshold, int64_t max_keep,
-                 const at::Tensor& kept, const at::Tensor& counts, const at::Tensor& keep_flags) {
+                 const at::Tensor& kept, const at::Tensor& counts, const at::Tensor& keep_flags,
+                 const at::Tensor& flag_index) {
   if (layout.groups == 0) return;
   // 64-bit words kept in int64 storage (ATen has no uint64 tensors to allocate with).
   auto mask = at::empty({layout.mask_size}, boxes.options().dtype(at::kLong));
@@ -208,7 +209,8 @@ void bitmask_nms(const Runner& run, const at::Tensor& boxes, const NmsLayout& la
                                     valid.defined() ? valid.data_ptr<bool>() : nullptr,
                                     kept.defined() ? kept.data_ptr<int64_t>() : nullptr,
                                     counts.defined() ? counts.data_ptr<int64_t>() : nullptr,
-                                    keep_flags.defined() ? keep_flags.data_ptr<bool>() : nullptr});
+                                    keep_flags.defined() ? keep_flags.data_ptr<bool>() : nullptr,
+                                    flag_index.defined() ? flag_index.data_ptr<int64_t>() : nullptr});
 }
 
 // The CPU's own NMS and propose (proposals_cpu.cpp: greedy NMS over structure-of-arrays
@@ -234,7 +236,8 @@ at::Tensor nms_family_kernel(const Runner& run, const char* op, const at::Tensor
   if (in.n == 0) return at::empty({0}, long_options);
   const at::Tensor order = sorted_order(in.scores, 0);
   // The candidate list: score order, regrouped by idxs with a stable sort, so that each group
-  // keeps score order (ties to the lower index). by_group[p] is the score rank at position p.
+  // keeps score order (ties to the lower index). by_group[p] is the score rank at position p,
+  // where the reduce sets the flag of a kept candidate.
   at::Tensor by_group, listed = order;
   NmsLayout layout;
   if (idxs != nullptr) {
@@ -248,8 +251,7 @@ at::Tensor nms_family_kernel(const Runner& run, const char* op, const at::Tensor
   const at::Tensor listed_boxes = in.boxes.index_select(0, listed).contiguous();
   at::Tensor keep = at::zeros({in.n}, in.boxes.options().dtype(at::kBool));
   bitmask_nms(run, listed_boxes, layout, at::Tensor(), iou_threshold, in.n, at::Tensor(),
-              at::Tensor(), keep);
-  if (by_group.defined()) keep = at::empty_like(keep).index_copy_(0, by_group, keep);
+              at::Tensor(), keep, by_group);
   return order.masked_select(keep);  // the output size is data-dependent: a host sync
 }
 
@@ -326,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose_kernel(
   auto kept_counts = at::empty({images}, long_options);
   bitmask_nms(run, cand_boxes.view({images * k, 4}),
               uniform_nms_layout("propose", "candidates per image", images, k, long_options), valid.view({images * k}),
-              iou_threshold, max_keep, kept, kept_counts, at::Tensor());
+              iou_threshold, max_keep, kept, kept_counts, at::Tensor(), at::Tensor());
   write_propose_outputs(run, in, args, cand_boxes, scores, order, kept, kept_counts, out);
   return {out.boxes, out.scores, out.counts, out.kept_anchors};
 }

@@ -253,11 +253,13 @@ MLK_HOST_DEVICE void nms_reduce_load_diagonal(const ThreadIndex& t, const NmsGro
 }
 
 // Phase B of word w, until max_keep candidates are kept. Thread 0 records each kept candidate:
-// its position in the group in kept[group, count] (kept == nullptr: not asked) and a flag at its
-// position in the list (keep_flags == nullptr: not asked).
+// its position in the group in kept[group, count] (kept == nullptr: not asked) and a flag for
+// list position p at keep_flags[flag_index[p]] (flag_index == nullptr: at p; keep_flags ==
+// nullptr: not asked).
 MLK_HOST_DEVICE void nms_reduce_word(const ThreadIndex& t, const NmsGroup& g, int64_t w,
                                      int64_t max_keep, const uint64_t* diagonal, uint64_t* removed,
-                                     NmsReduceState& state, int64_t* kept, bool* keep_flags) {
+                                     NmsReduceState& state, int64_t* kept, bool* keep_flags,
+                                     const int64_t* flag_index) {
   uint64_t removed_here = removed[w];
   for (int64_t b = 0; b < kMaskBits && w * kMaskBits + b < g.n && state.count < max_keep; ++b) {
     if ((removed_here >> b) & 1) continue;
@@ -269,7 +271,8 @@ MLK_HOST_DEVICE void nms_reduce_word(const ThreadIndex& t, const NmsGroup& g, in
     }
     if (t.thread_rank() == 0) {
       if (kept != nullptr) kept[g.index * max_keep + state.count] = i;
-      if (keep_flags != nullptr) keep_flags[g.start + i] = true;
+      const int64_t p = g.start + i;
+      if (keep_flags != nullptr) keep_flags[flag_index != nullptr ? flag_index[p] : p] = true;
     }
     ++state.count;
   }
