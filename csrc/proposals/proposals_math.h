@@ -202,9 +202,9 @@ MLK_HOST_DEVICE void nms_mask_row(const ThreadIndex& t, const NmsTile& tile, con
 //  A. the 64 rows' own words of that mask column (the "diagonal" word of each row) go to shared
 //     memory, so that the serial walk of B reads shared memory, not global;
 //  B. every thread copies removed[w] into a register and walks its 64 bits alike (the same
-//     values, so the same decisions): a candidate not removed is kept, ORs its diagonal word into
-//     the register, and its later words w + 1.. into removed, each word by one thread
-//     (j = w + 1 + rank, strided by the block size).
+//     values, so the same decisions): a candidate not removed is kept and ORs its diagonal word
+//     into the register; then the kept rows' later words w + 1.. go into removed, each word by
+//     one thread (j = w + 1 + rank, strided by the block size).
 // Race-free: removed[w] is read only in B(w) and written only in B(< w), behind a barrier; in
 // B(w) each removed[j > w] has one writer and no reader; `diagonal` is written in A(w), read in
 // B(w) and written again in A(w + 1), each behind a barrier. One barrier pair per 64 candidates.
@@ -260,21 +260,31 @@ MLK_HOST_DEVICE void nms_reduce_word(const ThreadIndex& t, const NmsGroup& g, in
                                      int64_t max_keep, const uint64_t* diagonal, uint64_t* removed,
                                      NmsReduceState& state, int64_t* kept, bool* keep_flags,
                                      const int64_t* flag_index) {
-  uint64_t removed_here = removed[w];
+  // 1. Which of the word's candidates are kept, from removed[w] and the diagonal words alone
+  //    (a register and shared memory): the serial part, the same in every thread.
+  uint64_t removed_here = removed[w], kept_here = 0;
   for (int64_t b = 0; b < kMaskBits && w * kMaskBits + b < g.n && state.count < max_keep; ++b) {
     if ((removed_here >> b) & 1) continue;
-    const int64_t i = w * kMaskBits + b;
     removed_here |= diagonal[b];
-    const uint64_t* row = g.mask + nms_row_offset(i, g.words);  // row[0] is word w
-    for (int64_t j = w + 1 + t.thread_rank(); j < g.words; j += t.block_dim.count()) {
-      removed[j] |= row[j - w];
-    }
+    kept_here |= uint64_t(1) << b;
     if (t.thread_rank() == 0) {
+      const int64_t i = w * kMaskBits + b, p = g.start + i;
       if (kept != nullptr) kept[g.index * max_keep + state.count] = i;
-      const int64_t p = g.start + i;
       if (keep_flags != nullptr) keep_flags[flag_index != nullptr ? flag_index[p] : p] = true;
     }
     ++state.count;
+  }
+  // 2. The kept rows' later words into removed, word j by one thread: OR-ed in a register first,
+  //    so that the loads of the kept rows do not wait on each other.
+  if (kept_here == 0) return;
+  const int64_t first_row = nms_row_offset(w * kMaskBits, g.words);
+  const int64_t row_size = g.words - w;  // each row of mask block w stores words w..words-1
+  for (int64_t j = w + 1 + t.thread_rank(); j < g.words; j += t.block_dim.count()) {
+    uint64_t bits = 0;
+    for (int64_t b = 0; b < kMaskBits; ++b) {
+      if ((kept_here >> b) & 1) bits |= g.mask[first_row + b * row_size + (j - w)];
+    }
+    removed[j] |= bits;
   }
 }
 
