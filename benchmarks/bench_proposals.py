@@ -67,7 +67,28 @@ def _nms_cases(quick: bool, g: torch.Generator, device: str) -> list[Case]:
             _equal,
         )
     )
+    cases.append(_classes_case(quick, device))
     return cases
+
+
+def _classes_case(quick: bool, device: str) -> Case:
+    """A detector's last step: boxes of 80 classes, the classes of very uneven sizes (from over
+    1000 boxes down to a handful). Its own generator, so that the other cases keep their inputs."""
+    g = torch.Generator().manual_seed(2)
+    n = 4000 if quick else 20000
+    boxes = _boxes(n, g)
+    scores = torch.randperm(n, generator=g).float()
+    idxs = (torch.rand(n, generator=g) ** 2 * 80).long()
+    boxes, scores, idxs = boxes.to(device), scores.to(device), idxs.to(device)
+    return Case(
+        "proposals",
+        "batched_nms",
+        f"80 uneven classes, N={n}, iou 0.5",
+        lambda: mlkernels.ops.batched_nms(boxes, scores, idxs, 0.5),
+        lambda: torchvision.ops.batched_nms(boxes, scores, idxs, 0.5),
+        "torchvision.ops.batched_nms",
+        _equal,
+    )
 
 
 def _propose_case(quick: bool, g: torch.Generator, device: str) -> Case:

@@ -293,6 +293,99 @@ def test_batched_nms_many_boxes_matches_torchvision(impl):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def _grouping(kind, n, generator):
+    """idxs for n boxes: "many" groups of about 3 boxes, "one" group, "singletons" (every box its
+    own group), "gaps" (4 group ids far apart: the ids between are empty groups), "mixed" (one
+    big group across several 64-box mask words, one of 65 boxes, then singletons)."""
+    if kind == "many":
+        return torch.randint(0, max(1, n // 3), (n,), generator=generator)
+    if kind == "one":
+        return torch.full((n,), 7)
+    if kind == "singletons":
+        return torch.randperm(n, generator=generator) * 3 - n  # negative ids too
+    if kind == "gaps":
+        return torch.randint(0, 4, (n,), generator=generator) * 1000 - 2000
+    big, medium = min(n, 150), max(0, min(n - 150, 65))
+    idxs = torch.cat([torch.zeros(big), torch.ones(medium), torch.arange(n - big - medium) + 2])
+    return idxs[torch.randperm(n, generator=generator)].long()
+
+
+@ALL_IMPLS
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(0, 300),
+    grouping=st.sampled_from(["many", "one", "singletons", "gaps", "mixed"]),
+    threshold=st.sampled_from(THRESHOLDS),
+    ties=st.booleans(),
+    grid=st.booleans(),
+)
+def test_batched_nms_groupings_match_cpu_and_torchvision(
+    impl, seed, n, grouping, threshold, ties, grid
+):
+    # The CUDA kernels (emulated here) build a mask per group and reduce the groups in parallel;
+    # every way of cutting the boxes into groups must give the CPU kernel's result to the bit.
+    boxes, scores = _nms_inputs(seed, n, torch.float32, ties=ties, grid=grid)
+    idxs = _grouping(grouping, n, torch.Generator().manual_seed(seed))
+    ours = impl.call("batched_nms", boxes, scores, idxs, threshold)
+    assert ours.dtype == torch.int64 and ours.shape == (len(set(ours.tolist())),)
+    impl.assert_matches_cpu(ours, "batched_nms", boxes, scores, idxs, threshold)
+    torch.testing.assert_close(
+        ours, reference.batched_nms(boxes, scores, idxs, threshold), rtol=0, atol=0
+    )
+    tv = torchvision.ops.boxes._batched_nms_vanilla(boxes, scores, idxs, threshold)
+    if ties:  # torchvision orders equal scores with an unstable sort
+        assert sorted(ours.tolist()) == sorted(tv.tolist())
+    else:
+        torch.testing.assert_close(ours, tv, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", impl_params("emulated"))
+def test_batched_nms_mask_is_per_group(impl):
+    # The CUDA kernels' largest allocation is the suppression mask: per group of n boxes, each
+    # row i holds the 64-bit words from its own (i // 64) to the last of ceil(n / 64), so 8
+    # groups of 600 boxes need about a seventh of what one group of 4800 does, and groups of one
+    # box a word each (less than the boxes).
+    def mask_bytes(groups, per_group):
+        words = -(-per_group // 64)
+        return groups * sum(words - i // 64 for i in range(per_group)) * 8
+
+    def largest_allocation(groups, per_group):
+        n = groups * per_group
+        boxes, scores = _nms_inputs(groups, n, torch.float32, size=600.0)
+        g = torch.Generator().manual_seed(groups)
+        idxs = torch.arange(groups).repeat_interleave(per_group)[torch.randperm(n, generator=g)]
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+            kept = impl.call("batched_nms", boxes, scores, idxs, 0.5)
+        impl.assert_matches_cpu(kept, "batched_nms", boxes, scores, idxs, 0.5)
+        return max(e.self_cpu_memory_usage for e in prof.events())
+
+    assert mask_bytes(8, 600) == 222_720 and mask_bytes(1, 4800) == 1_459_200
+    assert largest_allocation(8, 600) == mask_bytes(8, 600)
+    assert largest_allocation(1, 4800) == mask_bytes(1, 4800)
+    assert largest_allocation(4800, 1) <= 4800 * 4 * 4  # the boxes in list order
+
+
+@pytest.mark.parametrize("impl", impl_params("emulated"))
+def test_cuda_nms_refuses_a_group_beyond_its_shared_memory(impl):
+    # The reduce keeps a group's removed set (a bit per box) in 48 KB of shared memory, next to
+    # 64 words of its own: 6080 words, 389,120 boxes. One more is refused before the mask is
+    # allocated.
+    n = 6080 * 64 + 1
+    boxes, scores = torch.zeros(n, 4), torch.zeros(n)
+    message = "batched_nms: the CUDA NMS takes at most 389120 boxes per group .* got 389121"
+    idxs = torch.cat([torch.ones(5), torch.zeros(n), torch.full((5,), 2.0)]).long()
+    assert torch.bincount(idxs).tolist() == [n, 5, 5]
+    with pytest.raises(RuntimeError, match=message):
+        impl.call("batched_nms", torch.zeros(n + 10, 4), torch.zeros(n + 10), idxs, 0.5)
+    with pytest.raises(RuntimeError, match="nms: the CUDA NMS takes at most 389120 boxes "):
+        impl.call("nms", boxes, scores, 0.5)
+    anchors = torch.zeros(n, 4)
+    args = (anchors, torch.zeros(1, n, 4), torch.zeros(1, n), torch.tensor([[10, 10]]), n, 5)
+    with pytest.raises(RuntimeError, match="389120 candidates per image .* got 389121"):
+        impl.call("propose", *args, 0.7, 0.0, 0.0, [1.0] * 4, CLAMP, False)
+
+
 # ---- propose ----
 
 

@@ -6,6 +6,7 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <type_traits>
 #include <utility>
@@ -27,101 +28,191 @@ struct CpuParallelRunner;  // csrc/common/cpu_runner.h
 
 namespace proposals {
 
-// Mask kernel block (see proposals_math.h): column boxes to shared memory, then one mask word per
-// row.
+// Mask kernel block (see proposals_math.h): one tile of one group's mask; the column boxes to
+// shared memory, then one mask word per row.
 template <typename T>
 struct NmsMaskBlock {
-  int64_t n;
+  NmsSegments segments;
   const T* boxes;
-  const int64_t* groups;
   T threshold;
   uint64_t* mask;
 
   MLK_EXEC_CHECK_DISABLE
   template <typename Block>
   MLK_HOST_DEVICE void operator()(Block& block) const {
+    const NmsTile tile = nms_find_tile(segments, block.index().x);
+    if (tile.row_block > tile.col_block) return;  // the whole block alike: no barrier is skipped
     T* col_boxes = block.template shared<T>();
-    int64_t* col_groups = reinterpret_cast<int64_t*>(col_boxes + 4 * kMaskBits);
     const NmsMaskBlock& k = *this;
+    block.phase([&](const ThreadIndex& t) { nms_mask_load(t, tile, k.boxes, col_boxes); });
     block.phase([&](const ThreadIndex& t) {
-      nms_mask_load(t, k.n, k.boxes, k.groups, col_boxes, col_groups);
-    });
-    block.phase([&](const ThreadIndex& t) {
-      nms_mask_row(t, k.n, k.boxes, k.groups, k.threshold, col_boxes, col_groups, k.mask);
+      nms_mask_row(t, tile, k.boxes, k.threshold, col_boxes, k.mask);
     });
   }
 };
 
-// Reduce kernel block: walks one image's candidates in order; a phase per kept candidate.
+// Reduce kernel block: walks one group's candidates, two phases per mask word (see
+// proposals_math.h); shared memory: 64 diagonal words, then the group's removed words.
 struct NmsReduceBlock {
-  int64_t n, max_keep;
+  NmsSegments segments;
+  int64_t max_keep;
   const uint64_t* mask;
   const bool* valid;
-  uint64_t* removed;
   int64_t* kept;
   int64_t* counts;
+  bool* keep_flags;
+  const int64_t* flag_index;
 
   MLK_EXEC_CHECK_DISABLE
   template <typename Block>
   MLK_HOST_DEVICE void operator()(Block& block) const {
     const NmsReduceBlock& k = *this;
-    block.phase([&](const ThreadIndex& t) { nms_reduce_init(t, k.n, k.valid, k.removed); });
-    const uint64_t* removed_of_image = removed + block.index().x * mask_words(n);
-    int64_t count = 0;
-    for (int64_t i = 0; i < n && count < max_keep; ++i) {
-      if (nms_is_removed(removed_of_image, i)) continue;  // the same in every thread
+    const NmsGroup group = nms_group(segments, mask, block.index().x);
+    uint64_t* diagonal = block.template shared<uint64_t>();
+    uint64_t* removed = diagonal + kMaskBits;
+    auto state = block.template per_thread<NmsReduceState>();
+    block.phase([&](const ThreadIndex& t) {
+      nms_reduce_init(t, group, k.valid, removed, state[t]);
+    });
+    for (int64_t w = 0; w < group.words; ++w) {
+      block.phase([&](const ThreadIndex& t) { nms_reduce_load_diagonal(t, group, w, diagonal); });
       block.phase([&](const ThreadIndex& t) {
-        nms_reduce_keep(t, k.n, i, count, k.max_keep, k.mask, k.removed, k.kept);
+        nms_reduce_word(t, group, w, k.max_keep, diagonal, removed, state[t], k.kept,
+                        k.keep_flags, k.flag_index);
       });
-      ++count;
     }
-    block.phase(
-        [&](const ThreadIndex& t) { nms_reduce_finish(t, count, k.max_keep, k.kept, k.counts); });
+    block.phase([&](const ThreadIndex& t) {
+      nms_reduce_finish(t, group, k.max_keep, state[t], k.kept, k.counts);
+    });
   }
 };
 
-// Bitmask NMS over `images` lists of n candidates each: boxes [images, n, 4] in processing order,
-// groups [images, n] int64 (undefined: one group) and valid [images, n] bool (undefined: all
-// valid). Returns the kept positions [images, max_keep] (-1 past the count) and the counts
-// [images], both left on the device.
+// The launch limits of a GPU that the NMS kernels' geometry must respect: a grid's x extent, and
+// the shared memory a block gets without opting in.
+constexpr int64_t kNmsMaxGridX = (int64_t(1) << 31) - 1;
+constexpr int64_t kNmsMaxSharedBytes = 48 * 1024;
+// The reduce keeps a group's removed words next to the 64 diagonal words in shared memory.
+constexpr int64_t kNmsMaxGroupWords = kNmsMaxSharedBytes / 8 - kMaskBits;
+
+// Where each group's candidates, mask tiles and mask rows lie (NmsSegments), as device tensors,
+// and the totals the launches need on the host.
+struct NmsLayout {
+  int64_t groups = 0;
+  int64_t tiles = 0;      // mask blocks, all groups together
+  int64_t mask_size = 0;  // mask words, all groups together
+  int64_t largest = 0;    // the largest group's candidates
+  at::Tensor starts, tile_offsets, mask_offsets;  // int64 [>= groups + 1]
+
+  NmsSegments segments() const {
+    return {groups, starts.data_ptr<int64_t>(), tile_offsets.data_ptr<int64_t>(),
+            mask_offsets.data_ptr<int64_t>()};
+  }
+};
+
+// `per_group` names a group in the messages ("boxes per group", "candidates per image").
+inline void check_nms_layout(const char* op, const char* per_group, const NmsLayout& layout) {
+  TORCH_CHECK(mask_words(layout.largest) <= kNmsMaxGroupWords, op, ": the CUDA NMS takes at most ",
+              kNmsMaxGroupWords * kMaskBits, " ", per_group,
+              " (its removed set lives in 48 KB of shared memory), got ", layout.largest);
+  TORCH_CHECK(layout.tiles <= kNmsMaxGridX && layout.groups <= kNmsMaxGridX, op,
+              ": the CUDA NMS's grids would need ", std::max(layout.tiles, layout.groups),
+              " blocks, more than a grid holds (", kNmsMaxGridX, ")");
+}
+
+// `groups` lists of n candidates each (nms: one; propose: one per image), known on the host.
+inline NmsLayout uniform_nms_layout(const char* op, const char* per_group, int64_t groups,
+                                    int64_t n, const at::TensorOptions& long_options) {
+  NmsLayout layout;
+  const int64_t words = mask_words(n);
+  layout.groups = groups;
+  layout.tiles = groups * words * words;
+  layout.mask_size = groups * nms_row_offset(n, words);
+  layout.largest = n;
+  check_nms_layout(op, per_group, layout);
+  const at::Tensor group = at::arange(groups + 1, long_options);
+  layout.starts = group * n;
+  layout.tile_offsets = group * (words * words);
+  layout.mask_offsets = group * nms_row_offset(n, words);
+  return layout;
+}
+
+// The groups of a list sorted by group (`sorted_groups`, int64 [n], n > 0): found on the device;
+// the totals come to the host in one copy, the one host synchronisation this adds. Every array
+// has n + 1 entries (there are at most n groups); those past the groups' are never read.
 template <typename Runner>
-std::pair<at::Tensor, at::Tensor> bitmask_nms(const Runner& run, const char* op,
-                                              const at::Tensor& boxes, const at::Tensor& groups,
-                                              const at::Tensor& valid, double iou_threshold,
-                                              int64_t max_keep) {
-  const int64_t images = boxes.size(0), n = boxes.size(1), words = mask_words(n);
-  // The mask grid is (words, words, images), and CUDA caps a grid's y and z at 65535.
-  constexpr int64_t kMaxGridYZ = 65535;
-  TORCH_CHECK(words <= kMaxGridYZ, op, ": the CUDA NMS takes at most ", kMaxGridYZ * kMaskBits,
-              " boxes per list, got ", n);
-  TORCH_CHECK(images <= kMaxGridYZ, op, ": the CUDA NMS takes at most ", kMaxGridYZ,
-              " images, got ", images);
-  const auto long_opts = boxes.options().dtype(at::kLong);
-  auto kept = at::empty({images, max_keep}, long_opts);
-  auto counts = at::empty({images}, long_opts);
-  if (images == 0) return {kept, counts};
+NmsLayout grouped_nms_layout(const Runner& run, const char* op, const at::Tensor& sorted_groups) {
+  const int64_t n = sorted_groups.size(0);
+  const auto long_options = sorted_groups.options().dtype(at::kLong);
+  auto is_start = at::ones({n}, sorted_groups.options().dtype(at::kBool));
+  is_start.narrow(0, 1, n - 1).copy_(sorted_groups.narrow(0, 1, n - 1) !=
+                                     sorted_groups.narrow(0, 0, n - 1));
+  const at::Tensor group_of = is_start.cumsum(0) - 1;  // each position's group
+  // starts[g] = the first position of group g; n for every g past the last group.
+  const at::Tensor starts = at::searchsorted(group_of, at::arange(n + 1, long_options));
+  auto tiles = at::zeros({n + 1}, long_options);  // [0] stays 0: the cumsum gives offsets
+  auto mask_sizes = at::zeros({n + 1}, long_options);
+  {
+    const int64_t* s = starts.data_ptr<int64_t>();
+    int64_t* tp = tiles.data_ptr<int64_t>() + 1;
+    int64_t* mp = mask_sizes.data_ptr<int64_t>() + 1;
+    run.threads(launch_config_1d(n), [=] MLK_LAMBDA(const ThreadIndex& t) {
+      nms_group_sizes_thread(t, n, s, tp, mp);
+    });
+  }
+  NmsLayout layout;
+  layout.starts = starts;
+  layout.tile_offsets = tiles.cumsum(0);
+  layout.mask_offsets = mask_sizes.cumsum(0);
+  const at::Tensor largest_group = (starts.narrow(0, 1, n) - starts.narrow(0, 0, n)).max();
+  const at::Tensor totals =
+      at::stack({group_of[n - 1] + 1, layout.tile_offsets[n], layout.mask_offsets[n],
+                 largest_group})
+          .cpu();
+  const int64_t* total = totals.data_ptr<int64_t>();
+  layout.groups = total[0];
+  layout.tiles = total[1];
+  layout.mask_size = total[2];
+  layout.largest = total[3];
+  check_nms_layout(op, "boxes per group", layout);
+  return layout;
+}
+
+// Bitmask NMS over the groups of `layout`: boxes [L, 4] (L candidates, each group's in processing
+// order), valid [L] bool (undefined: all valid). Keeps at most max_keep candidates per group and
+// writes, where the tensor is defined: kept [groups, max_keep] int64, the kept positions within
+// each group (-1 past the count); counts [groups] int64; keep_flags [L] bool (to be zeros on
+// entry), true at flag_index[p] for each kept position p (flag_index [L] int64; undefined: at p).
+// Everything stays on the device.
+template <typename Runner>
+void bitmask_nms(const Runner& run, const at::Tensor& boxes, const NmsLayout& layout,
+                 const at::Tensor& valid, double iou_threshold, int64_t max_keep,
+                 const at::Tensor& kept, const at::Tensor& counts, const at::Tensor& keep_flags,
+                 const at::Tensor& flag_index) {
+  if (layout.groups == 0) return;
   // 64-bit words kept in int64 storage (ATen has no uint64 tensors to allocate with).
-  auto mask = at::empty({images, n, words}, long_opts);
-  auto removed = at::empty({images, words}, long_opts);
+  auto mask = at::empty({layout.mask_size}, boxes.options().dtype(at::kLong));
   uint64_t* mask_ptr = reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>());
-  const int64_t* group_ptr = groups.defined() ? groups.data_ptr<int64_t>() : nullptr;
+  const NmsSegments segments = layout.segments();
   AT_DISPATCH_FLOATING_TYPES(boxes.scalar_type(), "bitmask_nms", [&] {
     LaunchConfig config;
-    config.grid = Dim3{words, words, images};
+    config.grid.x = layout.tiles;
     config.block.x = kMaskBits;
-    config.shared_bytes = kMaskBits * static_cast<int64_t>(4 * sizeof(scalar_t) + sizeof(int64_t));
-    run.blocks(config, NmsMaskBlock<scalar_t>{n, boxes.data_ptr<scalar_t>(), group_ptr,
+    config.shared_bytes = kMaskBits * static_cast<int64_t>(4 * sizeof(scalar_t));
+    run.blocks(config, NmsMaskBlock<scalar_t>{segments, boxes.data_ptr<scalar_t>(),
                                               threshold_below<scalar_t>(iou_threshold), mask_ptr});
   });
   LaunchConfig config;
-  config.grid.x = images;
-  // One thread per mask word (up to 256), at least a warp.
-  config.block.x = std::min<int64_t>(256, std::max<int64_t>(32, (words + 31) / 32 * 32));
-  run.blocks(config, NmsReduceBlock{n, max_keep, mask_ptr,
+  config.grid.x = layout.groups;
+  // One thread per removed word of the largest group (up to 512), at least a warp.
+  const int64_t max_words = mask_words(layout.largest);
+  config.block.x = std::min<int64_t>(512, std::max<int64_t>(32, (max_words + 31) / 32 * 32));
+  config.shared_bytes = (kMaskBits + max_words) * static_cast<int64_t>(sizeof(uint64_t));
+  run.blocks(config, NmsReduceBlock{segments, max_keep, mask_ptr,
                                     valid.defined() ? valid.data_ptr<bool>() : nullptr,
-                                    reinterpret_cast<uint64_t*>(removed.data_ptr<int64_t>()),
-                                    kept.data_ptr<int64_t>(), counts.data_ptr<int64_t>()});
-  return {kept, counts};
+                                    kept.defined() ? kept.data_ptr<int64_t>() : nullptr,
+                                    counts.defined() ? counts.data_ptr<int64_t>() : nullptr,
+                                    keep_flags.defined() ? keep_flags.data_ptr<bool>() : nullptr,
+                                    flag_index.defined() ? flag_index.data_ptr<int64_t>() : nullptr});
 }
 
 // The CPU's own NMS and propose (proposals_cpu.cpp: greedy NMS over structure-of-arrays
@@ -135,22 +226,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose_kernel(
     const at::Tensor& objectness, const at::Tensor& image_sizes, const ProposeArgs& args,
     at::ArrayRef<double> weights, double clamp);
 
-// nms (idxs == nullptr) and batched_nms: one bitmask NMS over all boxes in score order, where
-// boxes of different groups never suppress each other (no coordinate offsets).
+// nms (idxs == nullptr) and batched_nms: a bitmask NMS per group (nms: all boxes one group),
+// the groups in parallel; no coordinate offsets. The kept boxes come back in score order, as
+// torchvision returns them.
 template <typename Runner>
 at::Tensor nms_family_kernel(const Runner& run, const char* op, const at::Tensor& boxes,
                              const at::Tensor& scores, const at::Tensor* idxs,
                              double iou_threshold) {
   auto in = prepare_nms(op, boxes, scores, idxs, iou_threshold);
-  if (in.n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
+  const auto long_options = in.boxes.options().dtype(at::kLong);
+  if (in.n == 0) return at::empty({0}, long_options);
   const at::Tensor order = sorted_order(in.scores, 0);
-  const at::Tensor sorted = in.boxes.index_select(0, order).unsqueeze(0).contiguous();
-  const at::Tensor groups =
-      idxs != nullptr ? in.groups.index_select(0, order).unsqueeze(0).contiguous() : at::Tensor();
-  const std::pair<at::Tensor, at::Tensor> kept =
-      bitmask_nms(run, op, sorted, groups, at::Tensor(), iou_threshold, in.n);
-  const int64_t count = kept.second.item<int64_t>();  // the output size is data-dependent
-  return order.index_select(0, kept.first[0].narrow(0, 0, count));
+  // The candidate list: score order, regrouped by idxs with a stable sort, so that each group
+  // keeps score order (ties to the lower index). by_group[p] is the score rank at position p,
+  // where the reduce sets the flag of a kept candidate.
+  at::Tensor by_group, listed = order;
+  NmsLayout layout;
+  if (idxs != nullptr) {
+    const auto sorted = in.groups.index_select(0, order).sort(/*stable=*/true, 0, false);
+    by_group = std::get<1>(sorted);
+    listed = order.index_select(0, by_group);
+    layout = grouped_nms_layout(run, op, std::get<0>(sorted));
+  } else {
+    layout = uniform_nms_layout(op, "boxes", 1, in.n, long_options);
+  }
+  const at::Tensor listed_boxes = in.boxes.index_select(0, listed).contiguous();
+  at::Tensor keep = at::zeros({in.n}, in.boxes.options().dtype(at::kBool));
+  bitmask_nms(run, listed_boxes, layout, at::Tensor(), iou_threshold, in.n, at::Tensor(),
+              at::Tensor(), keep, by_group);
+  return order.masked_select(keep);  // the output size is data-dependent: a host sync
 }
 
 // propose's last step, shared by its CPU and CUDA kernels: the output rows of every image from
@@ -234,10 +338,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> propose_kernel(
                             score_thr, b, v);
     });
   });
-  // No image can keep more than its k candidates: the kept list needs no more columns.
-  const std::pair<at::Tensor, at::Tensor> kept = bitmask_nms(
-      run, "propose", cand_boxes, at::Tensor(), valid, iou_threshold, std::min(post_nms_top_n, k));
-  write_propose_outputs(run, in, args, cand_boxes, scores, order, kept.first, kept.second, out);
+  // One group per image. No image can keep more than its k candidates: the kept list needs no
+  // more columns.
+  const int64_t max_keep = std::min(post_nms_top_n, k);
+  const auto long_options = in.deltas.options().dtype(at::kLong);
+  auto kept = at::empty({images, max_keep}, long_options);
+  auto kept_counts = at::empty({images}, long_options);
+  bitmask_nms(run, cand_boxes.view({images * k, 4}),
+              uniform_nms_layout("propose", "candidates per image", images, k, long_options), valid.view({images * k}),
+              iou_threshold, max_keep, kept, kept_counts, at::Tensor(), at::Tensor());
+  write_propose_outputs(run, in, args, cand_boxes, scores, order, kept, kept_counts, out);
   return {out.boxes, out.scores, out.counts, out.kept_anchors};
 }
 

@@ -1,10 +1,11 @@
 // NMS and proposal math shared by the CPU kernels, the CUDA kernels and the grid emulator.
 //
-// The CUDA NMS is the bitmask algorithm: a mask kernel sets, for every candidate i and every
-// later candidate j that i suppresses, bit j of i's mask row; a reduce kernel (one block per
-// image) then walks the candidates in score order on the device, skipping removed ones and OR-ing
-// each kept candidate's row into the removed set. Candidates are always given in processing order
-// (descending score, ties to the lower index), so "later" means "lower priority".
+// The CUDA NMS is the bitmask algorithm, per group: a mask kernel sets, for every candidate i and
+// every later candidate j of its group that i suppresses, bit j of i's mask row; a reduce kernel
+// (one block per group, the groups in parallel) then walks each group's candidates in score order
+// on the device, skipping removed ones and OR-ing each kept candidate's row into the removed set.
+// Candidates are always given in processing order within their group (descending score, ties to
+// the lower index), so "later" means "lower priority".
 #pragma once
 
 #include <cmath>
@@ -92,92 +93,211 @@ MLK_HOST_DEVICE void proposal_backward(const T* grad_box, const T* delta, const 
   decode_box_backward(grad_raw, delta, anchor, wt, clip, grad_delta, grad_anchor);
 }
 
-// ---- CUDA thread functions of the bitmask NMS ----
+// ---- CUDA thread functions of the bitmask NMS, per group ----
 
 constexpr int64_t kMaskBits = 64;  // candidates per mask word, and threads per mask block
 
 MLK_HOST_DEVICE int64_t mask_words(int64_t n) { return (n + kMaskBits - 1) / kMaskBits; }
 
-// Mask kernel, grid (words, words, images), 64 threads, shared memory: 64 boxes then 64 groups.
-// Block (x, y, z) compares row block y with column block x of image z; blocks below the diagonal
-// do nothing (a candidate only suppresses later ones, and the reduce reads no earlier words).
+// The candidates are one list in processing order cut into `groups` contiguous groups: group g
+// holds positions [starts[g], starts[g + 1]) (nms: one group; batched_nms: one per idxs value;
+// propose: one per image). A candidate only suppresses later candidates of its own group, so
+// each group has its own mask at mask_offsets[g], n_g rows over words_g = mask_words(n_g) words,
+// and its own words_g x words_g mask blocks ("tiles"), numbered from tile_offsets[g] in the mask
+// kernel's 1-D grid. All three arrays hold (at least) groups + 1 entries, the last being the
+// totals.
+//
+// A row stores only its words from its own (i / 64) on: a candidate suppresses no earlier one,
+// and the reduce reads no earlier word. Row i starts at nms_row_offset(i, words_g) in its group's
+// mask, and nms_row_offset(n_g, words_g) is the group's mask size, about half of n_g * words_g.
+MLK_HOST_DEVICE int64_t nms_row_offset(int64_t i, int64_t words) {
+  const int64_t blocks = i / kMaskBits;  // full row blocks before i: 64 rows of words - b each
+  return kMaskBits * (blocks * words - blocks * (blocks - 1) / 2) +
+         (i - kMaskBits * blocks) * (words - blocks);
+}
 
-// Phase 1: the column block's boxes (and group ids) into shared memory.
+// One group slot per loop step: the group's mask blocks and stored mask words (starts has
+// slots + 1 entries; a slot past the last group is empty and gets zeros).
+MLK_HOST_DEVICE void nms_group_sizes_thread(const ThreadIndex& t, int64_t slots,
+                                            const int64_t* starts, int64_t* tiles,
+                                            int64_t* mask_size) {
+  for (int64_t g = t.global_x(); g < slots; g += t.grid_stride_x()) {
+    const int64_t n = starts[g + 1] - starts[g], words = mask_words(n);
+    tiles[g] = words * words;
+    mask_size[g] = nms_row_offset(n, words);
+  }
+}
+
+struct NmsSegments {
+  int64_t groups;
+  const int64_t* starts;
+  const int64_t* tile_offsets;
+  const int64_t* mask_offsets;
+};
+
+// What one mask block compares: rows of block row_block with columns of block col_block of the
+// group of n candidates that starts at position `start`.
+struct NmsTile {
+  int64_t start, n, words, row_block, col_block, mask_offset;
+};
+
+// The tile of mask block `block`: the last group whose first tile is at or before it (a binary
+// search; a group without candidates has no tiles and is skipped), then row-major in the group.
+MLK_HOST_DEVICE NmsTile nms_find_tile(const NmsSegments& s, int64_t block) {
+  int64_t low = 0, high = s.groups - 1;
+  while (low < high) {
+    const int64_t mid = (low + high + 1) / 2;
+    if (s.tile_offsets[mid] <= block) {
+      low = mid;
+    } else {
+      high = mid - 1;
+    }
+  }
+  NmsTile tile;
+  tile.start = s.starts[low];
+  tile.n = s.starts[low + 1] - tile.start;
+  tile.words = mask_words(tile.n);
+  const int64_t local = block - s.tile_offsets[low];
+  tile.row_block = local / tile.words;
+  tile.col_block = local % tile.words;
+  tile.mask_offset = s.mask_offsets[low];
+  return tile;
+}
+
+// Mask kernel, grid (total tiles), 64 threads, shared memory: the 64 column boxes. Tiles below
+// the diagonal return at once (a candidate only suppresses later ones, and the reduce reads no
+// earlier words of a row).
+
+// Phase 1: the column block's boxes into shared memory.
 template <typename T>
-MLK_HOST_DEVICE void nms_mask_load(const ThreadIndex& t, int64_t n, const T* boxes,
-                                   const int64_t* groups, T* col_boxes, int64_t* col_groups) {
-  const int64_t image = t.block.z, j = t.block.x * kMaskBits + t.thread.x;
-  if (t.block.y > t.block.x || j >= n) return;
-  for (int c = 0; c < 4; ++c) col_boxes[4 * t.thread.x + c] = boxes[4 * (image * n + j) + c];
-  col_groups[t.thread.x] = groups != nullptr ? groups[image * n + j] : 0;
+MLK_HOST_DEVICE void nms_mask_load(const ThreadIndex& t, const NmsTile& tile, const T* boxes,
+                                   T* col_boxes) {
+  const int64_t j = tile.col_block * kMaskBits + t.thread.x;
+  if (j >= tile.n) return;
+  for (int c = 0; c < 4; ++c) col_boxes[4 * t.thread.x + c] = boxes[4 * (tile.start + j) + c];
 }
 
 // Phase 2: thread i of the row block sets bit jj of its mask word when column candidate jj comes
-// after i, is in i's group, and overlaps i by IoU > threshold.
+// after i and overlaps it by IoU > threshold.
 template <typename T>
-MLK_HOST_DEVICE void nms_mask_row(const ThreadIndex& t, int64_t n, const T* boxes,
-                                  const int64_t* groups, T threshold, const T* col_boxes,
-                                  const int64_t* col_groups, uint64_t* mask) {
-  const int64_t image = t.block.z, col_block = t.block.x, row_block = t.block.y;
-  const int64_t i = row_block * kMaskBits + t.thread.x;
-  if (row_block > col_block || i >= n) return;
-  const int64_t col_size =
-      n - col_block * kMaskBits < kMaskBits ? n - col_block * kMaskBits : kMaskBits;
-  const T* box = boxes + 4 * (image * n + i);
+MLK_HOST_DEVICE void nms_mask_row(const ThreadIndex& t, const NmsTile& tile, const T* boxes,
+                                  T threshold, const T* col_boxes, uint64_t* mask) {
+  const int64_t i = tile.row_block * kMaskBits + t.thread.x;
+  if (i >= tile.n) return;
+  const int64_t col_size = tile.n - tile.col_block * kMaskBits < kMaskBits
+                               ? tile.n - tile.col_block * kMaskBits
+                               : kMaskBits;
+  const T* box = boxes + 4 * (tile.start + i);
   const T area = box_area(box);
-  const int64_t group = groups != nullptr ? groups[image * n + i] : 0;
   uint64_t bits = 0;
-  for (int64_t jj = row_block == col_block ? t.thread.x + 1 : 0; jj < col_size; ++jj) {
+  for (int64_t jj = tile.row_block == tile.col_block ? t.thread.x + 1 : 0; jj < col_size; ++jj) {
     const T* other = col_boxes + 4 * jj;
-    if (col_groups[jj] == group && box_iou(box, area, other, box_area(other)) > threshold) {
-      bits |= uint64_t(1) << jj;
-    }
+    if (box_iou(box, area, other, box_area(other)) > threshold) bits |= uint64_t(1) << jj;
   }
-  mask[(image * n + i) * mask_words(n) + col_block] = bits;
+  mask[tile.mask_offset + nms_row_offset(i, tile.words) + tile.col_block - tile.row_block] = bits;
 }
 
-// Reduce kernel, grid (images), any block size; `removed` is [images, words] in global memory
-// (no shared-memory limit on n). Its loop over candidates runs in every thread alike: each reads
-// the same removed bit after a barrier, so all take the same branch.
+// Reduce kernel, grid (groups), one block per group, any block size; shared memory: `diagonal`
+// (64 words) then the group's `removed` words. The block walks its group's candidates one mask
+// word (64 candidates) at a time, in two phases per word:
+//  A. the 64 rows' own words of that mask column (the "diagonal" word of each row) go to shared
+//     memory, so that the serial walk of B reads shared memory, not global;
+//  B. every thread copies removed[w] into a register and walks its 64 bits alike (the same
+//     values, so the same decisions): a candidate not removed is kept and ORs its diagonal word
+//     into the register; then the kept rows' later words w + 1.. go into removed, each word by
+//     one thread (j = w + 1 + rank, strided by the block size).
+// Race-free: removed[w] is read only in B(w) and written only in B(< w), behind a barrier; in
+// B(w) each removed[j > w] has one writer and no reader; `diagonal` is written in A(w), read in
+// B(w) and written again in A(w + 1), each behind a barrier. One barrier pair per 64 candidates.
 
-// Phase 1: removed starts as the set of invalid candidates (valid == nullptr: all valid).
-MLK_HOST_DEVICE void nms_reduce_init(const ThreadIndex& t, int64_t n, const bool* valid,
-                                     uint64_t* removed) {
-  const int64_t image = t.block.x, words = mask_words(n);
-  for (int64_t w = t.thread_rank(); w < words; w += t.block_dim.count()) {
+// Each thread's own copy of the walk's state (all threads hold the same values).
+struct NmsReduceState {
+  int64_t count;  // candidates kept so far
+};
+
+// The group a reduce block walks.
+struct NmsGroup {
+  int64_t index, start, n, words;
+  const uint64_t* mask;  // its rows
+};
+
+MLK_HOST_DEVICE NmsGroup nms_group(const NmsSegments& s, const uint64_t* mask, int64_t group) {
+  NmsGroup g;
+  g.index = group;
+  g.start = s.starts[group];
+  g.n = s.starts[group + 1] - g.start;
+  g.words = mask_words(g.n);
+  g.mask = mask + s.mask_offsets[group];
+  return g;
+}
+
+// First phase: removed starts as the set of invalid candidates (valid == nullptr: all valid).
+MLK_HOST_DEVICE void nms_reduce_init(const ThreadIndex& t, const NmsGroup& g, const bool* valid,
+                                     uint64_t* removed, NmsReduceState& state) {
+  state.count = 0;
+  for (int64_t w = t.thread_rank(); w < g.words; w += t.block_dim.count()) {
     uint64_t bits = 0;
-    for (int64_t b = 0; valid != nullptr && b < kMaskBits && w * kMaskBits + b < n; ++b) {
-      if (!valid[image * n + w * kMaskBits + b]) bits |= uint64_t(1) << b;
+    for (int64_t b = 0; valid != nullptr && b < kMaskBits && w * kMaskBits + b < g.n; ++b) {
+      if (!valid[g.start + w * kMaskBits + b]) bits |= uint64_t(1) << b;
     }
-    removed[image * words + w] = bits;
+    removed[w] = bits;
   }
 }
 
-MLK_HOST_DEVICE bool nms_is_removed(const uint64_t* removed_of_image, int64_t i) {
-  return ((removed_of_image[i / kMaskBits] >> (i % kMaskBits)) & 1) != 0;
+// Phase A of word w.
+MLK_HOST_DEVICE void nms_reduce_load_diagonal(const ThreadIndex& t, const NmsGroup& g, int64_t w,
+                                              uint64_t* diagonal) {
+  for (int64_t b = t.thread_rank(); b < kMaskBits; b += t.block_dim.count()) {
+    const int64_t i = w * kMaskBits + b;
+    diagonal[b] = i < g.n ? g.mask[nms_row_offset(i, g.words)] : 0;  // the row's first word
+  }
 }
 
-// Phase per kept candidate i (the count-th kept): OR i's mask row into removed; thread 0 records
-// i. Only words from i's own onward: earlier words of the row are never written.
-MLK_HOST_DEVICE void nms_reduce_keep(const ThreadIndex& t, int64_t n, int64_t i, int64_t count,
-                                     int64_t max_keep, const uint64_t* mask, uint64_t* removed,
-                                     int64_t* kept) {
-  const int64_t image = t.block.x, words = mask_words(n);
-  const uint64_t* row = mask + (image * n + i) * words;
-  for (int64_t w = i / kMaskBits + t.thread_rank(); w < words; w += t.block_dim.count()) {
-    removed[image * words + w] |= row[w];
+// Phase B of word w, until max_keep candidates are kept. Thread 0 records each kept candidate:
+// its position in the group in kept[group, count] (kept == nullptr: not asked) and a flag for
+// list position p at keep_flags[flag_index[p]] (flag_index == nullptr: at p; keep_flags ==
+// nullptr: not asked).
+MLK_HOST_DEVICE void nms_reduce_word(const ThreadIndex& t, const NmsGroup& g, int64_t w,
+                                     int64_t max_keep, const uint64_t* diagonal, uint64_t* removed,
+                                     NmsReduceState& state, int64_t* kept, bool* keep_flags,
+                                     const int64_t* flag_index) {
+  // 1. Which of the word's candidates are kept, from removed[w] and the diagonal words alone
+  //    (a register and shared memory): the serial part, the same in every thread.
+  uint64_t removed_here = removed[w], kept_here = 0;
+  for (int64_t b = 0; b < kMaskBits && w * kMaskBits + b < g.n && state.count < max_keep; ++b) {
+    if ((removed_here >> b) & 1) continue;
+    removed_here |= diagonal[b];
+    kept_here |= uint64_t(1) << b;
+    if (t.thread_rank() == 0) {
+      const int64_t i = w * kMaskBits + b, p = g.start + i;
+      if (kept != nullptr) kept[g.index * max_keep + state.count] = i;
+      if (keep_flags != nullptr) keep_flags[flag_index != nullptr ? flag_index[p] : p] = true;
+    }
+    ++state.count;
   }
-  if (t.thread_rank() == 0) kept[image * max_keep + count] = i;
+  // 2. The kept rows' later words into removed, word j by one thread: OR-ed in a register first,
+  //    so that the loads of the kept rows do not wait on each other.
+  if (kept_here == 0) return;
+  const int64_t first_row = nms_row_offset(w * kMaskBits, g.words);
+  const int64_t row_size = g.words - w;  // each row of mask block w stores words w..words-1
+  for (int64_t j = w + 1 + t.thread_rank(); j < g.words; j += t.block_dim.count()) {
+    uint64_t bits = 0;
+    for (int64_t b = 0; b < kMaskBits; ++b) {
+      if ((kept_here >> b) & 1) bits |= g.mask[first_row + b * row_size + (j - w)];
+    }
+    removed[j] |= bits;
+  }
 }
 
-// Last phase: the kept count, and -1 in the unused slots.
-MLK_HOST_DEVICE void nms_reduce_finish(const ThreadIndex& t, int64_t count, int64_t max_keep,
-                                       int64_t* kept, int64_t* counts) {
-  const int64_t image = t.block.x;
-  for (int64_t c = count + t.thread_rank(); c < max_keep; c += t.block_dim.count()) {
-    kept[image * max_keep + c] = -1;
+// Last phase: the kept count, and -1 in the unused slots of kept.
+MLK_HOST_DEVICE void nms_reduce_finish(const ThreadIndex& t, const NmsGroup& g, int64_t max_keep,
+                                       const NmsReduceState& state, int64_t* kept,
+                                       int64_t* counts) {
+  for (int64_t c = state.count + t.thread_rank(); kept != nullptr && c < max_keep;
+       c += t.block_dim.count()) {
+    kept[g.index * max_keep + c] = -1;
   }
-  if (t.thread_rank() == 0) counts[image] = count;
+  if (counts != nullptr && t.thread_rank() == 0) counts[g.index] = state.count;
 }
 
 // ---- CUDA thread functions of propose ----
