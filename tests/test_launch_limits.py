@@ -20,22 +20,19 @@ EMULATED = torch.ops.mlkernels_emulated
 INF = float("inf")
 
 
-def test_propose_images_at_the_grid_limit():
-    """The NMS mask grid is (words, words, images): images lie along z, at most 65535."""
-
-    def propose(images: int):
-        deltas, objectness = torch.zeros(images, 1, 4), torch.zeros(images, 1)
-        sizes = torch.full((images, 2), 16.0, dtype=torch.float64)
-        anchors = torch.tensor([[0.0, 0.0, 8.0, 8.0]])
-        weights = [1.0, 1.0, 1.0, 1.0]
-        return EMULATED.propose(
-            anchors, deltas, objectness, sizes, 10, 1, 0.7, 0.0, 0.0, weights, 4.0, False
-        )
-
-    counts = propose(65535)[2]
-    assert counts.shape == (65535,) and bool((counts == 1).all())
-    with pytest.raises(RuntimeError, match=r"^propose: .*at most 65535 images, got 65536"):
-        propose(65536)
+def test_propose_images_past_the_old_grid_limit():
+    """The NMS mask grid was (words, words, images), images along z, at most 65535; it is 1-D now
+    (each block finds its group by a binary search), so an image count past 65535 works."""
+    images = 65536
+    deltas, objectness = torch.zeros(images, 1, 4), torch.zeros(images, 1)
+    sizes = torch.full((images, 2), 16.0, dtype=torch.float64)
+    anchors = torch.tensor([[0.0, 0.0, 8.0, 8.0]])
+    weights = [1.0, 1.0, 1.0, 1.0]
+    boxes, _, counts, _ = EMULATED.propose(
+        anchors, deltas, objectness, sizes, 10, 1, 0.7, 0.0, 0.0, weights, 4.0, False
+    )
+    assert counts.shape == (images,) and bool((counts == 1).all())
+    assert torch.equal(boxes, anchors.expand(images, 1, 4))
 
 
 def _step(namespace, beams: int):
