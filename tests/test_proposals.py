@@ -333,7 +333,9 @@ def test_batched_nms_groupings_match_cpu_and_torchvision(
         ours, reference.batched_nms(boxes, scores, idxs, threshold), rtol=0, atol=0
     )
     tv = torchvision.ops.boxes._batched_nms_vanilla(boxes, scores, idxs, threshold)
-    if ties:  # torchvision orders equal scores with an unstable sort
+    # torchvision orders equal scores with an unstable sort (float64 draws rounded to float32 can
+    # tie even without `ties`: seed 79, n = 234)
+    if scores.unique().numel() < n:
         assert sorted(ours.tolist()) == sorted(tv.tolist())
     else:
         torch.testing.assert_close(ours, tv, rtol=0, atol=0)
