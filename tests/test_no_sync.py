@@ -71,7 +71,8 @@ _LAYOUT = {
 ALLOWED = {
     "roi_align": _LAYOUT,
     "roi_align_backward": _LAYOUT,
-    "propose": _LAYOUT | {"aten::sort", "aten::arange", "aten::gather", "aten::sigmoid"},
+    "propose": _LAYOUT
+    | {"aten::sort", "aten::arange", "aten::gather", "aten::sigmoid", "aten::mul"},
     "propose_backward": _LAYOUT | {"aten::index_add_", "aten::scatter_add_", "aten::sum"},
 }
 

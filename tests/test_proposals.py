@@ -333,37 +333,107 @@ def test_batched_nms_groupings_match_cpu_and_torchvision(
         ours, reference.batched_nms(boxes, scores, idxs, threshold), rtol=0, atol=0
     )
     tv = torchvision.ops.boxes._batched_nms_vanilla(boxes, scores, idxs, threshold)
-    if ties:  # torchvision orders equal scores with an unstable sort
+    # torchvision orders equal scores with an unstable sort (float64 draws rounded to float32 can
+    # tie even without `ties`: seed 79, n = 234)
+    if scores.unique().numel() < n:
         assert sorted(ours.tolist()) == sorted(tv.tolist())
     else:
         torch.testing.assert_close(ours, tv, rtol=0, atol=0)
 
 
+def _group_mask_words(n):
+    # Per group of n boxes, each row i holds the 64-bit words from its own (i // 64) to the last
+    # of ceil(n / 64).
+    words = -(-n // 64)
+    return sum(words - i // 64 for i in range(n))
+
+
+def _torchvision_mask_bytes(n):
+    # What torchvision's CUDA nms allocates for n boxes: n rows of ceil(n / 64) words.
+    return n * -(-n // 64) * 8
+
+
+def _chunk_mask_words(group_sizes):
+    # The rule of nms_chunk_budget / plan_nms_chunks (proposals_kernels.h): consecutive groups in
+    # chunks of at most max(one torchvision mask of the largest group, a word per box) mask
+    # words; the one mask buffer holds the largest chunk.
+    largest = max(group_sizes)
+    budget = max(largest * -(-largest // 64), sum(group_sizes))
+    chunks = [[]]
+    for n in group_sizes:
+        if chunks[-1] and sum(map(_group_mask_words, chunks[-1] + [n])) > budget:
+            chunks.append([])
+        chunks[-1].append(n)
+    return [sum(map(_group_mask_words, chunk)) for chunk in chunks], budget
+
+
+def _nms_allocations(impl, group_sizes, order_seed=0):
+    # The emulated batched_nms on groups of the given sizes (group g: id g, boxes shuffled):
+    # (every allocation it makes, the mask's: the one tensor the op allocates itself, not through
+    # another ATen op).
+    n = sum(group_sizes)
+    boxes, scores = _nms_inputs(order_seed, n, torch.float32, size=600.0)
+    g = torch.Generator().manual_seed(order_seed)
+    idxs = torch.repeat_interleave(torch.arange(len(group_sizes)), torch.tensor(group_sizes))
+    idxs = idxs[torch.randperm(n, generator=g)]
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        kept = impl.call("batched_nms", boxes, scores, idxs, 0.5)
+    impl.assert_matches_cpu(kept, "batched_nms", boxes, scores, idxs, 0.5)
+    events = [e for e in prof.events() if e.self_cpu_memory_usage > 0]
+    masks = [
+        e.self_cpu_memory_usage
+        for e in events
+        if e.name == "aten::empty"
+        and e.cpu_parent is not None
+        and "batched_nms" in e.cpu_parent.name
+    ]
+    assert len(masks) == 1, masks  # one mask buffer, whatever the number of chunks
+    return [e.self_cpu_memory_usage for e in events], masks[0]
+
+
 @pytest.mark.parametrize("impl", impl_params("emulated"))
-def test_batched_nms_mask_is_per_group(impl):
-    # The CUDA kernels' largest allocation is the suppression mask: per group of n boxes, each
-    # row i holds the 64-bit words from its own (i // 64) to the last of ceil(n / 64), so 8
-    # groups of 600 boxes need about a seventh of what one group of 4800 does, and groups of one
-    # box a word each (less than the boxes).
-    def mask_bytes(groups, per_group):
-        words = -(-per_group // 64)
-        return groups * sum(words - i // 64 for i in range(per_group)) * 8
+def test_batched_nms_mask_is_per_group_in_chunks(impl):
+    # The CUDA kernels' only quadratic allocation is the suppression mask, a mask per group (so 8
+    # groups of 600 boxes need about a seventh of what one group of 4800 does) built and reduced
+    # in chunks of consecutive groups that reuse one buffer: at most one torchvision mask of the
+    # largest group (torchvision runs its groups one after another with one mask alive), or a
+    # word per box when the groups are small. Everything else is per box: the boxes in list
+    # order (16 bytes each) are the largest.
+    assert _group_mask_words(600) * 8 == 27_840 and _torchvision_mask_bytes(600) == 48_000
+    assert _group_mask_words(4800) * 8 == 1_459_200
 
-    def largest_allocation(groups, per_group):
-        n = groups * per_group
-        boxes, scores = _nms_inputs(groups, n, torch.float32, size=600.0)
-        g = torch.Generator().manual_seed(groups)
-        idxs = torch.arange(groups).repeat_interleave(per_group)[torch.randperm(n, generator=g)]
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
-            kept = impl.call("batched_nms", boxes, scores, idxs, 0.5)
-        impl.assert_matches_cpu(kept, "batched_nms", boxes, scores, idxs, 0.5)
-        return max(e.self_cpu_memory_usage for e in prof.events())
+    # 8 x 600: two groups' masks (55,680 bytes) exceed the budget, so one group per chunk.
+    allocations, mask = _nms_allocations(impl, [600] * 8)
+    assert _chunk_mask_words([600] * 8) == ([3480] * 8, 6000)
+    assert mask == 27_840 <= _torchvision_mask_bytes(600) <= 2 * _torchvision_mask_bytes(600)
+    assert max(allocations) == 4800 * 16
 
-    assert mask_bytes(8, 600) == 222_720 and mask_bytes(1, 4800) == 1_459_200
-    assert largest_allocation(8, 600) == mask_bytes(8, 600)
-    assert largest_allocation(1, 4800) == mask_bytes(1, 4800)
-    assert largest_allocation(4800, 1) <= 4800 * 4 * 4  # the boxes in list order
+    # One group: its whole mask.
+    allocations, mask = _nms_allocations(impl, [4800])
+    assert mask == max(allocations) == 1_459_200
+
+    # Boxes alone: a word each, all in one chunk.
+    allocations, mask = _nms_allocations(impl, [1] * 4800)
+    assert mask == 4800 * 8 and max(allocations) == 4800 * 16
+
+    # Several chunks of several groups each: a group of 640 (3520 words; the budget is its
+    # torchvision mask, 6400 words) takes twelve of 100 boxes (164 words each) beside it.
+    sizes = ([640] + [100] * 12) * 3
+    chunks, budget = _chunk_mask_words(sizes)
+    assert budget == 6400 and chunks == [3520 + 12 * 164] * 3
+    allocations, mask = _nms_allocations(impl, sizes)
+    assert mask == 5488 * 8 <= _torchvision_mask_bytes(640) and max(allocations) == 5520 * 16
+
+    # One group larger than all the others together, in the middle: the budget it sets holds
+    # every group, so they all run in one chunk, within torchvision's mask of the big group.
+    sizes = [40] * 10 + [1000] + [30] * 10
+    chunks, budget = _chunk_mask_words(sizes)
+    assert 1000 > sum(sizes) - 1000 and budget == 16_000
+    assert chunks == [400 + _group_mask_words(1000) + 300] == [9380]
+    allocations, mask = _nms_allocations(impl, sizes)
+    assert mask == 9380 * 8 <= _torchvision_mask_bytes(1000)
+    assert max(allocations) == mask
 
 
 @pytest.mark.parametrize("impl", impl_params("emulated"))

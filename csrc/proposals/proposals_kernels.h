@@ -10,6 +10,7 @@
 #include <array>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "proposals.h"
 
@@ -94,18 +95,30 @@ constexpr int64_t kNmsMaxSharedBytes = 48 * 1024;
 // The reduce keeps a group's removed words next to the 64 diagonal words in shared memory.
 constexpr int64_t kNmsMaxGroupWords = kNmsMaxSharedBytes / 8 - kMaskBits;
 
+// A run of consecutive groups whose masks are built and reduced together, in one mask launch and
+// one reduce launch: its first group, mask block and mask word in the whole list's numbering, and
+// how many of each it has.
+struct NmsChunk {
+  int64_t first_group = 0, groups = 0, first_tile = 0, tiles = 0, first_word = 0, words = 0;
+};
+
 // Where each group's candidates, mask tiles and mask rows lie (NmsSegments), as device tensors,
-// and the totals the launches need on the host.
+// and on the host the chunks the groups run in and what the launches need.
 struct NmsLayout {
   int64_t groups = 0;
-  int64_t tiles = 0;      // mask blocks, all groups together
-  int64_t mask_size = 0;  // mask words, all groups together
-  int64_t largest = 0;    // the largest group's candidates
+  int64_t largest = 0;      // the largest group's candidates
+  int64_t mask_buffer = 0;  // mask words: the largest chunk's, the one buffer all chunks reuse
+  std::vector<NmsChunk> chunks;
   at::Tensor starts, tile_offsets, mask_offsets;  // int64 [>= groups + 1]
 
-  NmsSegments segments() const {
-    return {groups, starts.data_ptr<int64_t>(), tile_offsets.data_ptr<int64_t>(),
-            mask_offsets.data_ptr<int64_t>()};
+  NmsSegments segments(const NmsChunk& chunk) const {
+    return {chunk.first_group,
+            chunk.groups,
+            starts.data_ptr<int64_t>(),
+            tile_offsets.data_ptr<int64_t>(),
+            mask_offsets.data_ptr<int64_t>(),
+            chunk.first_tile,
+            chunk.first_word};
   }
 };
 
@@ -114,31 +127,67 @@ inline void check_nms_layout(const char* op, const char* per_group, const NmsLay
   TORCH_CHECK(mask_words(layout.largest) <= kNmsMaxGroupWords, op, ": the CUDA NMS takes at most ",
               kNmsMaxGroupWords * kMaskBits, " ", per_group,
               " (its removed set lives in 48 KB of shared memory), got ", layout.largest);
-  TORCH_CHECK(layout.tiles <= kNmsMaxGridX && layout.groups <= kNmsMaxGridX, op,
-              ": the CUDA NMS's grids would need ", std::max(layout.tiles, layout.groups),
-              " blocks, more than a grid holds (", kNmsMaxGridX, ")");
+  for (const NmsChunk& chunk : layout.chunks) {
+    TORCH_CHECK(chunk.tiles <= kNmsMaxGridX && chunk.groups <= kNmsMaxGridX, op,
+                ": the CUDA NMS's grids would need ", std::max(chunk.tiles, chunk.groups),
+                " blocks, more than a grid holds (", kNmsMaxGridX, ")");
+  }
 }
 
-// `groups` lists of n candidates each (nms: one; propose: one per image), known on the host.
+// `groups` lists of n candidates each (nms: one; propose: one per image), known on the host. All
+// groups run in one chunk: nms has one group, and propose's images in parallel are what makes it
+// fast; its masks are bounded by pre_nms_top_n per image.
 inline NmsLayout uniform_nms_layout(const char* op, const char* per_group, int64_t groups,
                                     int64_t n, const at::TensorOptions& long_options) {
   NmsLayout layout;
-  const int64_t words = mask_words(n);
   layout.groups = groups;
-  layout.tiles = groups * words * words;
-  layout.mask_size = groups * nms_row_offset(n, words);
   layout.largest = n;
+  layout.mask_buffer = groups * nms_group_mask_size(n);
+  layout.chunks = {{0, groups, 0, groups * nms_group_tiles(n), 0, layout.mask_buffer}};
   check_nms_layout(op, per_group, layout);
   const at::Tensor group = at::arange(groups + 1, long_options);
   layout.starts = group * n;
-  layout.tile_offsets = group * (words * words);
-  layout.mask_offsets = group * nms_row_offset(n, words);
+  layout.tile_offsets = group * nms_group_tiles(n);
+  layout.mask_offsets = group * nms_group_mask_size(n);
   return layout;
 }
 
+// The mask words a chunk may hold, for groups of at most `largest` of `total` candidates: one
+// full square mask of the largest group (largest x mask_words(largest) words, what torchvision's
+// nms allocates for it), so that batched_nms's peak stays within torchvision's, which runs the
+// groups one after another. Always at least the largest group's own mask (it must fit alone),
+// and at least a word per candidate, no more than each of the layout's per-candidate int64
+// arrays: many small groups then share a few chunks instead of a pair of launches each.
+inline int64_t nms_chunk_budget(int64_t largest, int64_t total) {
+  return std::max({largest * mask_words(largest), nms_group_mask_size(largest), total});
+}
+
+// Cuts the groups (their sizes in list order) into consecutive chunks, each as many groups as fit
+// `budget` mask words together (at least one group).
+inline std::vector<NmsChunk> plan_nms_chunks(const std::vector<int64_t>& group_sizes,
+                                             int64_t budget) {
+  std::vector<NmsChunk> chunks;
+  NmsChunk chunk;
+  for (const int64_t n : group_sizes) {
+    const int64_t words = nms_group_mask_size(n);
+    if (chunk.groups > 0 && chunk.words + words > budget) {
+      chunks.push_back(chunk);
+      chunk = {chunk.first_group + chunk.groups, 0, chunk.first_tile + chunk.tiles, 0,
+               chunk.first_word + chunk.words, 0};
+    }
+    chunk.groups += 1;
+    chunk.tiles += nms_group_tiles(n);
+    chunk.words += words;
+  }
+  if (chunk.groups > 0) chunks.push_back(chunk);
+  return chunks;
+}
+
 // The groups of a list sorted by group (`sorted_groups`, int64 [n], n > 0): found on the device;
-// the totals come to the host in one copy, the one host synchronisation this adds. Every array
-// has n + 1 entries (there are at most n groups); those past the groups' are never read.
+// the groups' first positions come to the host in one copy (n + 1 int64, as big as the list's
+// group ids), the one host synchronisation this adds, and the host cuts the groups into chunks
+// under nms_chunk_budget. Every device array has n + 1 entries (there are at most n groups);
+// those past the groups' are never read.
 template <typename Runner>
 NmsLayout grouped_nms_layout(const Runner& run, const char* op, const at::Tensor& sorted_groups) {
   const int64_t n = sorted_groups.size(0);
@@ -163,16 +212,16 @@ NmsLayout grouped_nms_layout(const Runner& run, const char* op, const at::Tensor
   layout.starts = starts;
   layout.tile_offsets = tiles.cumsum(0);
   layout.mask_offsets = mask_sizes.cumsum(0);
-  const at::Tensor largest_group = (starts.narrow(0, 1, n) - starts.narrow(0, 0, n)).max();
-  const at::Tensor totals =
-      at::stack({group_of[n - 1] + 1, layout.tile_offsets[n], layout.mask_offsets[n],
-                 largest_group})
-          .cpu();
-  const int64_t* total = totals.data_ptr<int64_t>();
-  layout.groups = total[0];
-  layout.tiles = total[1];
-  layout.mask_size = total[2];
-  layout.largest = total[3];
+  const at::Tensor host_starts = starts.cpu();
+  const int64_t* first = host_starts.data_ptr<int64_t>();
+  std::vector<int64_t> group_sizes;
+  for (int64_t g = 0; first[g] < n; ++g) group_sizes.push_back(first[g + 1] - first[g]);
+  layout.groups = static_cast<int64_t>(group_sizes.size());
+  layout.largest = *std::max_element(group_sizes.begin(), group_sizes.end());
+  layout.chunks = plan_nms_chunks(group_sizes, nms_chunk_budget(layout.largest, n));
+  for (const NmsChunk& chunk : layout.chunks) {
+    layout.mask_buffer = std::max(layout.mask_buffer, chunk.words);
+  }
   check_nms_layout(op, "boxes per group", layout);
   return layout;
 }
@@ -182,37 +231,45 @@ NmsLayout grouped_nms_layout(const Runner& run, const char* op, const at::Tensor
 // writes, where the tensor is defined: kept [groups, max_keep] int64, the kept positions within
 // each group (-1 past the count); counts [groups] int64; keep_flags [L] bool (to be zeros on
 // entry), true at flag_index[p] for each kept position p (flag_index [L] int64; undefined: at p).
-// Everything stays on the device.
+// Everything stays on the device. The chunks of `layout` run one after another, each a mask
+// launch and a reduce launch over its groups in parallel.
 template <typename Runner>
 void bitmask_nms(const Runner& run, const at::Tensor& boxes, const NmsLayout& layout,
                  const at::Tensor& valid, double iou_threshold, int64_t max_keep,
                  const at::Tensor& kept, const at::Tensor& counts, const at::Tensor& keep_flags,
                  const at::Tensor& flag_index) {
   if (layout.groups == 0) return;
-  // 64-bit words kept in int64 storage (ATen has no uint64 tensors to allocate with).
-  auto mask = at::empty({layout.mask_size}, boxes.options().dtype(at::kLong));
+  // 64-bit words kept in int64 storage (ATen has no uint64 tensors to allocate with). One buffer
+  // for every chunk: the launches of one stream run in order, so a chunk's mask kernel starts
+  // after the previous chunk's reduce has read its masks.
+  auto mask = at::empty({layout.mask_buffer}, boxes.options().dtype(at::kLong));
   uint64_t* mask_ptr = reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>());
-  const NmsSegments segments = layout.segments();
-  AT_DISPATCH_FLOATING_TYPES(boxes.scalar_type(), "bitmask_nms", [&] {
-    LaunchConfig config;
-    config.grid.x = layout.tiles;
-    config.block.x = kMaskBits;
-    config.shared_bytes = kMaskBits * static_cast<int64_t>(4 * sizeof(scalar_t));
-    run.blocks(config, NmsMaskBlock<scalar_t>{segments, boxes.data_ptr<scalar_t>(),
-                                              threshold_below<scalar_t>(iou_threshold), mask_ptr});
-  });
-  LaunchConfig config;
-  config.grid.x = layout.groups;
   // One thread per removed word of the largest group (up to 512), at least a warp.
   const int64_t max_words = mask_words(layout.largest);
-  config.block.x = std::min<int64_t>(512, std::max<int64_t>(32, (max_words + 31) / 32 * 32));
-  config.shared_bytes = (kMaskBits + max_words) * static_cast<int64_t>(sizeof(uint64_t));
-  run.blocks(config, NmsReduceBlock{segments, max_keep, mask_ptr,
-                                    valid.defined() ? valid.data_ptr<bool>() : nullptr,
-                                    kept.defined() ? kept.data_ptr<int64_t>() : nullptr,
-                                    counts.defined() ? counts.data_ptr<int64_t>() : nullptr,
-                                    keep_flags.defined() ? keep_flags.data_ptr<bool>() : nullptr,
-                                    flag_index.defined() ? flag_index.data_ptr<int64_t>() : nullptr});
+  LaunchConfig reduce_config;
+  reduce_config.block.x =
+      std::min<int64_t>(512, std::max<int64_t>(32, (max_words + 31) / 32 * 32));
+  reduce_config.shared_bytes = (kMaskBits + max_words) * static_cast<int64_t>(sizeof(uint64_t));
+  for (const NmsChunk& chunk : layout.chunks) {
+    const NmsSegments segments = layout.segments(chunk);
+    AT_DISPATCH_FLOATING_TYPES(boxes.scalar_type(), "bitmask_nms", [&] {
+      LaunchConfig config;
+      config.grid.x = chunk.tiles;
+      config.block.x = kMaskBits;
+      config.shared_bytes = kMaskBits * static_cast<int64_t>(4 * sizeof(scalar_t));
+      run.blocks(config,
+                 NmsMaskBlock<scalar_t>{segments, boxes.data_ptr<scalar_t>(),
+                                        threshold_below<scalar_t>(iou_threshold), mask_ptr});
+    });
+    reduce_config.grid.x = chunk.groups;
+    run.blocks(reduce_config,
+               NmsReduceBlock{segments, max_keep, mask_ptr,
+                              valid.defined() ? valid.data_ptr<bool>() : nullptr,
+                              kept.defined() ? kept.data_ptr<int64_t>() : nullptr,
+                              counts.defined() ? counts.data_ptr<int64_t>() : nullptr,
+                              keep_flags.defined() ? keep_flags.data_ptr<bool>() : nullptr,
+                              flag_index.defined() ? flag_index.data_ptr<int64_t>() : nullptr});
+  }
 }
 
 // The CPU's own NMS and propose (proposals_cpu.cpp: greedy NMS over structure-of-arrays

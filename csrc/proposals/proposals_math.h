@@ -116,23 +116,32 @@ MLK_HOST_DEVICE int64_t nms_row_offset(int64_t i, int64_t words) {
          (i - kMaskBits * blocks) * (words - blocks);
 }
 
+// A group of n candidates: its mask blocks, and its stored mask words.
+MLK_HOST_DEVICE int64_t nms_group_tiles(int64_t n) { return mask_words(n) * mask_words(n); }
+MLK_HOST_DEVICE int64_t nms_group_mask_size(int64_t n) { return nms_row_offset(n, mask_words(n)); }
+
 // One group slot per loop step: the group's mask blocks and stored mask words (starts has
 // slots + 1 entries; a slot past the last group is empty and gets zeros).
 MLK_HOST_DEVICE void nms_group_sizes_thread(const ThreadIndex& t, int64_t slots,
                                             const int64_t* starts, int64_t* tiles,
                                             int64_t* mask_size) {
   for (int64_t g = t.global_x(); g < slots; g += t.grid_stride_x()) {
-    const int64_t n = starts[g + 1] - starts[g], words = mask_words(n);
-    tiles[g] = words * words;
-    mask_size[g] = nms_row_offset(n, words);
+    const int64_t n = starts[g + 1] - starts[g];
+    tiles[g] = nms_group_tiles(n);
+    mask_size[g] = nms_group_mask_size(n);
   }
 }
 
+// The groups one pair of launches (a "chunk") works on: first_group .. first_group + groups - 1.
+// The arrays are the whole list's; the chunk's mask buffer holds its groups' masks only, from
+// mask_offsets[first_group] = first_word on, and its mask grid starts at tile_offsets[first_group]
+// = first_tile.
 struct NmsSegments {
-  int64_t groups;
+  int64_t first_group, groups;
   const int64_t* starts;
   const int64_t* tile_offsets;
   const int64_t* mask_offsets;
+  int64_t first_tile, first_word;
 };
 
 // What one mask block compares: rows of block row_block with columns of block col_block of the
@@ -143,8 +152,9 @@ struct NmsTile {
 
 // The tile of mask block `block`: the last group whose first tile is at or before it (a binary
 // search; a group without candidates has no tiles and is skipped), then row-major in the group.
-MLK_HOST_DEVICE NmsTile nms_find_tile(const NmsSegments& s, int64_t block) {
-  int64_t low = 0, high = s.groups - 1;
+MLK_HOST_DEVICE NmsTile nms_find_tile(const NmsSegments& s, int64_t block_in_chunk) {
+  const int64_t block = s.first_tile + block_in_chunk;
+  int64_t low = s.first_group, high = s.first_group + s.groups - 1;
   while (low < high) {
     const int64_t mid = (low + high + 1) / 2;
     if (s.tile_offsets[mid] <= block) {
@@ -160,13 +170,13 @@ MLK_HOST_DEVICE NmsTile nms_find_tile(const NmsSegments& s, int64_t block) {
   const int64_t local = block - s.tile_offsets[low];
   tile.row_block = local / tile.words;
   tile.col_block = local % tile.words;
-  tile.mask_offset = s.mask_offsets[low];
+  tile.mask_offset = s.mask_offsets[low] - s.first_word;
   return tile;
 }
 
-// Mask kernel, grid (total tiles), 64 threads, shared memory: the 64 column boxes. Tiles below
-// the diagonal return at once (a candidate only suppresses later ones, and the reduce reads no
-// earlier words of a row).
+// Mask kernel, grid (the chunk's tiles), 64 threads, shared memory: the 64 column boxes. Tiles
+// below the diagonal return at once (a candidate only suppresses later ones, and the reduce reads
+// no earlier words of a row).
 
 // Phase 1: the column block's boxes into shared memory.
 template <typename T>
@@ -197,8 +207,8 @@ MLK_HOST_DEVICE void nms_mask_row(const ThreadIndex& t, const NmsTile& tile, con
   mask[tile.mask_offset + nms_row_offset(i, tile.words) + tile.col_block - tile.row_block] = bits;
 }
 
-// Reduce kernel, grid (groups), one block per group, any block size; shared memory: `diagonal`
-// (64 words) then the group's `removed` words. The block walks its group's candidates one mask
+// Reduce kernel, grid (the chunk's groups), one block per group, any block size; shared memory:
+// `diagonal` (64 words) then the group's `removed` words. The block walks its group's candidates one mask
 // word (64 candidates) at a time, in two phases per word:
 //  A. the 64 rows' own words of that mask column (the "diagonal" word of each row) go to shared
 //     memory, so that the serial walk of B reads shared memory, not global;
@@ -209,6 +219,16 @@ MLK_HOST_DEVICE void nms_mask_row(const ThreadIndex& t, const NmsTile& tile, con
 // Race-free: removed[w] is read only in B(w) and written only in B(< w), behind a barrier; in
 // B(w) each removed[j > w] has one writer and no reader; `diagonal` is written in A(w), read in
 // B(w) and written again in A(w + 1), each behind a barrier. One barrier pair per 64 candidates.
+
+// The loop over a mask word's 64 kept rows in phase B, unrolled by 8 on the device: 8 loads in
+// flight per thread, 78 registers on sm_90. Left to itself nvcc unrolled it further as the code
+// around it changed (94, then 130 registers), and a block of 512 threads, the reduce's largest,
+// cannot launch above 128. The host compilers see no pragma (GCC would warn about it).
+#if defined(__CUDA_ARCH__)
+#define MLK_NMS_UNROLL_KEPT_ROWS _Pragma("unroll 8")
+#else
+#define MLK_NMS_UNROLL_KEPT_ROWS
+#endif
 
 // Each thread's own copy of the walk's state (all threads hold the same values).
 struct NmsReduceState {
@@ -221,13 +241,14 @@ struct NmsGroup {
   const uint64_t* mask;  // its rows
 };
 
-MLK_HOST_DEVICE NmsGroup nms_group(const NmsSegments& s, const uint64_t* mask, int64_t group) {
+// `block`: the reduce block's index in its chunk; `mask`: the chunk's mask buffer.
+MLK_HOST_DEVICE NmsGroup nms_group(const NmsSegments& s, const uint64_t* mask, int64_t block) {
   NmsGroup g;
-  g.index = group;
-  g.start = s.starts[group];
-  g.n = s.starts[group + 1] - g.start;
+  g.index = s.first_group + block;
+  g.start = s.starts[g.index];
+  g.n = s.starts[g.index + 1] - g.start;
   g.words = mask_words(g.n);
-  g.mask = mask + s.mask_offsets[group];
+  g.mask = mask + (s.mask_offsets[g.index] - s.first_word);
   return g;
 }
 
@@ -282,6 +303,7 @@ MLK_HOST_DEVICE void nms_reduce_word(const ThreadIndex& t, const NmsGroup& g, in
   const int64_t row_size = g.words - w;  // each row of mask block w stores words w..words-1
   for (int64_t j = w + 1 + t.thread_rank(); j < g.words; j += t.block_dim.count()) {
     uint64_t bits = 0;
+    MLK_NMS_UNROLL_KEPT_ROWS
     for (int64_t b = 0; b < kMaskBits; ++b) {
       if ((kept_here >> b) & 1) bits |= g.mask[first_row + b * row_size + (j - w)];
     }

@@ -165,9 +165,12 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         Tensor[K] int64: the kept indices of all groups, by decreasing score (stable).
 
     No coordinate-offset trick: coordinates may be negative or huge. Groups run in parallel on
-    CPU; CUDA runs one bitmask NMS over all N boxes (memory as :func:`nms`). NaN/Inf, dtypes,
-    autocast, scripting and tracing as :func:`nms`. As torchvision's, empty ``boxes`` (any
-    shape) give an empty result without looking at the other arguments.
+    CPU; CUDA runs a bitmask NMS per group, the groups in chunks whose masks together take at
+    most what :func:`nms` takes for the largest group (n * n / 8 bytes, torchvision's peak, as it
+    runs the groups one after another) or 8 bytes per box, whichever is more; at most 389,120
+    boxes per group. NaN/Inf, dtypes, autocast, scripting and tracing as :func:`nms`. As
+    torchvision's, empty ``boxes`` (any shape) give an empty result without looking at the other
+    arguments.
     Equivalent PyTorch code: :func:`mlkernels.reference.batched_nms`.
     """
     if not torch.jit.is_scripting():
