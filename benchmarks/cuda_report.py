@@ -81,10 +81,19 @@ LAUNCHES: list[tuple[str, Launch]] = [
     (r"roi_align_backward_kernel.*\{lambda\(mlk::ThreadIndex const&\)#1\}", Launch(128)),
     (r"BoxGradBlock<[^,]+, float>", Launch(256, 4 * 256 * 4)),
     (r"BoxGradBlock<[^,]+, double>", Launch(256, 4 * 256 * 8)),
-    # NMS: one 64-thread block per pair of 64-box words; the reduce takes one thread per mask word.
+    # NMS: one 64-thread block per pair of 64-box words; the reduce takes one thread per mask word
+    # of the largest group (occupancy at its largest block).
     (r"NmsMaskBlock<float>", Launch(64, 64 * (4 * 4 + 8))),
     (r"NmsMaskBlock<double>", Launch(64, 64 * (4 * 8 + 8))),
-    (r"NmsReduceBlock", Launch(256, 0, note="32 to 256 threads, one per mask word")),
+    (
+        r"NmsReduceBlock",
+        Launch(
+            512,
+            None,
+            48 * 1024,
+            "32 to 512 threads, one per removed word of the largest group; (64 + words) x 8 B",
+        ),
+    ),
     # attention: 128-thread tile blocks whose tiles fill up to 48 KB (attention_tiles.h).
     (
         r"attention::\w+Tiles<",
