@@ -158,3 +158,23 @@ def run_opcheck(impl, name: str, args: tuple) -> None:
         for a in args
     )
     torch.library.opcheck(getattr(torch.ops.mlkernels, name), args)
+
+
+def sgd_step_losses(model, batch: dict, seed: int | None = None, lr: float = 0.05):
+    """One SGD step of a models/ model on ``batch``: the loss before and after it, as floats.
+    Asserts that the step's backward reached every parameter. ``seed`` reseeds torch before each
+    loss, for models whose loss samples (the same draws both times)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+
+    def loss():
+        if seed is not None:
+            torch.manual_seed(seed)
+        return model.loss(model(batch["images"]), batch)
+
+    before = loss()
+    optimizer.zero_grad()
+    before.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None, f"{name} got no gradient"
+    optimizer.step()
+    return before.item(), loss().item()

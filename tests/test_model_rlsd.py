@@ -10,6 +10,7 @@ import argparse
 
 import pytest
 import torch
+from helpers import sgd_step_losses
 
 import mlkernels
 from models.backbones import build_backbone
@@ -98,17 +99,8 @@ def test_steps_after_end_count_for_nothing() -> None:
 @pytest.mark.parametrize("box_supervision", [False, True])
 def test_one_step_lowers_the_loss_and_reaches_every_parameter(box_supervision: bool) -> None:
     model, batch = make_model(box_supervision=box_supervision), make_batch()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    torch.manual_seed(3)
-    before = model.loss(model(batch["images"]), batch)
-    optimizer.zero_grad()
-    before.backward()
-    for name, parameter in model.named_parameters():
-        assert parameter.grad is not None, f"{name} got no gradient"
-    optimizer.step()
-    torch.manual_seed(3)
-    after = model.loss(model(batch["images"]), batch)
-    assert after.item() < before.item()
+    before, after = sgd_step_losses(model, batch, seed=3)
+    assert after < before
 
 
 def test_classification_loss_reaches_the_box_regression_through_roi_align() -> None:
