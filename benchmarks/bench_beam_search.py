@@ -125,7 +125,7 @@ def cases(quick: bool, device: str = "cpu") -> list[Case]:
             anchor,
             "reference.beam_search (same driver)",
             _same_bits,
-            measures=lambda: {"search share of decode": _search_share(ours, model, device)},
+            measures=lambda _row: {"search share of decode": _search_share(ours, model, device)},
             measure_targets={"search share of decode": "<= 0.1"},
         )
     )

@@ -51,10 +51,11 @@ class Case:
     # row gets it and ours' share of it. Called once per case; it may cache its answer.
     reference_gflops: Callable[[], float] | None = None
     target_share: float | None = None  # the share of reference_gflops the issue asks for
-    # Further measurements of ours, each a name -> value (e.g. the share of a decode spent outside
-    # the model): the row gets them under "measures" and measures_table lists them, with
+    # Further measurements, each a name -> value (e.g. the share of a decode spent outside the
+    # model), called with the row as timed so far (its "anchor_ms" and "ours_ms", None where a
+    # CUDA side failed): the row gets them under "measures" and measures_table lists them, with
     # measure_targets' text (name -> e.g. "<= 10%") beside them.
-    measures: Callable[[], dict[str, float]] | None = None
+    measures: Callable[[dict], dict[str, float]] | None = None
     measure_targets: dict[str, str] | None = None
 
 
@@ -190,7 +191,7 @@ def _measures(case: Case, row: dict) -> None:
     targets = case.measure_targets or {}
     row["measures"] = {
         name: {"value": value, "target": targets.get(name)}
-        for name, value in case.measures().items()
+        for name, value in case.measures(row).items()
     }
 
 
