@@ -88,12 +88,9 @@ struct NmsReduceBlock {
   }
 };
 
-// The launch limits of a GPU that the NMS kernels' geometry must respect: a grid's x extent, and
-// the shared memory a block gets without opting in.
-constexpr int64_t kNmsMaxGridX = (int64_t(1) << 31) - 1;
-constexpr int64_t kNmsMaxSharedBytes = 48 * 1024;
-// The reduce keeps a group's removed words next to the 64 diagonal words in shared memory.
-constexpr int64_t kNmsMaxGroupWords = kNmsMaxSharedBytes / 8 - kMaskBits;
+// The reduce keeps a group's removed words next to the 64 diagonal words in the shared memory a
+// block gets without opting in (grid.h's launch limits).
+constexpr int64_t kNmsMaxGroupWords = kMaxDynamicSharedBytes / 8 - kMaskBits;
 
 // A run of consecutive groups whose masks are built and reduced together, in one mask launch and
 // one reduce launch: its first group, mask block and mask word in the whole list's numbering, and
@@ -128,9 +125,9 @@ inline void check_nms_layout(const char* op, const char* per_group, const NmsLay
               kNmsMaxGroupWords * kMaskBits, " ", per_group,
               " (its removed set lives in 48 KB of shared memory), got ", layout.largest);
   for (const NmsChunk& chunk : layout.chunks) {
-    TORCH_CHECK(chunk.tiles <= kNmsMaxGridX && chunk.groups <= kNmsMaxGridX, op,
+    TORCH_CHECK(chunk.tiles <= kMaxGridDimX && chunk.groups <= kMaxGridDimX, op,
                 ": the CUDA NMS's grids would need ", std::max(chunk.tiles, chunk.groups),
-                " blocks, more than a grid holds (", kNmsMaxGridX, ")");
+                " blocks, more than a grid holds (", kMaxGridDimX, ")");
   }
 }
 
