@@ -140,9 +140,13 @@ def assert_raises(fn, args: tuple, error: type[Exception], message: str, mode: s
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         with FakeTensorMode() as fake_mode:
-            args = tuple(
-                fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args
-            )
+
+            def fake(a):
+                if isinstance(a, torch.Tensor):
+                    return fake_mode.from_tensor(a)
+                return [fake(t) for t in a] if isinstance(a, list) else a
+
+            args = tuple(fake(a) for a in args)
             with pytest.raises(error, match=message):
                 fn(*args)
     else:

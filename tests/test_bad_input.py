@@ -554,6 +554,17 @@ _BEAM_KINDS = {
     "max_length": "int",
 }
 
+
+def _make_beam_advance(g):
+    args = _make_beam_step(g)
+    rows = args["log_probs"].shape[0] * args["log_probs"].shape[1]
+    state = [torch.randn(rows, 4, generator=g), torch.randint(0, 9, (rows,), generator=g)]
+    return {**args, "state": state}
+
+
+_ADVANCE_KINDS = {**_BEAM_KINDS, "state": "tensor_list"}
+
+
 # The sweep's step function: log-probs of 4 labels from the last label alone; the state is
 # passed along untouched, so that every mutation of it tests the driver's checks and reordering.
 _BEAM_TABLE = torch.randn(5, 4, generator=torch.Generator().manual_seed(0)).log_softmax(-1)
@@ -611,6 +622,21 @@ def _check_beam_step(args, out):
     assert parents.min() >= -1 and parents.max() < K, parents
     assert labels.min() >= -1 and labels.max() < C, labels
     assert ((parents == -1) == (scores == -math.inf)).all(), (parents, scores)
+
+
+def _check_beam_advance(args, out):
+    scores, sources, labels, used, finished, state, done = out
+    B, K = scores.shape
+    assert done.shape == () and done.dtype == torch.bool, done
+    for t in (sources, labels):
+        assert t.shape == (B * K,) and t.dtype == torch.int64, t
+    assert [t.shape for t in state] == [t.shape for t in args["state"]], state
+    parents = sources.view(B, K)  # the beams they came from: checked as the step's parents
+    if not (scores.is_meta or scores.numel() == 0):
+        from_first = sources.view(B, K) - torch.arange(B, device=sources.device)[:, None] * K
+        assert ((from_first >= 0) & (from_first < K)).all(), sources  # a beam of its own image
+        parents = from_first.masked_fill(scores == -math.inf, -1)
+    _check_beam_step(args, (scores, parents, labels.view(B, K), used, finished))
 
 
 def _make_beam_backtrack(g):
@@ -885,6 +911,17 @@ TARGETS = [
         check=_check_beam_step,
     ),
     Target(
+        "ops.beam_search_advance",
+        ("beam_search_advance",),
+        ops.beam_search_advance,
+        _make_beam_advance,
+        _ADVANCE_KINDS,
+        reference.beam_search_advance,
+        "beam_search_advance",
+        fake=True,
+        check=_check_beam_advance,
+    ),
+    Target(
         "ops.beam_search_backtrack",
         ("beam_search_backtrack",),
         ops.beam_search_backtrack,
@@ -897,7 +934,7 @@ TARGETS = [
     ),
     Target(
         "ops.beam_search",
-        ("beam_search", "beam_search_step"),
+        ("beam_search", "beam_search_advance"),
         _beam_search_call,
         _make_beam_search,
         _SEARCH_KINDS,
@@ -906,7 +943,7 @@ TARGETS = [
     ),
     Target(
         "nn.LabelBeamSearch",
-        ("LabelBeamSearch", "beam_search_step"),
+        ("LabelBeamSearch", "beam_search_advance"),
         _label_beam_search,
         _make_beam_search,
         _SEARCH_KINDS,
@@ -1096,6 +1133,17 @@ TARGETS = [
         "beam_search_step",
         fake=True,
         check=_check_beam_step,
+    ),
+    Target(
+        "raw.beam_search_advance",
+        ("beam_search_advance",),
+        raw.beam_search_advance,
+        _make_beam_advance,
+        _ADVANCE_KINDS,
+        reference.beam_search_advance,
+        "beam_search_advance",
+        fake=True,
+        check=_check_beam_advance,
     ),
     Target(
         "raw.beam_search_backtrack",
@@ -1737,7 +1785,7 @@ def test_bad_input_sweep(tmp_path):
 
 def test_every_op_is_swept():
     labels = {t.label for t in TARGETS}
-    classes = ("ProposeConfig", "BeamSearchResult", "BeamStep")  # not ops: their types
+    classes = ("ProposeConfig", "BeamAdvance", "BeamSearchResult", "BeamStep")  # not ops
     assert {f"ops.{name}" for name in ops.__all__ if name not in classes} <= labels
     assert {f"nn.{name}" for name in nn.__all__ if name != "Proposals"} <= labels
     assert {t.raw_op for t in TARGETS if t.label.startswith("raw.")} == set(

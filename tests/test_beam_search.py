@@ -823,3 +823,162 @@ def test_backtrack_bad_input_messages(case, mode):
     assert_raises(
         ops.beam_search_backtrack, tuple(args), error, f"beam_search_backtrack: {message}", mode
     )
+
+
+# ---- the driver's step, beam_search_advance: every implementation against the reference ----
+
+
+def random_state(seed: int, rows: int) -> list[torch.Tensor]:
+    """State tensors of several dtypes and ranks, with rows = B * K: contiguous (copied row by row
+    on the CPU), non-contiguous, a lazily conjugated complex one and an empty one (index_select)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, 3, 2, generator=g)
+    return [
+        hidden,
+        torch.randint(-5, 5, (rows,), generator=g),
+        torch.rand(rows, 4, generator=g) < 0.5,
+        torch.randn(2, rows, generator=g, dtype=torch.float64).t(),
+        torch.randn(rows, 2, generator=g, dtype=torch.complex64).conj(),
+        torch.zeros(rows, 0, 3),
+    ]
+
+
+def call_advance(impl, log_probs, scores, used, finished, state, log_threshold, max_length):
+    out = impl.ops.beam_search_advance(
+        *impl.to(log_probs, scores, used, finished),
+        [impl.to(t) for t in state],
+        log_threshold=log_threshold,
+        max_length=max_length,
+    )
+    return ops.BeamAdvance(*(t.cpu() for t in out[:5]), [t.cpu() for t in out[5]], out[6].cpu())
+
+
+def assert_advances_equal(got, want):
+    """To the bit, -0.0 and NaN scores included."""
+    for name in ops.BeamAdvance._fields[:5]:
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype and a.shape == b.shape, (name, a, b)
+        bits = (lambda t: t.view(torch.int32)) if a.is_floating_point() else (lambda t: t)
+        assert torch.equal(bits(a), bits(b)), (name, a, b)
+    assert len(got.state) == len(want.state)
+    for a, b in zip(got.state, want.state, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), (a, b)
+    assert (
+        got.done.dtype == torch.bool and got.done.shape == () and torch.equal(got.done, want.done)
+    )
+
+
+@ALL_IMPLS
+@given(
+    seed=st.integers(0, 2**31),
+    shape=sizes,
+    dtype=st.sampled_from(LOG_DTYPES),
+    threshold=st.sampled_from([-INF, -1.0, 0.0]),
+    max_length=st.integers(1, 8),
+)
+def test_advance_matches_reference(impl, seed, shape, dtype, threshold, max_length):
+    inputs = random_step_inputs(seed, *shape, dtype, ties=seed % 2 == 0)
+    state = random_state(seed, shape[0] * shape[1])
+    got = call_advance(impl, *inputs, state, threshold, max_length)
+    want = reference.beam_search_advance(
+        *inputs, state, log_threshold=threshold, max_length=max_length
+    )
+    assert_advances_equal(got, want)
+
+
+@given(seed=st.integers(0, 2**31), shape=sizes, max_length=st.integers(1, 8))
+def test_advance_is_the_step_its_parents_as_rows_and_the_state_reordered(seed, shape, max_length):
+    B, K, C = shape
+    inputs = random_step_inputs(seed, B, K, C, torch.float32, ties=True)
+    state = random_state(seed, B * K)
+    got = ops.beam_search_advance(*inputs, state, log_threshold=-1.0, max_length=max_length)
+    step = ops.beam_search_step(*inputs, log_threshold=-1.0, max_length=max_length)
+    assert_steps_equal(
+        (got.scores, step.parents, got.labels.view(B, K), got.used, got.finished), step
+    )
+    # beam b * K + j came from row b * K + parent; an empty slot "from" its image's first row
+    first_row = torch.arange(B)[:, None] * K
+    assert torch.equal(got.sources.view(B, K), first_row + step.parents.clamp(min=0))
+    for before, after in zip(state, got.state, strict=True):
+        for row, source in enumerate(got.sources.tolist()):
+            assert torch.equal(after[row], before[source])
+        assert after.is_contiguous()
+        assert after.numel() == 0 or after.data_ptr() != before.data_ptr()  # a new tensor
+    assert bool(got.done) == bool(step.finished.all())
+
+
+@DEVICE_IMPLS
+@pytest.mark.parametrize("shape", [(2, 3, 7), (1, 4, 70), (0, 2, 3), (2, 1, 1)])
+def test_advance_opcheck(impl, shape):
+    B, K, C = shape
+    inputs = impl.to(*random_step_inputs(0, B, K, C, torch.float32, ties=True))
+    for state in ([], [impl.to(t) for t in random_state(0, B * K)]):
+        torch.library.opcheck(
+            torch.ops.mlkernels.beam_search_advance,
+            (*inputs, state),
+            {"log_threshold": -1.0, "max_length": 3},
+        )
+
+
+def test_advance_is_not_differentiable():
+    hidden = torch.randn(2, 3, requires_grad=True)
+    out = ops.beam_search_advance(torch.zeros(1, 2, 3), *initial_state(1, 2, 3), [hidden])
+    with pytest.raises(
+        RuntimeError, match="derivative for mlkernels::beam_search_advance is not impl"
+    ):
+        out.state[0].sum().backward()
+
+
+@pytest.mark.parametrize("mode", ["eager", "fake"])
+@pytest.mark.parametrize("case", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_advance_bad_input_messages(case, mode):
+    """The step's checks, in the advance's name."""
+    (args, kwargs), error, message = case
+    if mode == "fake" and any(t.is_meta for t in args):
+        pytest.skip("a meta tensor runs the fake kernel in eager mode already")
+    message = message.replace("beam_search_step", "beam_search_advance")
+    for fn in (ops.beam_search_advance, torch.ops.mlkernels.beam_search_advance):
+        kwargs = {"log_threshold": -INF, "max_length": 3, **kwargs}
+        assert_raises(functools.partial(fn, **kwargs), (*args, []), error, message, mode)
+
+
+@pytest.mark.parametrize("mode", ["eager", "fake"])
+def test_advance_state_must_have_a_row_per_beam(mode):
+    args, _ = _bad()  # B = 2, K = 3
+    for state in ([torch.zeros(6), torch.zeros(5, 2)], [torch.zeros(6), torch.tensor(1.0)]):
+        got = "Tensor\\[5, 2\\]" if state[1].dim() else "Tensor\\[\\]"
+        message = (
+            f"beam_search_advance: state\\[1\\] must have leading dimension B \\* K = 6, got {got}"
+        )
+        for fn in (ops.beam_search_advance, reference.beam_search_advance):
+            if mode == "fake" and fn is reference.beam_search_advance:
+                continue
+            assert_raises(fn, (*args, state), RuntimeError, message, mode)
+
+
+def test_advance_wrapper_argument_types():
+    args, _ = _bad()
+    with pytest.raises(TypeError, match="beam_search_advance: state must be a list of tensors"):
+        ops.beam_search_advance(*args, torch.zeros(6))
+    with pytest.raises(TypeError, match=r"beam_search_advance: state\[1\] must be a Tensor"):
+        ops.beam_search_advance(*args, [torch.zeros(6), 3])
+
+
+def test_advance_state_too_large_to_copy():
+    args, _ = _bad()
+    huge = torch.zeros(6, 1).expand(6, 2**40)  # free to build, 6 TB to copy
+    with pytest.raises(
+        RuntimeError,
+        match=r"beam_search_advance: state\[0\] reordered, Tensor\[6, 1099511627776\], could not "
+        r"be allocated",
+    ):
+        ops.beam_search_advance(*args, [huge])
+
+
+@pytest.mark.parametrize("impl", impl_params("cuda"))
+def test_advance_reorders_a_state_on_another_device(impl):
+    inputs = impl.to(*random_step_inputs(3, 2, 3, 5, torch.float32, ties=False))
+    state = [torch.arange(6.0)]  # on the CPU while the search runs on the GPU
+    got = ops.beam_search_advance(*inputs, state, max_length=3)
+    assert got.state[0].device.type == "cpu"
+    assert torch.equal(got.state[0], state[0][got.sources.cpu()])

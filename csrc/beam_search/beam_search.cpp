@@ -1,5 +1,6 @@
-// Schemas of beam_search_step and beam_search_backtrack. Kernels: beam_search_cpu.cpp (CPU), beam_search_cuda.cu (CUDA),
-// beam_search_emulated.cpp (the CUDA kernel on the CPU grid emulator, for tests).
+// Schemas of beam_search_step, beam_search_advance and beam_search_backtrack. Kernels:
+// beam_search_cpu.cpp (CPU), beam_search_cuda.cu (CUDA), beam_search_emulated.cpp (the CUDA kernel
+// on the CPU grid emulator, for tests).
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
@@ -16,6 +17,13 @@ void define_beam_search_ops(torch::Library& m) {
   m.def(
       "beam_search_backtrack(Tensor sources, Tensor labels, Tensor scores, int width) -> "
       "(Tensor, Tensor)");
+  // The driver's step: beam_search_step, then the rows the new beams came from, the state
+  // tensors reordered along them, and whether every beam has finished. Returns (scores [B, K],
+  // sources [B * K], labels [B * K], used [B, K, W], finished [B, K], state, done []).
+  m.def(
+      "beam_search_advance(Tensor log_probs, Tensor scores, Tensor used, Tensor finished, "
+      "Tensor[] state, *, float log_threshold, int max_length) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[], Tensor)");
 }
 
 }  // namespace
@@ -29,4 +37,5 @@ TORCH_LIBRARY_FRAGMENT(mlkernels_emulated, m) { define_beam_search_ops(m); }
 TORCH_LIBRARY_IMPL(mlkernels, Autograd, m) {
   m.impl("beam_search_step", torch::autograd::autogradNotImplementedFallback());
   m.impl("beam_search_backtrack", torch::autograd::autogradNotImplementedFallback());
+  m.impl("beam_search_advance", torch::autograd::autogradNotImplementedFallback());
 }

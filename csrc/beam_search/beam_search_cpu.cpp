@@ -65,7 +65,7 @@ class KeyHeap {
 // Whether any of the n labels from `log_probs` could enter: a score above `bound` and at or above
 // the threshold (NaN and -inf fail). Written for the vectorizer: no early exit.
 template <typename T, int64_t N>
-inline bool chunk_hits(const T* log_probs, float score, float bound, float log_threshold) {
+__attribute__((noinline)) bool chunk_hits(const T* log_probs, float score, float bound, float log_threshold) {
   int hit = 0;
   for (int64_t i = 0; i < N; ++i) {
     const float v = score + to_float(log_probs[i]);

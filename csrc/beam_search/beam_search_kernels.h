@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <vector>
 
 #include "beam_search.h"
 
@@ -88,13 +89,24 @@ void step_kernel(const Runner& run, const StepInputs& in, const StepOutputs& out
   config.grid.x = in.batch;
   config.block.x = threads;
   config.shared_bytes = shared_bytes(in.beams, threads);
-  TORCH_CHECK(config.shared_bytes <= kMaxSharedBytes, kOp,
+  TORCH_CHECK(config.shared_bytes <= kMaxSharedBytes, in.op,
               ": the CUDA kernel keeps a row's K beams in shared memory and takes K up to ",
               max_cuda_beams(threads), " (log_probs Tensor[B, K, C]), got K = ", in.beams);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.log_probs.scalar_type(), kOp, [&] {
     run.blocks(config, StepBlock<scalar_t>{step_args<scalar_t>(in, out)});
   });
 }
+
+// The step's parents [B * K] turned, in place, into the rows they came from (source_row).
+struct SourceRowsThread {
+  int64_t* parents;
+  int64_t rows, beams;
+  MLK_HOST_DEVICE void operator()(const ThreadIndex& t) const {
+    for (int64_t i = t.global_x(); i < rows; i += t.grid_stride_x()) {
+      parents[i] = source_row(i, parents[i], beams);
+    }
+  }
+};
 
 // One thread per final beam (beam_search_math.h's backtrack_row).
 struct BacktrackThread {
@@ -116,6 +128,29 @@ struct Kernels {
     const StepOutputs out = allocate_step_outputs(in);
     if (in.batch > 0 && in.beams > 0) step_kernel(Runner::on(in.scores), in, out);
     return out.as_tuple();
+  }
+
+  // beam_search_step, then its parents as rows (the returned `sources`, with `labels`, flat
+  // [B * K]), each state tensor's rows picked by them, and whether every beam has finished: a
+  // step of the driver in one call.
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                    std::vector<at::Tensor>, at::Tensor>
+  beam_search_advance(const at::Tensor& log_probs, const at::Tensor& scores,
+                      const at::Tensor& used, const at::Tensor& finished, at::TensorList state,
+                      double log_threshold, int64_t max_length) {
+    const StepInputs in =
+        prepare_step(log_probs, scores, used, finished, log_threshold, max_length, kAdvanceOp);
+    check_state(in, state);
+    const StepOutputs out = allocate_step_outputs(in);
+    const int64_t rows = in.batch * in.beams;
+    if (rows > 0) {
+      step_kernel(Runner::on(in.scores), in, out);
+      Runner::on(in.scores).threads(launch_config_1d(rows),
+                                    SourceRowsThread{out.parents.data_ptr<int64_t>(), rows, in.beams});
+    }
+    const at::Tensor sources = out.parents.view({rows});
+    return {out.scores,   sources, out.labels.view({rows}), out.used, out.finished,
+            reorder_state(kAdvanceOp, state, sources), all_finished(out.finished)};
   }
 
   static std::tuple<at::Tensor, at::Tensor> beam_search_backtrack(const at::Tensor& sources,
@@ -151,6 +186,7 @@ template <typename K>
 void register_beam_search(torch::Library& m) {
   m.impl("beam_search_step", &K::beam_search_step);
   m.impl("beam_search_backtrack", &K::beam_search_backtrack);
+  m.impl("beam_search_advance", &K::beam_search_advance);
 }
 
 }  // namespace beam_search

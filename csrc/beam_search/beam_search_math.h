@@ -193,6 +193,13 @@ MLK_HOST_DEVICE void write_slot(const StepArgs<T>& a, int64_t b, int64_t rank, b
   a.out_finished[out] = length + 1 >= a.limit;
 }
 
+// The row of the step's inputs (b * K + k) that output beam `out` (b * K + rank) came from, given
+// its parent k: the driver reorders the state tensors along these rows. An empty slot (parent -1)
+// takes its batch row's first beam, whose state it never reads.
+MLK_HOST_DEVICE int64_t source_row(int64_t out, int64_t parent, int64_t beams) {
+  return out - out % beams + (parent > 0 ? parent : 0);
+}
+
 // ---- the CUDA kernel: one block per batch row, a radix select of the K largest keys ----
 //
 // Shared memory: the kinds and pool sizes of the K beams, one count per thread, the selection

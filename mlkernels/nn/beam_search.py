@@ -9,8 +9,8 @@ from torch import nn
 from ..ops.beam_search import (
     BeamSearchResult,
     StepFn,
+    _raw_advance,
     _raw_backtrack,
-    _raw_step,
     _settings,
     check_search_settings,
     decode,
@@ -46,7 +46,7 @@ class LabelBeamSearch(nn.Module):
             self.max_length,
             self.threshold,
         )
-        return decode(_raw_step, _raw_backtrack, step_fn, state, "LabelBeamSearch", **settings)
+        return decode(_raw_advance, _raw_backtrack, step_fn, state, "LabelBeamSearch", **settings)
 
     def extra_repr(self) -> str:
         return (

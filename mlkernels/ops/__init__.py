@@ -3,9 +3,11 @@ torch.ops.mlkernels.* (CPU or CUDA kernels); each has a pure-PyTorch twin in mlk
 
 from .attention import scaled_dot_product_attention
 from .beam_search import (
+    BeamAdvance,
     BeamSearchResult,
     BeamStep,
     beam_search,
+    beam_search_advance,
     beam_search_backtrack,
     beam_search_step,
 )
@@ -14,10 +16,12 @@ from .proposals import ProposeConfig, batched_nms, generate_anchors, nms, propos
 from .roi_align import roi_align
 
 __all__ = [
+    "BeamAdvance",
     "BeamSearchResult",
     "BeamStep",
     "ProposeConfig",
     "beam_search",
+    "beam_search_advance",
     "beam_search_backtrack",
     "beam_search_step",
     "batched_nms",

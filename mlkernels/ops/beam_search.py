@@ -1,4 +1,5 @@
-"""Beam search over label sets (the Order-Free RNN's decoder): beam_search_step, beam_search.
+"""Beam search over label sets (the Order-Free RNN's decoder): beam_search_step, beam_search,
+and the driver's own steps, beam_search_advance and beam_search_backtrack.
 
 Kernels: csrc/beam_search (CPU, CUDA); pure-PyTorch equivalents: mlkernels.reference.beam_search.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -16,6 +17,7 @@ from torch import Tensor
 from . import _checks as C
 
 _OP = "beam_search_step"
+_ADVANCE_OP = "beam_search_advance"
 WORD_BITS = 64
 # A row's candidate index lives in 32 bits of its key (csrc/beam_search/beam_search_math.h).
 MAX_CANDIDATES = 2**32
@@ -29,6 +31,18 @@ class BeamStep(NamedTuple):
     labels: Tensor  # [B, K] int64 the label it added; -1 when carried or empty
     used: Tensor  # [B, K, W] int64 label pools (bitsets)
     finished: Tensor  # [B, K] bool
+
+
+class BeamAdvance(NamedTuple):
+    """What :func:`beam_search_advance` returns: the next step's beams, as rows of the search."""
+
+    scores: Tensor  # [B, K] float32, as BeamStep.scores
+    sources: Tensor  # [B * K] int64 the row (b * K + k) of the input beams each came from
+    labels: Tensor  # [B * K] int64 the label it added; -1 when carried or empty
+    used: Tensor  # [B, K, W] int64 label pools (bitsets)
+    finished: Tensor  # [B, K] bool
+    state: list[Tensor]  # each state tensor's rows picked by sources
+    done: Tensor  # [] bool: every beam has finished (finished.all())
 
 
 class BeamSearchResult(NamedTuple):
@@ -104,12 +118,69 @@ def beam_search_step(
     return BeamStep(*out)
 
 
+def beam_search_advance(
+    log_probs: Tensor,
+    scores: Tensor,
+    used: Tensor,
+    finished: Tensor,
+    state: Sequence[Tensor] = (),
+    *,
+    log_threshold: float = -math.inf,
+    max_length: int | None = None,
+) -> BeamAdvance:
+    """A step of :func:`beam_search`'s driver in one op: :func:`beam_search_step`, then the rows
+    the new beams came from, and the state tensors reordered along them.
+
+    Args:
+        log_probs, scores, used, finished, log_threshold, max_length: as
+            :func:`beam_search_step` takes them (log_probs Tensor[B, K, C]).
+        state: tensors with leading dimension B * K (row b * K + k: beam k of image b), any
+            dtype, each on any device; empty for a step after which nothing reads the state.
+
+    Returns:
+        BeamAdvance(scores [B, K], sources [B * K], labels [B * K], used [B, K, W],
+        finished [B, K], state, done []): scores, used and finished as :func:`beam_search_step`
+        returns them; ``sources[b * K + j]`` = ``b * K + parents[b, j]``, the row of the beam
+        that slot j came from (``b * K`` for an empty slot, whose state is never read);
+        ``labels`` the step's labels, flat; ``state[i]`` = ``state[i].index_select(0, sources)``
+        (new tensors); ``done`` = ``finished.all()``, a bool tensor on the device of scores.
+
+    One call where the driver would make a dozen (the step, the parents into rows, a reorder per
+    state tensor, the test for the search's end), each of which costs microseconds between the
+    model's steps. Not differentiable. Equivalent PyTorch code:
+    :func:`mlkernels.reference.beam_search_advance`.
+    """
+    if not torch.jit.is_scripting() and not C.symbolic_tracing():
+        for name, value in (
+            ("log_probs", log_probs),
+            ("scores", scores),
+            ("used", used),
+            ("finished", finished),
+        ):
+            C.check_tensor(_ADVANCE_OP, name, value)
+        if not isinstance(state, (list, tuple)):
+            raise TypeError(
+                f"{_ADVANCE_OP}: state must be a list of tensors, got {type(state).__name__}"
+            )
+        for i, t in enumerate(state):
+            C.check_tensor(_ADVANCE_OP, f"state[{i}]", t)
+        log_threshold = C.as_float(_ADVANCE_OP, "log_threshold", log_threshold)
+        if max_length is not None:
+            max_length = C.as_int(_ADVANCE_OP, "max_length", max_length)
+    if max_length is None:
+        max_length = max(log_probs.shape[-1], 1) if log_probs.dim() > 0 else 1
+    out = torch.ops.mlkernels.beam_search_advance(
+        log_probs, scores, used, finished, state, log_threshold=log_threshold, max_length=max_length
+    )
+    return BeamAdvance(*out)
+
+
 StepFn = Callable[[Tensor, Any], tuple[Tensor, Any]]
 
 
-# beam_search_step for the driver, whose arguments are checked already: the op itself, looked up
-# once (each step of a search would otherwise pay for the lookup and the wrapper's checks).
-_raw_step = torch.ops.mlkernels.beam_search_step.default
+# The driver's ops, whose arguments it has checked already: the ops themselves, looked up once
+# (each step of a search would otherwise pay for the lookup and the wrapper's checks).
+_raw_advance = torch.ops.mlkernels.beam_search_advance.default
 _raw_backtrack = torch.ops.mlkernels.beam_search_backtrack.default
 
 
@@ -170,12 +241,13 @@ def beam_search(
         float32, lengths Tensor[B, K] int64), best first along K, with T = min(max_length, C).
         A path's score is the sum of its labels' log-probabilities (float32, in step order).
 
-    Each step calls step_fn once and :func:`beam_search_step` once; the only host
-    synchronisation per step is one check whether every beam has finished. No label repeats
+    Each step calls step_fn once and :func:`beam_search_advance` once (the step, and the state
+    reordered); the only host synchronisation per step is one check whether every beam has
+    finished. No label repeats
     within a path. Equivalent PyTorch code: :func:`mlkernels.reference.beam_search`.
     """
     return decode(
-        _raw_step,
+        _raw_advance,
         _raw_backtrack,
         step_fn,
         state,
@@ -237,21 +309,22 @@ def _check_state(op: str, state: Any, rows: int, what: str) -> None:
             )
 
 
-def _reorder(state: Any, rows: Tensor) -> Any:
-    """``state`` with every tensor's rows picked by ``rows``, the structure kept."""
+def _replace(state: Any, tensors: Iterator[Tensor]) -> Any:
+    """``state`` with its tensors replaced, in :func:`_tensors`' order, by ``tensors``; the
+    structure kept."""
     if isinstance(state, Tensor):
-        return state.index_select(0, rows.to(state.device))
+        return next(tensors)
     if isinstance(state, tuple) and hasattr(state, "_fields"):  # a NamedTuple
-        return type(state)(*(_reorder(s, rows) for s in state))
+        return type(state)(*(_replace(s, tensors) for s in state))
     if isinstance(state, (tuple, list)):
-        return type(state)(_reorder(s, rows) for s in state)
+        return type(state)(_replace(s, tensors) for s in state)
     if isinstance(state, dict):
-        return type(state)((k, _reorder(v, rows)) for k, v in state.items())
+        return type(state)((k, _replace(v, tensors)) for k, v in state.items())
     return state
 
 
 def decode(
-    step: Callable[..., tuple],
+    advance: Callable[..., tuple],
     backtrack: Callable[..., tuple],
     step_fn: StepFn,
     state: Any,
@@ -263,11 +336,11 @@ def decode(
     max_length: int | None,
     threshold: float,
 ) -> BeamSearchResult:
-    """The beam search driver over any implementation of the step (``step(log_probs, scores,
-    used, finished, log_threshold=, max_length=)``) and of the backtrack (``backtrack(sources,
-    labels, scores, width)``), ours or the reference's; settings checked. The steps' source rows
-    and labels are kept (2 x B x K int64 per step run, nothing for steps not run) and followed
-    back once at the end."""
+    """The beam search driver over any implementation of the step (``advance(log_probs, scores,
+    used, finished, state_tensors, log_threshold=, max_length=)``, as beam_search_advance) and of
+    the backtrack (``backtrack(sources, labels, scores, width)``), ours or the reference's;
+    settings checked. The steps' source rows and labels are kept (2 x B x K int64 per step run,
+    nothing for steps not run) and followed back once at the end."""
     if not callable(step_fn):
         raise TypeError(f"{op}: step_fn must be callable, got {type(step_fn).__name__}")
     B, C_, K = batch_size, num_labels, beam_size
@@ -289,13 +362,12 @@ def decode(
         used = None  # allocated once the first log_probs are known to have C columns
         finished = torch.zeros((B, K), dtype=torch.bool, device=device)
         last = torch.full((rows,), -1, dtype=torch.int64, device=device)
-        offsets = torch.arange(0, rows, K, device=device)[:, None]
-        return scores, used, finished, last, offsets
+        return scores, used, finished, last
 
     first = _allocate(op, B, K, C_, allocate)
     if isinstance(first, BeamSearchResult):
         return first
-    scores, used, finished, last, offsets = first
+    scores, used, finished, last = first
     sources, labels_seen = [], []
     for t in range(T):
         log_probs, state = step_fn(last, state)
@@ -306,40 +378,34 @@ def decode(
                 f" = Tensor[{rows}, {C_}], got {got}"
             )
         if log_probs.device != scores.device:  # a state on no device: follow the model
-            scores, finished, last, offsets = (
-                x.to(log_probs.device) for x in (scores, finished, last, offsets)
-            )
+            scores, finished, last = (x.to(log_probs.device) for x in (scores, finished, last))
         if used is None:
             pool_shape = (B, K, pool_words(C_))
             zeros = functools.partial(scores.new_zeros, pool_shape, dtype=torch.int64)
             used = _allocate(op, B, K, C_, zeros)
-        _check_state(op, state, rows, "the state tensors step_fn returns")
-        scores, parents, labels, used, finished = step(
-            log_probs.reshape(B, K, C_),
-            scores,
-            used,
-            finished,
-            log_threshold=log_threshold,
-            max_length=T,
-        )
-        # The rows of the beams' parents (an empty slot: its row's first beam; its state is
-        # never looked at), in place: the step's parents are not needed as they were.
-        source = parents.clamp_(min=0).add_(offsets).view(-1)
-        last = labels.view(-1)
+        # The state is reordered only for a step to come: nothing reads it after the last one.
+        last_step = t + 1 == T
+        try:
+            scores, source, last, used, finished, reordered, done = advance(
+                log_probs.reshape(B, K, C_),
+                scores,
+                used,
+                finished,
+                [] if last_step else _tensors(state),
+                log_threshold=log_threshold,
+                max_length=T,
+            )
+        except RuntimeError:
+            # The op checks the state's rows too; the driver's message says where they came from.
+            _check_state(op, state, rows, "the state tensors step_fn returns")
+            raise
         sources.append(source)
         labels_seen.append(last)
         # The one host synchronisation of a step (none on the last step; a meta tensor has no
-        # value to look at, so a meta search runs every step). The state is reordered only for a
-        # step to come: nothing reads it after the last one.
-        if t + 1 == T or (not finished.is_meta and bool(finished.all())):
+        # value to look at, so a meta search runs every step).
+        if last_step or (not done.is_meta and bool(done)):
             break
-        try:
-            state = _reorder(state, source)
-        except RuntimeError as error:  # e.g. an expanded state whose copy no memory holds
-            raise RuntimeError(
-                f"{op}: the state tensors could not be reordered along the beams' parents "
-                f"({str(error).strip().splitlines()[0]})"
-            ) from None
+        state = _replace(state, iter(reordered))
     # One op for the whole backtrack (its outputs' allocation errors name it and the sizes).
     paths, lengths = backtrack(torch.stack(sources), torch.stack(labels_seen), scores, T)
     return BeamSearchResult(paths, scores, lengths)
@@ -359,10 +425,10 @@ def _allocate(op: str, B: int, K: int, C_: int, fn: Callable[[], Any]) -> Any:
 # ---- fake kernel: the C++ checks, repeated, and the output shapes ----
 
 
-def _check_shape(arg: str, t: Tensor, expected: tuple[int, ...], why: str) -> None:
+def _check_shape(arg: str, t: Tensor, expected: tuple[int, ...], why: str, op: str = _OP) -> None:
     C.check(
         tuple(t.shape) == expected,
-        f"{_OP}: {arg} must be Tensor[{', '.join(str(s) for s in expected)}] ({why}), "
+        f"{op}: {arg} must be Tensor[{', '.join(str(s) for s in expected)}] ({why}), "
         f"got {C.shape_str(t)}",
     )
 
@@ -374,44 +440,73 @@ def _check_dtype(arg: str, t: Tensor, expected: torch.dtype, op: str = _OP) -> N
     )
 
 
-@torch.library.register_fake("mlkernels::beam_search_step")
-def _beam_search_step_fake(log_probs, scores, used, finished, *, log_threshold, max_length):
+def _check_step(op, log_probs, scores, used, finished, log_threshold, max_length) -> tuple:
+    """The C++ checks of beam_search_step's arguments (prepare_step), message for message; the
+    output shapes (B, K, W)."""
     for name, t in (("log_probs", log_probs), ("scores", scores), ("used", used)):
-        C.check_defined(_OP, name, t)
-    C.check_defined(_OP, "finished", finished)
+        C.check_defined(op, name, t)
+    C.check_defined(op, "finished", finished)
     C.check(
         log_probs.dim() == 3,
-        f"{_OP}: log_probs must be Tensor[B, K, C], got {C.shape_str(log_probs)}",
+        f"{op}: log_probs must be Tensor[B, K, C], got {C.shape_str(log_probs)}",
     )
-    C.check_floating(_OP, "log_probs", log_probs, allow_half=True)
+    C.check_floating(op, "log_probs", log_probs, allow_half=True)
     B, K, num_labels = log_probs.shape
     W = pool_words(num_labels)
-    _check_shape("scores", scores, (B, K), "B and K of log_probs")
-    _check_dtype("scores", scores, torch.float32)
-    _check_shape("used", used, (B, K, W), "B and K of log_probs, ceil(C / 64) words")
-    _check_dtype("used", used, torch.int64)
-    _check_shape("finished", finished, (B, K), "B and K of log_probs")
-    _check_dtype("finished", finished, torch.bool)
+    _check_shape("scores", scores, (B, K), "B and K of log_probs", op)
+    _check_dtype("scores", scores, torch.float32, op)
+    _check_shape("used", used, (B, K, W), "B and K of log_probs, ceil(C / 64) words", op)
+    _check_dtype("used", used, torch.int64, op)
+    _check_shape("finished", finished, (B, K), "B and K of log_probs", op)
+    _check_dtype("finished", finished, torch.bool, op)
     for name, t in (("scores", scores), ("used", used), ("finished", finished)):
-        C.check_same_device(_OP, "log_probs", log_probs, name, t)
+        C.check_same_device(op, "log_probs", log_probs, name, t)
     C.check(
         log_threshold <= 0.0,
-        f"{_OP}: log_threshold must be in [-inf, 0] (the log of a probability), "
+        f"{op}: log_threshold must be in [-inf, 0] (the log of a probability), "
         f"got {C.num_str(log_threshold)}",
         ValueError,
     )
-    C.check(max_length >= 1, f"{_OP}: max_length must be >= 1, got {max_length}", ValueError)
+    C.check(max_length >= 1, f"{op}: max_length must be >= 1, got {max_length}", ValueError)
     C.check(
         K * (num_labels + 1) <= MAX_CANDIDATES,
-        f"{_OP}: log_probs must have K * (C + 1) <= 2**32 candidates per row, "
+        f"{op}: log_probs must have K * (C + 1) <= 2**32 candidates per row, "
         f"got {C.shape_str(log_probs)}",
     )
+    return B, K, W
+
+
+@torch.library.register_fake("mlkernels::beam_search_step")
+def _beam_search_step_fake(log_probs, scores, used, finished, *, log_threshold, max_length):
+    B, K, W = _check_step(_OP, log_probs, scores, used, finished, log_threshold, max_length)
     return (
         C.allocate_output(_OP, scores, (B, K)),
         C.allocate_output(_OP, scores, (B, K), dtype=torch.int64),
         C.allocate_output(_OP, scores, (B, K), dtype=torch.int64),
         C.allocate_output(_OP, scores, (B, K, W), dtype=torch.int64),
         C.allocate_output(_OP, scores, (B, K), dtype=torch.bool),
+    )
+
+
+@torch.library.register_fake("mlkernels::beam_search_advance")
+def _beam_search_advance_fake(
+    log_probs, scores, used, finished, state, *, log_threshold, max_length
+):
+    op = _ADVANCE_OP
+    B, K, W = _check_step(op, log_probs, scores, used, finished, log_threshold, max_length)
+    for i, t in enumerate(state):
+        C.check(
+            t.dim() >= 1 and t.shape[0] == B * K,
+            f"{op}: state[{i}] must have leading dimension B * K = {B * K}, got {C.shape_str(t)}",
+        )
+    return (
+        C.allocate_output(op, scores, (B, K)),
+        C.allocate_output(op, scores, (B * K,), dtype=torch.int64),
+        C.allocate_output(op, scores, (B * K,), dtype=torch.int64),
+        C.allocate_output(op, scores, (B, K, W), dtype=torch.int64),
+        C.allocate_output(op, scores, (B, K), dtype=torch.bool),
+        [t.new_empty(t.shape) for t in state],
+        C.allocate_output(op, scores, (), dtype=torch.bool),
     )
 
 

@@ -20,9 +20,10 @@ def _targets() -> list[tuple[object, str, object]]:
     targets = [(ops, name, getattr(reference, name)) for name in names]
     # The two layers that do not look their op up in mlkernels.ops when called: RoIAlign calls a
     # module global (torch.fx.wrap needs one, so the layer stays one node in fx graphs) and
-    # LabelBeamSearch drives the raw step and backtrack itself, so that its errors name the layer.
+    # LabelBeamSearch drives the raw advance and backtrack itself, so that its errors name the
+    # layer.
     targets.append((nn_roi_align, "roi_align", reference.roi_align))
-    targets.append((nn_beam_search, "_raw_step", reference.beam_search_step))
+    targets.append((nn_beam_search, "_raw_advance", reference.beam_search_advance))
     targets.append((nn_beam_search, "_raw_backtrack", reference.beam_search_backtrack))
     return targets
 

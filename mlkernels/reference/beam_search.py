@@ -1,6 +1,7 @@
-"""Pure-PyTorch beam search over label sets: the contracts of mlkernels.ops.beam_search_step and
-beam_search, written with plain, vectorized tensor operations (add the scores, mask, flatten,
-top-k), as Hugging Face's beam search does a step, plus the label pool and the threshold stop.
+"""Pure-PyTorch beam search over label sets: the contracts of mlkernels.ops.beam_search_step,
+beam_search_advance, beam_search_backtrack and beam_search, written with plain, vectorized tensor
+operations (add the scores, mask, flatten, top-k), as Hugging Face's beam search does a step,
+plus the label pool and the threshold stop.
 
 torch.topk promises no order among equal values, so the top-k runs on int64 keys that pack a
 candidate's score (order-preserving bits) above its index: the order is then the contract's
@@ -10,6 +11,7 @@ strict total order (score descending, then beam, then label ascending), with no 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,6 +20,7 @@ from torch import Tensor
 from ..ops.beam_search import (
     MAX_CANDIDATES,
     WORD_BITS,
+    BeamAdvance,
     BeamSearchResult,
     BeamStep,
     StepFn,
@@ -86,6 +89,36 @@ def beam_search_step(
     )
 
 
+def beam_search_advance(
+    log_probs: Tensor,
+    scores: Tensor,
+    used: Tensor,
+    finished: Tensor,
+    state: Sequence[Tensor] = (),
+    *,
+    log_threshold: float = -math.inf,
+    max_length: int | None = None,
+) -> BeamAdvance:
+    """:func:`mlkernels.ops.beam_search_advance`: the step above, its parents as rows of the
+    search, and every state tensor's rows picked by them."""
+    B, K = log_probs.shape[:2]
+    for i, t in enumerate(state):
+        if t.dim() == 0 or t.shape[0] != B * K:
+            raise RuntimeError(
+                f"beam_search_advance: state[{i}] must have leading dimension B * K = {B * K}, "
+                f"got Tensor[{', '.join(str(s) for s in t.shape)}]"
+            )
+    step = beam_search_step(
+        log_probs, scores, used, finished, log_threshold=log_threshold, max_length=max_length
+    )
+    first_rows = torch.arange(0, B * K, K, device=scores.device)[:, None] if K else 0
+    sources = (step.parents.clamp(min=0) + first_rows).reshape(-1)
+    reordered = [t.index_select(0, sources.to(t.device)) for t in state]
+    labels = step.labels.reshape(-1)
+    done = step.finished.all()
+    return BeamAdvance(step.scores, sources, labels, step.used, step.finished, reordered, done)
+
+
 def beam_search(
     step_fn: StepFn,
     state: Any,
@@ -99,7 +132,7 @@ def beam_search(
     """:func:`mlkernels.ops.beam_search` with the pure-PyTorch step above."""
     settings = _settings("beam_search", batch_size, num_labels, beam_size, max_length, threshold)
     return decode(
-        beam_search_step, beam_search_backtrack, step_fn, state, "beam_search", **settings
+        beam_search_advance, beam_search_backtrack, step_fn, state, "beam_search", **settings
     )
 
 
