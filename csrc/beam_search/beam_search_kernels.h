@@ -145,12 +145,17 @@ struct Kernels {
     const int64_t rows = in.batch * in.beams;
     if (rows > 0) {
       step_kernel(Runner::on(in.scores), in, out);
-      Runner::on(in.scores).threads(launch_config_1d(rows),
-                                    SourceRowsThread{out.parents.data_ptr<int64_t>(), rows, in.beams});
+      const SourceRowsThread to_rows{out.parents.data_ptr<int64_t>(), rows, in.beams};
+      Runner::on(in.scores).threads(launch_config_1d(rows), to_rows);
     }
     const at::Tensor sources = out.parents.view({rows});
-    return {out.scores,   sources, out.labels.view({rows}), out.used, out.finished,
-            reorder_state(kAdvanceOp, state, sources), all_finished(out.finished)};
+    return {out.scores,
+            sources,
+            out.labels.view({rows}),
+            out.used,
+            out.finished,
+            reorder_state(kAdvanceOp, state, sources),
+            all_finished(out.finished)};
   }
 
   static std::tuple<at::Tensor, at::Tensor> beam_search_backtrack(const at::Tensor& sources,
