@@ -17,9 +17,10 @@ float16/bfloat16; tiled and wide-head kernels; no mask, bool mask with a fully m
 mask with and without gradient, a broadcast mask with gradient, is_causal, return_lse, leading
 dims, autocast, MultiheadAttention, every backward mask, empty inputs); beam_search_step (every
 dtype, ties, NaN, empty slots, finished beams, threshold and length stops, one warp to 256 threads,
-K up to the shared-memory limit), beam_search_backtrack and a short beam_search decode, all equal
-to the CPU's to the bit. Public functions and autograd (``.backward()``) where they reach a
-path, the raw ``torch.ops.mlkernels`` ops with explicit output masks where they don't.
+K up to the shared-memory limit), beam_search_advance, beam_search_backtrack and a short
+beam_search decode, all equal to the CPU's to the bit. Public functions and autograd
+(``.backward()``) where they reach a path, the raw ``torch.ops.mlkernels`` ops with explicit
+output masks where they don't.
 
 Inputs are drawn on the CPU (no random-number kernels to instrument) and moved to the device.
 Results are compared with the CPU kernels where that is cheap. A step that fails is reported and
@@ -501,6 +502,7 @@ class Workload:
                 self.step(
                     f"beam_search_step {dtype} B{b} K{k} C{c}", self._beam_step, dtype, b, k, c
                 )
+        self.step("beam_search_advance", self._beam_advance)
         self.step("beam_search_backtrack", self._beam_backtrack)
         self.step("beam_search decode", self._beam_decode)
         self.step("beam search empty", self._beam_empty)
@@ -523,6 +525,24 @@ class Workload:
             expected = ops.beam_search_step(*args, **kwargs)
             for name, a, e in zip(got._fields, got, expected, strict=True):
                 assert torch.equal(a.cpu(), e), f"beam_search_step {name} differs from the CPU"
+
+    def _beam_advance(self) -> None:
+        b, k, c = 2, 64, 40  # 256 threads a row
+        log_probs = randn(b, k, c).log_softmax(-1)
+        scores = -rand(b, k).float() * 3
+        scores[:, -1] = -math.inf
+        used = torch.zeros(b, k, pool_words(c), dtype=torch.int64)
+        finished = rand(b, k) < 0.2
+        state = [randn(b * k, 3), torch.randint(0, 9, (b * k, 2), generator=G)]
+        args = (log_probs, scores, used, finished)
+        got = ops.beam_search_advance(
+            *(self.to(t) for t in args), [self.to(t) for t in state], max_length=5
+        )
+        expected = ops.beam_search_advance(*args, state, max_length=5)
+        for name, a, e in zip(got._fields, got, expected, strict=True):
+            pairs = zip(a, e, strict=True) if name == "state" else [(a, e)]
+            for x, y in pairs:
+                assert torch.equal(x.cpu(), y), f"beam_search_advance {name} differs from the CPU"
 
     def _beam_backtrack(self) -> None:
         steps, b, k, width = 4, 3, 5, 6
