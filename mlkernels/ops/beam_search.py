@@ -101,21 +101,28 @@ def beam_search_step(
     memory (K up to 2352).
     Equivalent PyTorch code: :func:`mlkernels.reference.beam_search_step`.
     """
-    if not torch.jit.is_scripting():
-        if not C.symbolic_tracing():
-            C.check_tensor(_OP, "log_probs", log_probs)
-            C.check_tensor(_OP, "scores", scores)
-            C.check_tensor(_OP, "used", used)
-            C.check_tensor(_OP, "finished", finished)
-            log_threshold = C.as_float(_OP, "log_threshold", log_threshold)
-            if max_length is not None:
-                max_length = C.as_int(_OP, "max_length", max_length)
-    if max_length is None:
-        max_length = max(log_probs.shape[-1], 1) if log_probs.dim() > 0 else 1
+    log_threshold, max_length = _step_settings(
+        _OP, log_probs, scores, used, finished, log_threshold, max_length
+    )
     out = torch.ops.mlkernels.beam_search_step(
         log_probs, scores, used, finished, log_threshold=log_threshold, max_length=max_length
     )
     return BeamStep(*out)
+
+
+def _step_settings(op, log_probs, scores, used, finished, log_threshold, max_length) -> tuple:
+    """The Python types of a step's arguments checked (the kernels check the rest), and
+    (log_threshold, max_length) with max_length's default, C, filled in."""
+    if not torch.jit.is_scripting() and not C.symbolic_tracing():
+        tensors = {"log_probs": log_probs, "scores": scores, "used": used, "finished": finished}
+        for name, value in tensors.items():
+            C.check_tensor(op, name, value)
+        log_threshold = C.as_float(op, "log_threshold", log_threshold)
+        if max_length is not None:
+            max_length = C.as_int(op, "max_length", max_length)
+    if max_length is None:
+        max_length = max(log_probs.shape[-1], 1) if log_probs.dim() > 0 else 1
+    return log_threshold, max_length
 
 
 def beam_search_advance(
@@ -150,25 +157,16 @@ def beam_search_advance(
     model's steps. Not differentiable. Equivalent PyTorch code:
     :func:`mlkernels.reference.beam_search_advance`.
     """
+    log_threshold, max_length = _step_settings(
+        _ADVANCE_OP, log_probs, scores, used, finished, log_threshold, max_length
+    )
     if not torch.jit.is_scripting() and not C.symbolic_tracing():
-        for name, value in (
-            ("log_probs", log_probs),
-            ("scores", scores),
-            ("used", used),
-            ("finished", finished),
-        ):
-            C.check_tensor(_ADVANCE_OP, name, value)
         if not isinstance(state, (list, tuple)):
             raise TypeError(
                 f"{_ADVANCE_OP}: state must be a list of tensors, got {type(state).__name__}"
             )
         for i, t in enumerate(state):
             C.check_tensor(_ADVANCE_OP, f"state[{i}]", t)
-        log_threshold = C.as_float(_ADVANCE_OP, "log_threshold", log_threshold)
-        if max_length is not None:
-            max_length = C.as_int(_ADVANCE_OP, "max_length", max_length)
-    if max_length is None:
-        max_length = max(log_probs.shape[-1], 1) if log_probs.dim() > 0 else 1
     out = torch.ops.mlkernels.beam_search_advance(
         log_probs, scores, used, finished, state, log_threshold=log_threshold, max_length=max_length
     )
