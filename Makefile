@@ -19,7 +19,7 @@ MODE_LINE := cuda=$(MLKERNELS_CUDA) emulator=$(MLKERNELS_EMULATOR)
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
 .PHONY: install build test bench bench-quick lint format demo train compare clean sanitize wheel \
-  cuda-report gpu-check FORCE
+  cuda-report sass-compare gpu-check FORCE
 
 install: $(BUILT)
 
@@ -117,6 +117,11 @@ wheel: $(DEPS)
 # setup.py's archs (ptxas -v; cached in ~/.cache/mlkernels). CI runs it with --check: a spill fails.
 cuda-report: $(DEPS)
 	$(PY) benchmarks/cuda_report.py
+
+# roi_align's and nms's kernels next to torchvision's, from the sm_90 machine code both ship
+# (registers, instruction counts); needs cuobjdump and nvdisasm (see the script's docstring).
+sass-compare: $(BUILT)
+	$(PY) benchmarks/sass_compare.py
 
 # The GPU check (benchmarks/gpu_check.sh): build for the local GPU against the machine's own torch
 # (python3 from PATH, or PYTHON=...; no venv), the cuda tests, compute-sanitizer, the GPU
