@@ -78,6 +78,12 @@ def _self_check_beam_search(device: str) -> None:
         for ours, theirs in zip(got, want, strict=True):
             assert torch.equal(ours, theirs), "beam_search_step"
         scores, used, finished = got.scores, got.used, got.finished
+    state = [torch.randn(B * K, 6, generator=g).to(device)]  # the driver's step, state and all
+    got = ops.beam_search_advance(log_probs, scores, used, finished, state, max_length=5)
+    want = reference.beam_search_advance(log_probs, scores, used, finished, state, max_length=5)
+    for ours, theirs in zip(got, want, strict=True):
+        pairs = zip(ours, theirs, strict=True) if isinstance(ours, list) else [(ours, theirs)]
+        assert all(torch.equal(a, b) for a, b in pairs), "beam_search_advance"
 
 
 SELF_CHECKS = {
