@@ -760,6 +760,76 @@ def test_deterministic_input_gradient_is_the_cpus_to_the_bit(impl, dtype, kind, 
     assert ordered[0].abs().sum() > 0
 
 
+def _plain_edge_boxes(oh: int, ow: int, dtype) -> torch.Tensor:
+    """Boxes on either side of the condition that picks the CUDA kernels' plain walk (PlainWalk in
+    roi_align_math.h: at most the map's side + 8 samples a bin side; others take the general
+    walk), for a 6 x 9 map and oh x ow bins at scale 1: adaptive grids of 14 / 15 rows and 17 / 18
+    columns, both sides over the limit, grids of 5 to 14 samples whose windows the general walk
+    narrows, ordinary, degenerate and NaN boxes, and an infinite one (a grid of 2^62: general)."""
+    rows, cols = 14 * oh, 17 * ow
+    return torch.tensor(
+        [
+            [1, 1.0, -10.0, 5.0, -10.0 + rows],  # 14 rows: plain
+            [1, 1.0, -10.0, 5.0, -10.0 + rows + 0.5],  # 15 rows: general
+            [0, -20.0, 1.0, -20.0 + cols, 4.0],  # 17 columns: plain
+            [1, -20.0, 1.0, -20.0 + cols + 0.25, 4.0],  # 18 columns: general
+            [0, -30.0, -30.0, -29.5 + cols, -29.5 + rows],  # both general
+            [1, -3.0, -3.0, -3.0 + 12 * ow, -3.0 + 8 * oh],  # 12 x 8: plain, windows narrowed
+            [0, 1.0, 0.5, 7.3, 5.2],
+            [1, 4.0, 3.0, 2.0, 3.0],
+            [0, 1.0, float("nan"), 3.0, 4.0],
+            [1, 1.0, 2.0, float("inf"), 4.0],
+        ],
+        dtype=dtype,
+    )
+
+
+def _plain_walk_fits(boxes, oh, ow, ratio, aligned, height, width) -> torch.Tensor:
+    """roi_geometry's grids against PlainWalk's limit, per box."""
+    sizes = boxes[:, 3:5] - boxes[:, 1:3]  # the offset of `aligned` cancels here
+    if not aligned:
+        sizes = sizes.clamp(min=1)
+    if ratio > 0:
+        grids = torch.full_like(sizes, ratio)
+    else:
+        grids = torch.ceil(sizes / torch.tensor([ow, oh], dtype=sizes.dtype)).nan_to_num(0)
+    return (grids <= torch.tensor([width + 8, height + 8], dtype=sizes.dtype)).all(dim=1)
+
+
+@pytest.mark.parametrize("impl", impl_params("emulated"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("ratio", [-1, 14, 15])
+def test_plain_and_general_walks_give_the_cpus_bits(impl, dtype, aligned, ratio):
+    # The forward: every output is computed alone, so the emulated CUDA kernels (plain walk for
+    # some boxes, general for others) give the CPU kernel's bits (general walk) and torchvision's.
+    x = _map(20, (2, 3, 6, 9), dtype)
+    boxes = _plain_edge_boxes(2, 3, dtype)
+    plain = _plain_walk_fits(boxes, 2, 3, ratio, aligned, 6, 9)
+    assert {-1: plain.any() and not plain.all(), 14: plain.all(), 15: not plain.any()}[ratio]
+    args = (1.0, 2, 3, ratio, aligned)
+    out = impl.call("roi_align", x, boxes, *args)
+    cpu = torch.ops.mlkernels.roi_align(x, boxes, *args)
+    torch.testing.assert_close(out, cpu, rtol=0, atol=0, equal_nan=True)  # to the bit
+    # torchvision: finite boxes, but not a zero height past the limit (the general walk
+    # collapses its equal positions into one sample of weight 15: for_each_sample's runs)
+    same = boxes.isfinite().all(dim=1) & (plain | (boxes[:, 4] != boxes[:, 2]))
+    expected = torchvision.ops.roi_align(x, boxes[same], (2, 3), 1.0, ratio, aligned)
+    assert torch.equal(out[same], expected)
+    # The atomic input gradient: with one bin and one RoI a call, each pixel of a channel gets its
+    # terms from one thread, in the CPU kernel's order (the emulator runs threads in reverse).
+    boxes = _plain_edge_boxes(1, 1, dtype)
+    plain = _plain_walk_fits(boxes, 1, 1, ratio, aligned, 6, 9)
+    assert {-1: plain.any() and not plain.all(), 14: plain.all(), 15: not plain.any()}[ratio]
+    args = (1.0, 1, 1, ratio, aligned)
+    grad = _map(21, (1, 3, 1, 1), dtype)
+    with deterministic_algorithms(False):
+        for box in boxes:
+            got = impl.call("roi_align_backward", grad, x, box[None], *args)
+            cpu = torch.ops.mlkernels.roi_align_backward(grad, x, box[None], *args)
+            assert torch.equal(got[0], cpu[0])
+
+
 # ---- CUDA (skipped without a GPU) ----
 
 

@@ -3,8 +3,9 @@
 // grid emulator. Kernels<Runner> and register_roi_align below are the family's one registration.
 // All arithmetic is in float32 for float16/bfloat16 (at::opmath_type).
 //
-//  forward:         one thread per output element;
-//  input gradient:  atomics (one thread per grad element), or, when
+//  forward:         one thread per output element for the RoIs of ordinary size (PlainWalk), then
+//                   one block per RoI for the others (huge grids; see forward_plain_thread);
+//  input gradient:  atomics, laid out as the forward, or, when
 //                   torch.are_deterministic_algorithms_enabled(), one thread per (image, channel,
 //                   map row) adding the corners in its row of its image's RoIs, in index order;
 //  box gradient:    one block per RoI, a tree sum of per-thread moments in shared memory.
@@ -27,11 +28,20 @@ struct CpuParallelRunner;  // csrc/common/cpu_runner.h
 namespace roi_align {
 
 constexpr int64_t kBoxGradThreads = 256;  // a power of two: block_sum_phase halves it
+constexpr int64_t kGeneralRoiThreads = 256;
 
 // Whether a grid-stride loop over [0, total) under `config` can count in int32_t (BinIndex): its
 // last step, the largest index plus the grid's size, must not overflow.
 inline bool fits_int32(int64_t total, const LaunchConfig& config) {
   return total + config.grid.x * config.block.x <= std::numeric_limits<int32_t>::max();
+}
+
+// The launch of the *_general_roi_thread functions: one block per RoI.
+inline LaunchConfig general_roi_config(int64_t num_rois) {
+  LaunchConfig config;
+  config.grid.x = num_rois;
+  config.block.x = kGeneralRoiThreads;
+  return config;
 }
 
 // The box-gradient block function; a functor rather than a lambda because its Block type
@@ -84,16 +94,16 @@ at::Tensor roi_align_forward_kernel(const Runner& run, const at::Tensor& input,
     scalar_t* out_p = out.data_ptr<scalar_t>();
     const int64_t total = out.numel();
     const LaunchConfig config = launch_config_1d(total);
-    if (fits_int32(total, config)) {
+    const bool plain = fits_int32(total, config) && plain_walk_map_fits(p);
+    if (plain) {
       const int32_t total32 = static_cast<int32_t>(total);
       run.threads(config, [=] MLK_LAMBDA(const ThreadIndex& t) {
-        forward_thread(t, total32, in_p, rois_p, p, out_p);
-      });
-    } else {
-      run.threads(config, [=] MLK_LAMBDA(const ThreadIndex& t) {
-        forward_thread(t, total, in_p, rois_p, p, out_p);
+        forward_plain_thread(t, total32, in_p, rois_p, p, out_p);
       });
     }
+    run.threads(general_roi_config(boxes.size(0)), [=] MLK_LAMBDA(const ThreadIndex& t) {
+      forward_general_roi_thread(t, !plain, in_p, rois_p, p, out_p);
+    });
   });
   return out;
 }
@@ -137,16 +147,16 @@ std::tuple<at::Tensor, at::Tensor> roi_align_backward_kernel(const Runner& run,
             } else {
               const int64_t total = g.numel();
               const LaunchConfig config = launch_config_1d(total);
-              if (fits_int32(total, config)) {
+              const bool plain = fits_int32(total, config) && plain_walk_map_fits(p);
+              if (plain) {
                 const int32_t total32 = static_cast<int32_t>(total);
                 run.threads(config, [=] MLK_LAMBDA(const ThreadIndex& t) {
-                  backward_input_atomic_thread(t, total32, g_p, rois_p, p, gi_p);
-                });
-              } else {
-                run.threads(config, [=] MLK_LAMBDA(const ThreadIndex& t) {
-                  backward_input_atomic_thread(t, total, g_p, rois_p, p, gi_p);
+                  backward_input_plain_thread(t, total32, g_p, rois_p, p, gi_p);
                 });
               }
+              run.threads(general_roi_config(num_rois), [=] MLK_LAMBDA(const ThreadIndex& t) {
+                backward_input_general_roi_thread(t, !plain, g_p, rois_p, p, gi_p);
+              });
             }
           }
           if (mask.boxes) {
