@@ -825,9 +825,42 @@ def test_plain_and_general_walks_give_the_cpus_bits(impl, dtype, aligned, ratio)
     grad = _map(21, (1, 3, 1, 1), dtype)
     with deterministic_algorithms(False):
         for box in boxes:
-            got = impl.call("roi_align_backward", grad, x, box[None], *args)
             cpu = torch.ops.mlkernels.roi_align_backward(grad, x, box[None], *args)
-            assert torch.equal(got[0], cpu[0])
+            for mask in ([True, False], [True, True]):  # the atomic kernels; the fused pass
+                got = impl.call("roi_align_backward", grad, x, box[None], *args, mask)
+                assert torch.equal(got[0], cpu[0])
+
+
+@pytest.mark.parametrize("impl", impl_params("emulated"))
+@pytest.mark.parametrize(
+    ("channels", "oh", "ow"),
+    [(130, 3, 3), (5400, 7, 7)],  # 2 chunks of 1024 outputs a RoI; 259 (more than 256 threads)
+)
+def test_backward_paths_agree(impl, channels, oh, ow):
+    # Each output mask takes its own kernels (input only: the atomic kernels; box only: the plain
+    # chunks and BoxGradBlock; both: the fused pass; deterministic: the row kernel and the box
+    # kernels). The box gradient is the same tree sums in all of them: the same bits. (float64:
+    # 264,600 terms a RoI summed in another order than the CPU's differ by more than float32's
+    # default tolerance)
+    x = _map(30, (2, channels, 7, 6), torch.float64)
+    rois = torch.cat(
+        [_rois(30, 6, 2, 7, 6, "outside", torch.float64), _plain_edge_boxes(oh, ow, torch.float64)]
+    )
+    grad = _map(31, (rois.shape[0], channels, oh, ow), torch.float64)
+    args = (grad, x, rois, 1.0, oh, ow, -1, False)
+    with deterministic_algorithms(False):
+        input_only = impl.call("roi_align_backward", *args, [True, False])
+        boxes_only = impl.call("roi_align_backward", *args, [False, True])
+        both = impl.call("roi_align_backward", *args, [True, True])
+    with deterministic_algorithms(True):
+        ordered = impl.call("roi_align_backward", *args, [True, True])
+    cpu = torch.ops.mlkernels.roi_align_backward(*args)
+    for got in (input_only[0], both[0], ordered[0]):
+        torch.testing.assert_close(got, cpu[0])
+    for got in (both[1], ordered[1]):
+        torch.testing.assert_close(got, boxes_only[1], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(boxes_only[1], cpu[1], equal_nan=True)
+    assert boxes_only[1].isnan().any() and boxes_only[1].nan_to_num().abs().sum() > 0
 
 
 # ---- CUDA (skipped without a GPU) ----

@@ -384,8 +384,8 @@ struct Moments {
 };
 
 // Adds one sample's share: gdx = sum over channels of g * df/dx, gdy likewise.
-template <typename T>
-MLK_HOST_DEVICE void add_moments(Moments<T>& mo, const Sample<T>& s, T gdx, T gdy) {
+template <typename T, typename I>
+MLK_HOST_DEVICE void add_moments(Moments<T>& mo, const Sample<T, I>& s, T gdx, T gdy) {
   mo.m[0] += gdx;
   mo.m[1] += s.frac_x * gdx;
   mo.m[2] += gdy;
@@ -448,16 +448,26 @@ MLK_HOST_DEVICE S forward_value(const RoiGeometry<T>& g, const S* input, const P
   return static_cast<S>(acc / g.count);
 }
 
-// The input gradient of output (k, c, ph, pw) of RoI k of geometry g, grad value gv: atomics into
-// grad_input (NCHW, accumulation type T); Walk as for_each_sample.
-template <typename Walk, typename T>
-MLK_HOST_DEVICE void scatter_input_grad(const RoiGeometry<T>& g, T gv, const Params<T>& p,
-                                        int64_t c, typename Walk::Index ph,
-                                        typename Walk::Index pw, T* grad_input) {
-  T* plane = grad_input + (g.batch * p.channels + c) * (p.height * p.width);
-  const T share = gv / g.count;
+// The backward of output (k, c, ph, pw) of RoI k of geometry g, whose grad value over the bin's
+// count is gv, one walk over its samples for both gradients: with kInput, atomics of gv * w into
+// the sample's corners in grad_input (NCHW, accumulation type T); with kBoxes, the sample's
+// moments (see the header comment) into mo, from its corners in the map. Walk as for_each_sample.
+template <typename Walk, bool kInput, bool kBoxes, typename S, typename T>
+MLK_HOST_DEVICE void backward_element(const RoiGeometry<T>& g, T gv, const S* input,
+                                      const Params<T>& p, int64_t c, typename Walk::Index ph,
+                                      typename Walk::Index pw, T* grad_input, Moments<T>& mo) {
+  const int64_t plane = (g.batch * p.channels + c) * (p.height * p.width);
   for_each_sample<Walk>(g, p, ph, pw, [&](const auto& s) {
-    for (int q = 0; q < 4; ++q) atomic_add(plane + s.pixel[q], share * s.w[q]);
+    if constexpr (kInput) {
+      for (int q = 0; q < 4; ++q) atomic_add(grad_input + plane + s.pixel[q], gv * s.w[q]);
+    }
+    if constexpr (kBoxes) {
+      const S v0 = input[plane + s.pixel[0]], v1 = input[plane + s.pixel[1]];
+      const S v2 = input[plane + s.pixel[2]], v3 = input[plane + s.pixel[3]];
+      // A clamped coordinate passes nothing, not 0 * value (NaN for an infinite map value).
+      add_moments(mo, s, s.moves_x ? gv * corner_sum(s.dx, v0, v1, v2, v3) : T(0),
+                  s.moves_y ? gv * corner_sum(s.dy, v0, v1, v2, v3) : T(0));
+    }
   });
 }
 
@@ -508,7 +518,10 @@ MLK_HOST_DEVICE void backward_input_plain_thread(const ThreadIndex& t, int32_t t
     const BinIndex<int32_t> b = bin_index(i, p);
     const RoiGeometry<T> g = roi_geometry(rois + 5 * b.k, p);
     if (!plain_walk_fits(g, p)) continue;  // backward_input_general_roi_thread's
-    scatter_input_grad<PlainWalk>(g, static_cast<T>(grad[i]), p, b.c, b.ph, b.pw, grad_input);
+    Moments<T> unused;
+    backward_element<PlainWalk, true, false>(g, static_cast<T>(grad[i]) / g.count,
+                                             static_cast<const S*>(nullptr), p, b.c, b.ph, b.pw,
+                                             grad_input, unused);
   }
 }
 
@@ -523,8 +536,11 @@ MLK_HOST_DEVICE void backward_input_general_roi_thread(const ThreadIndex& t, boo
   const S* roi_grad = grad + k * p.channels * bins;
   for (int64_t e = t.thread_rank(); e < p.channels * bins; e += t.block_dim.count()) {
     const int64_t bin = e % bins;
-    scatter_input_grad<GeneralWalk>(g, static_cast<T>(roi_grad[e]), p, e / bins,
-                                    bin / p.pooled_width, bin % p.pooled_width, grad_input);
+    Moments<T> unused;
+    backward_element<GeneralWalk, true, false>(g, static_cast<T>(roi_grad[e]) / g.count,
+                                               static_cast<const S*>(nullptr), p, e / bins,
+                                               bin / p.pooled_width, bin % p.pooled_width,
+                                               grad_input, unused);
   }
 }
 
@@ -585,27 +601,77 @@ MLK_HOST_DEVICE void backward_input_row_thread(const ThreadIndex& t, int64_t row
   }
 }
 
-// Box gradient, a cooperative kernel with one block per RoI (block index x = RoI).
-// Phase 1: each thread sums the moments of a strided share of the RoI's (channel, bin) elements
-// and stores them in shared[4 * rank ...].
-template <typename S, typename T>
-MLK_HOST_DEVICE void box_grad_partial_phase(const ThreadIndex& t, const S* grad, const S* input,
-                                            const S* rois, Params<T> p, T* shared) {
-  const int64_t k = t.block.x, rank = t.thread_rank(), threads = t.block_dim.count();
-  const int64_t bins = p.pooled_height * p.pooled_width, hw = p.height * p.width;
+// Both gradients of the plain RoIs in one pass, or their box gradient alone (kInput false): a
+// cooperative kernel over chunks of kChunkSteps x threads outputs of a RoI. Block b is chunk
+// b % chunks of RoI b / chunks; its thread r takes outputs e = (chunk * kChunkSteps + j) *
+// threads + r, j < kChunkSteps (threads of a warp read consecutive grad values). Phase 1: each
+// thread's moments into shared[4 * rank ...] (zeros for a RoI PlainWalk does not fit: BoxGradBlock
+// walks it), then block_sum_phase's tree and plain_chunk_write_phase, which leaves the chunk's
+// moments in partial[4 * b ...] for BoxGradBlock to add up. Indices fit in int32_t, as for
+// forward_plain_thread (the launch checks).
+constexpr int32_t kChunkSteps = 4;
+
+template <bool kInput, typename S, typename T>
+MLK_HOST_DEVICE void plain_chunk_phase(const ThreadIndex& t, int32_t chunks, const S* grad,
+                                       const S* input, const S* rois, Params<T> p,
+                                       T* grad_input, T* shared) {
+  const int32_t b = static_cast<int32_t>(t.block.x), k = b / chunks, chunk = b % chunks;
+  const int32_t rank = static_cast<int32_t>(t.thread_rank());
+  const int32_t threads = static_cast<int32_t>(t.block_dim.count());
   const RoiGeometry<T> g = roi_geometry(rois + 5 * k, p);
   Moments<T> mo = {{T(0), T(0), T(0), T(0)}};
-  for (int64_t e = rank; e < p.channels * bins; e += threads) {
-    const int64_t c = e / bins, bin = e % bins;
-    const S* plane = input + (g.batch * p.channels + c) * hw;
-    const T gv = static_cast<T>(grad[k * p.channels * bins + e]) / g.count;
-    for_each_sample(g, p, bin / p.pooled_width, bin % p.pooled_width, [&](const Sample<T>& s) {
-      const S v0 = plane[s.pixel[0]], v1 = plane[s.pixel[1]];
-      const S v2 = plane[s.pixel[2]], v3 = plane[s.pixel[3]];
-      // A clamped coordinate passes nothing, not 0 * value (NaN for an infinite map value).
-      add_moments(mo, s, s.moves_x ? gv * corner_sum(s.dx, v0, v1, v2, v3) : T(0),
-                  s.moves_y ? gv * corner_sum(s.dy, v0, v1, v2, v3) : T(0));
-    });
+  if (plain_walk_fits(g, p)) {
+    const int32_t ow = static_cast<int32_t>(p.pooled_width);
+    const int32_t bins = static_cast<int32_t>(p.pooled_height) * ow;
+    const int32_t outputs = static_cast<int32_t>(p.channels) * bins;
+    const S* roi_grad = grad + k * outputs;
+    for (int32_t j = 0; j < kChunkSteps; ++j) {
+      const int32_t e = (chunk * kChunkSteps + j) * threads + rank;
+      if (e >= outputs) break;
+      const int32_t bin = e % bins;
+      backward_element<PlainWalk, kInput, true>(g, static_cast<T>(roi_grad[e]) / g.count, input,
+                                                p, e / bins, bin / ow, bin % ow, grad_input, mo);
+    }
+  }
+  for (int q = 0; q < 4; ++q) shared[4 * rank + q] = mo.m[q];
+}
+
+// The last phase of a chunk: thread 0 stores the block's moments.
+template <typename T>
+MLK_HOST_DEVICE void plain_chunk_write_phase(const ThreadIndex& t, const T* shared, T* partial) {
+  if (t.thread_rank() != 0) return;
+  for (int q = 0; q < 4; ++q) partial[4 * t.block.x + q] = shared[q];
+}
+
+// Box gradient, a cooperative kernel with one block per RoI (block index x = RoI).
+// Phase 1: each thread's moments into shared[4 * rank ...]. For a RoI whose plain chunks ran
+// (partial non-null, `chunks` of them a RoI), a strided share of those chunks' moments; for the
+// others (every RoI where partial is null), a strided share of the RoI's (channel, bin)
+// outputs, walked by the general walk, with their input gradient too where grad_input is not
+// null (the fused backward, whose chunks took only the plain RoIs).
+template <typename S, typename T>
+MLK_HOST_DEVICE void box_grad_partial_phase(const ThreadIndex& t, const S* grad, const S* input,
+                                            const S* rois, Params<T> p, const T* partial,
+                                            int64_t chunks, T* grad_input, T* shared) {
+  const int64_t k = t.block.x, rank = t.thread_rank(), threads = t.block_dim.count();
+  const int64_t bins = p.pooled_height * p.pooled_width;
+  const RoiGeometry<T> g = roi_geometry(rois + 5 * k, p);
+  Moments<T> mo = {{T(0), T(0), T(0), T(0)}};
+  if (partial != nullptr && plain_walk_fits(g, p)) {
+    for (int64_t j = rank; j < chunks; j += threads) {
+      for (int q = 0; q < 4; ++q) mo.m[q] += partial[4 * (k * chunks + j) + q];
+    }
+  } else {
+    for (int64_t e = rank; e < p.channels * bins; e += threads) {
+      const int64_t c = e / bins, bin = e % bins, ph = bin / p.pooled_width;
+      const int64_t pw = bin % p.pooled_width;
+      const T gv = static_cast<T>(grad[k * p.channels * bins + e]) / g.count;
+      if (grad_input != nullptr) {
+        backward_element<GeneralWalk, true, true>(g, gv, input, p, c, ph, pw, grad_input, mo);
+      } else {
+        backward_element<GeneralWalk, false, true>(g, gv, input, p, c, ph, pw, grad_input, mo);
+      }
+    }
   }
   for (int q = 0; q < 4; ++q) shared[4 * rank + q] = mo.m[q];
 }
