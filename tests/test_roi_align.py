@@ -441,8 +441,8 @@ def test_backward_op_matches_reference(impl, seed, k, ratio, aligned, kind, dete
 
 @pytest.mark.parametrize("impl", impl_params("emulated", "cuda"))
 def test_deterministic_and_atomic_variants_agree(impl):
-    # 40 channels x 9 bins: more (channel, bin) elements than the box-gradient block's 256
-    # threads, so its threads loop (the strided share of box_grad_partial_phase)
+    # 40 channels x 9 bins: more (channel, bin) elements than a box-gradient block's 256
+    # threads, so a RoI has two chunks (plain_chunk_phase) for BoxGradBlock to add up
     x = _map(8, (2, 40, 10, 10), torch.float32)
     rois = _rois(8, 20, 2, 10, 10, "outside", torch.float32)
     grad = _map(9, (20, 40, 3, 3), torch.float32)
@@ -834,13 +834,13 @@ def test_plain_and_general_walks_give_the_cpus_bits(impl, dtype, aligned, ratio)
 @pytest.mark.parametrize("impl", impl_params("emulated"))
 @pytest.mark.parametrize(
     ("channels", "oh", "ow"),
-    [(130, 3, 3), (5400, 7, 7)],  # 2 chunks of 1024 outputs a RoI; 259 (more than 256 threads)
+    [(130, 3, 3), (1400, 7, 7)],  # 5 chunks of 256 outputs a RoI; 268 (more than 256 threads)
 )
 def test_backward_paths_agree(impl, channels, oh, ow):
     # Each output mask takes its own kernels (input only: the atomic kernels; box only: the plain
     # chunks and BoxGradBlock; both: the fused pass; deterministic: the row kernel and the box
     # kernels). The box gradient is the same tree sums in all of them: the same bits. (float64:
-    # 264,600 terms a RoI summed in another order than the CPU's differ by more than float32's
+    # 68,600 terms a RoI summed in another order than the CPU's can differ by more than float32's
     # default tolerance)
     x = _map(30, (2, channels, 7, 6), torch.float64)
     rois = torch.cat(

@@ -47,10 +47,9 @@ inline LaunchConfig general_roi_config(int64_t num_rois) {
   return config;
 }
 
-// The chunks of plain_chunk_phase: kBoxGradThreads threads, kChunkSteps outputs each.
+// The chunks of plain_chunk_phase: kBoxGradThreads outputs each.
 inline int64_t chunks_per_roi(int64_t channels, int64_t bins) {
-  const int64_t chunk = kBoxGradThreads * kChunkSteps;
-  return (channels * bins + chunk - 1) / chunk;
+  return (channels * bins + kBoxGradThreads - 1) / kBoxGradThreads;
 }
 
 // The block functions of the box gradient; functors rather than lambdas because their Block type

@@ -602,15 +602,14 @@ MLK_HOST_DEVICE void backward_input_row_thread(const ThreadIndex& t, int64_t row
 }
 
 // Both gradients of the plain RoIs in one pass, or their box gradient alone (kInput false): a
-// cooperative kernel over chunks of kChunkSteps x threads outputs of a RoI. Block b is chunk
-// b % chunks of RoI b / chunks; its thread r takes outputs e = (chunk * kChunkSteps + j) *
-// threads + r, j < kChunkSteps (threads of a warp read consecutive grad values). Phase 1: each
-// thread's moments into shared[4 * rank ...] (zeros for a RoI PlainWalk does not fit: BoxGradBlock
-// walks it), then block_sum_phase's tree and plain_chunk_write_phase, which leaves the chunk's
-// moments in partial[4 * b ...] for BoxGradBlock to add up. Indices fit in int32_t, as for
+// cooperative kernel over chunks of a RoI's outputs, one output a thread. Block b is chunk
+// b % chunks of RoI b / chunks; its thread r takes output e = chunk * threads + r. Phase 1: the
+// thread's moments into shared[4 * rank ...] (zeros for a RoI PlainWalk does not fit:
+// BoxGradBlock walks it), then block_sum_phase's tree and plain_chunk_write_phase, which leaves
+// the chunk's moments in partial[4 * b ...] for BoxGradBlock to add up. One output a thread, not
+// a loop over several: a loop keeps the RoI's geometry live across its steps, 72 registers on
+// sm_90 against 58 (37% occupancy against 50%). Indices fit in int32_t, as for
 // forward_plain_thread (the launch checks).
-constexpr int32_t kChunkSteps = 4;
-
 template <bool kInput, typename S, typename T>
 MLK_HOST_DEVICE void plain_chunk_phase(const ThreadIndex& t, int32_t chunks, const S* grad,
                                        const S* input, const S* rois, Params<T> p,
@@ -624,13 +623,12 @@ MLK_HOST_DEVICE void plain_chunk_phase(const ThreadIndex& t, int32_t chunks, con
     const int32_t ow = static_cast<int32_t>(p.pooled_width);
     const int32_t bins = static_cast<int32_t>(p.pooled_height) * ow;
     const int32_t outputs = static_cast<int32_t>(p.channels) * bins;
-    const S* roi_grad = grad + k * outputs;
-    for (int32_t j = 0; j < kChunkSteps; ++j) {
-      const int32_t e = (chunk * kChunkSteps + j) * threads + rank;
-      if (e >= outputs) break;
+    const int32_t e = chunk * threads + rank;
+    if (e < outputs) {
       const int32_t bin = e % bins;
-      backward_element<PlainWalk, kInput, true>(g, static_cast<T>(roi_grad[e]) / g.count, input,
-                                                p, e / bins, bin / ow, bin % ow, grad_input, mo);
+      const T gv = static_cast<T>(grad[k * outputs + e]) / g.count;
+      backward_element<PlainWalk, kInput, true>(g, gv, input, p, e / bins, bin / ow, bin % ow,
+                                                grad_input, mo);
     }
   }
   for (int q = 0; q < 4; ++q) shared[4 * rank + q] = mo.m[q];
