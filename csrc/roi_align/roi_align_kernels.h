@@ -52,6 +52,14 @@ inline int64_t chunks_per_roi(int64_t channels, int64_t bins) {
   return (channels * bins + kBoxGradThreads - 1) / kBoxGradThreads;
 }
 
+// The tree sum of a block's moments in shared memory, one halving a phase.
+template <typename Block, typename T>
+MLK_HOST_DEVICE void block_sum(Block& block, T* shared) {
+  for (int64_t stride = kBoxGradThreads / 2; stride > 0; stride /= 2) {
+    block.phase([&](const ThreadIndex& t) { block_sum_phase(t, stride, shared); });
+  }
+}
+
 // The block functions of the box gradient; functors rather than lambdas because their Block type
 // differs between runners (emulate::Block, DeviceBlock). PlainChunkBlock: chunks of the plain
 // RoIs' outputs (and their input gradient, kInput), moments into partial.
@@ -71,9 +79,7 @@ struct PlainChunkBlock {
     block.phase([&](const ThreadIndex& t) {
       plain_chunk_phase<kInput>(t, chunks, grad, input, rois, p, grad_input, shared);
     });
-    for (int64_t stride = kBoxGradThreads / 2; stride > 0; stride /= 2) {
-      block.phase([&](const ThreadIndex& t) { block_sum_phase(t, stride, shared); });
-    }
+    block_sum(block, shared);
     block.phase([&](const ThreadIndex& t) { plain_chunk_write_phase(t, shared, partial); });
   }
 };
@@ -97,9 +103,7 @@ struct BoxGradBlock {
     block.phase([&](const ThreadIndex& t) {
       box_grad_partial_phase(t, grad, input, rois, p, partial, chunks, grad_input, shared);
     });
-    for (int64_t stride = kBoxGradThreads / 2; stride > 0; stride /= 2) {
-      block.phase([&](const ThreadIndex& t) { block_sum_phase(t, stride, shared); });
-    }
+    block_sum(block, shared);
     block.phase([&](const ThreadIndex& t) { box_grad_write_phase(t, rois, p, shared, grad_rois); });
   }
 };

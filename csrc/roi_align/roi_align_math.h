@@ -478,70 +478,78 @@ MLK_HOST_DEVICE void backward_element(const RoiGeometry<T>& g, T gv, const S* in
 // (block index x = k), returns at once for the RoIs the first took and walks the others'
 // outputs with GeneralWalk (every RoI where the first did not run: every_roi). Each output is
 // computed by exactly one of them, with the same floating-point operations either way.
-template <typename S, typename T>
-MLK_HOST_DEVICE void forward_plain_thread(const ThreadIndex& t, int32_t total, const S* input,
-                                          const S* rois, Params<T> p, S* out) {
+// for_each_plain_output and for_each_general_output are their loops: fn(g, i, c, ph, pw) for
+// output i = (k, c, ph, pw) of a RoI of geometry g (i counted from the RoI's first output in
+// the second).
+template <typename T, typename S, typename Fn>
+MLK_HOST_DEVICE void for_each_plain_output(const ThreadIndex& t, int32_t total, const S* rois,
+                                           const Params<T>& p, Fn&& fn) {
   const int32_t stride = static_cast<int32_t>(t.grid_stride_x());
   for (int32_t i = static_cast<int32_t>(t.global_x()); i < total; i += stride) {
     const BinIndex<int32_t> b = bin_index(i, p);
     const RoiGeometry<T> g = roi_geometry(rois + 5 * b.k, p);
-    if (!plain_walk_fits(g, p)) continue;  // forward_general_roi_thread's
-    out[i] = forward_value<PlainWalk>(g, input, p, b.c, b.ph, b.pw);
+    if (plain_walk_fits(g, p)) fn(g, i, b.c, b.ph, b.pw);  // else for_each_general_output's
   }
 }
 
-// The forward of the RoIs that forward_plain_thread left (or of every RoI): block k, its
-// threads striding over RoI k's C x oh x ow outputs.
+template <typename T, typename S, typename Fn>
+MLK_HOST_DEVICE void for_each_general_output(const ThreadIndex& t, bool every_roi, const S* rois,
+                                             const Params<T>& p, Fn&& fn) {
+  const int64_t k = t.block.x, bins = p.pooled_height * p.pooled_width;
+  const RoiGeometry<T> g = roi_geometry(rois + 5 * k, p);
+  if (!every_roi && plain_walk_fits(g, p)) return;  // for_each_plain_output's
+  for (int64_t e = t.thread_rank(); e < p.channels * bins; e += t.block_dim.count()) {
+    const int64_t bin = e % bins;
+    fn(g, e, e / bins, bin / p.pooled_width, bin % p.pooled_width);
+  }
+}
+
+template <typename S, typename T>
+MLK_HOST_DEVICE void forward_plain_thread(const ThreadIndex& t, int32_t total, const S* input,
+                                          const S* rois, Params<T> p, S* out) {
+  for_each_plain_output(t, total, rois, p, [&](const RoiGeometry<T>& g, int32_t i, int32_t c,
+                                               int32_t ph, int32_t pw) {
+    out[i] = forward_value<PlainWalk>(g, input, p, c, ph, pw);
+  });
+}
+
 template <typename S, typename T>
 MLK_HOST_DEVICE void forward_general_roi_thread(const ThreadIndex& t, bool every_roi,
                                                 const S* input, const S* rois, Params<T> p,
                                                 S* out) {
-  const int64_t k = t.block.x, bins = p.pooled_height * p.pooled_width;
-  const RoiGeometry<T> g = roi_geometry(rois + 5 * k, p);
-  if (!every_roi && plain_walk_fits(g, p)) return;  // forward_plain_thread's
-  S* roi_out = out + k * p.channels * bins;
-  for (int64_t e = t.thread_rank(); e < p.channels * bins; e += t.block_dim.count()) {
-    const int64_t bin = e % bins;
-    roi_out[e] = forward_value<GeneralWalk>(g, input, p, e / bins, bin / p.pooled_width,
-                                            bin % p.pooled_width);
-  }
+  S* roi_out = out + t.block.x * p.channels * p.pooled_height * p.pooled_width;
+  for_each_general_output(t, every_roi, rois, p, [&](const RoiGeometry<T>& g, int64_t e,
+                                                     int64_t c, int64_t ph, int64_t pw) {
+    roi_out[e] = forward_value<GeneralWalk>(g, input, p, c, ph, pw);
+  });
 }
 
-// Input gradient, scatter form, the two launches of the forward: one grad element per loop step
-// in int32_t for the RoIs PlainWalk fits ...
+// The atomic input gradient, the same two launches.
 template <typename S, typename T>
 MLK_HOST_DEVICE void backward_input_plain_thread(const ThreadIndex& t, int32_t total,
                                                  const S* grad, const S* rois, Params<T> p,
                                                  T* grad_input) {
-  const int32_t stride = static_cast<int32_t>(t.grid_stride_x());
-  for (int32_t i = static_cast<int32_t>(t.global_x()); i < total; i += stride) {
-    const BinIndex<int32_t> b = bin_index(i, p);
-    const RoiGeometry<T> g = roi_geometry(rois + 5 * b.k, p);
-    if (!plain_walk_fits(g, p)) continue;  // backward_input_general_roi_thread's
+  for_each_plain_output(t, total, rois, p, [&](const RoiGeometry<T>& g, int32_t i, int32_t c,
+                                               int32_t ph, int32_t pw) {
     Moments<T> unused;
     backward_element<PlainWalk, true, false>(g, static_cast<T>(grad[i]) / g.count,
-                                             static_cast<const S*>(nullptr), p, b.c, b.ph, b.pw,
+                                             static_cast<const S*>(nullptr), p, c, ph, pw,
                                              grad_input, unused);
-  }
+  });
 }
 
-// ... and one block per RoI for the others (or for every RoI).
 template <typename S, typename T>
 MLK_HOST_DEVICE void backward_input_general_roi_thread(const ThreadIndex& t, bool every_roi,
                                                        const S* grad, const S* rois, Params<T> p,
                                                        T* grad_input) {
-  const int64_t k = t.block.x, bins = p.pooled_height * p.pooled_width;
-  const RoiGeometry<T> g = roi_geometry(rois + 5 * k, p);
-  if (!every_roi && plain_walk_fits(g, p)) return;  // backward_input_plain_thread's
-  const S* roi_grad = grad + k * p.channels * bins;
-  for (int64_t e = t.thread_rank(); e < p.channels * bins; e += t.block_dim.count()) {
-    const int64_t bin = e % bins;
+  const S* roi_grad = grad + t.block.x * p.channels * p.pooled_height * p.pooled_width;
+  for_each_general_output(t, every_roi, rois, p, [&](const RoiGeometry<T>& g, int64_t e,
+                                                     int64_t c, int64_t ph, int64_t pw) {
     Moments<T> unused;
     backward_element<GeneralWalk, true, false>(g, static_cast<T>(roi_grad[e]) / g.count,
-                                               static_cast<const S*>(nullptr), p, e / bins,
-                                               bin / p.pooled_width, bin % p.pooled_width,
+                                               static_cast<const S*>(nullptr), p, c, ph, pw,
                                                grad_input, unused);
-  }
+  });
 }
 
 // Input gradient, deterministic form: one row (image n, channel c, map row r) of grad_input per
