@@ -79,8 +79,9 @@ class Launch:
 LAUNCHES: list[tuple[str, Launch]] = [
     # roi_align: the deterministic input gradient runs 128-thread blocks (one thread per map row).
     (r"roi_align_backward_kernel.*\{lambda\(mlk::ThreadIndex const&\)#1\}", Launch(128)),
-    (r"BoxGradBlock<[^,]+, float>", Launch(256, 4 * 256 * 4)),
-    (r"BoxGradBlock<[^,]+, double>", Launch(256, 4 * 256 * 8)),
+    # roi_align's box gradient: 256-thread blocks, 4 moments a thread in shared memory.
+    (r"(BoxGradBlock<|PlainChunkBlock<\w+, )[^,]+, float>", Launch(256, 4 * 256 * 4)),
+    (r"(BoxGradBlock<|PlainChunkBlock<\w+, )[^,]+, double>", Launch(256, 4 * 256 * 8)),
     # NMS: one 64-thread block per pair of 64-box words; the reduce takes one thread per mask word
     # of the largest group (occupancy at its largest block).
     (r"NmsMaskBlock<float>", Launch(64, 64 * (4 * 4 + 8))),

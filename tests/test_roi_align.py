@@ -441,8 +441,8 @@ def test_backward_op_matches_reference(impl, seed, k, ratio, aligned, kind, dete
 
 @pytest.mark.parametrize("impl", impl_params("emulated", "cuda"))
 def test_deterministic_and_atomic_variants_agree(impl):
-    # 40 channels x 9 bins: more (channel, bin) elements than the box-gradient block's 256
-    # threads, so its threads loop (the strided share of box_grad_partial_phase)
+    # 40 channels x 9 bins: more (channel, bin) elements than a box-gradient block's 256
+    # threads, so a RoI has two chunks (plain_chunk_phase) for BoxGradBlock to add up
     x = _map(8, (2, 40, 10, 10), torch.float32)
     rois = _rois(8, 20, 2, 10, 10, "outside", torch.float32)
     grad = _map(9, (20, 40, 3, 3), torch.float32)
@@ -758,6 +758,109 @@ def test_deterministic_input_gradient_is_the_cpus_to_the_bit(impl, dtype, kind, 
     cpu = torch.ops.mlkernels.roi_align_backward(*args)
     assert torch.equal(ordered[0], cpu[0])
     assert ordered[0].abs().sum() > 0
+
+
+def _plain_edge_boxes(oh: int, ow: int, dtype) -> torch.Tensor:
+    """Boxes on either side of the condition that picks the CUDA kernels' plain walk (PlainWalk in
+    roi_align_math.h: at most the map's side + 8 samples a bin side; others take the general
+    walk), for a 6 x 9 map and oh x ow bins at scale 1: adaptive grids of 14 / 15 rows and 17 / 18
+    columns, both sides over the limit, grids of 5 to 14 samples whose windows the general walk
+    narrows, ordinary, degenerate and NaN boxes, and an infinite one (a grid of 2^62: general)."""
+    rows, cols = 14 * oh, 17 * ow
+    return torch.tensor(
+        [
+            [1, 1.0, -10.0, 5.0, -10.0 + rows],  # 14 rows: plain
+            [1, 1.0, -10.0, 5.0, -10.0 + rows + 0.5],  # 15 rows: general
+            [0, -20.0, 1.0, -20.0 + cols, 4.0],  # 17 columns: plain
+            [1, -20.0, 1.0, -20.0 + cols + 0.25, 4.0],  # 18 columns: general
+            [0, -30.0, -30.0, -29.5 + cols, -29.5 + rows],  # both general
+            [1, -3.0, -3.0, -3.0 + 12 * ow, -3.0 + 8 * oh],  # 12 x 8: plain, windows narrowed
+            [0, 1.0, 0.5, 7.3, 5.2],
+            [1, 4.0, 3.0, 2.0, 3.0],
+            [0, 1.0, float("nan"), 3.0, 4.0],
+            [1, 1.0, 2.0, float("inf"), 4.0],
+        ],
+        dtype=dtype,
+    )
+
+
+def _plain_walk_fits(boxes, oh, ow, ratio, aligned, height, width) -> torch.Tensor:
+    """roi_geometry's grids against PlainWalk's limit, per box."""
+    sizes = boxes[:, 3:5] - boxes[:, 1:3]  # the offset of `aligned` cancels here
+    if not aligned:
+        sizes = sizes.clamp(min=1)
+    if ratio > 0:
+        grids = torch.full_like(sizes, ratio)
+    else:
+        grids = torch.ceil(sizes / torch.tensor([ow, oh], dtype=sizes.dtype)).nan_to_num(0)
+    return (grids <= torch.tensor([width + 8, height + 8], dtype=sizes.dtype)).all(dim=1)
+
+
+@pytest.mark.parametrize("impl", impl_params("emulated"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("ratio", [-1, 14, 15])
+def test_plain_and_general_walks_give_the_cpus_bits(impl, dtype, aligned, ratio):
+    # The forward: every output is computed alone, so the emulated CUDA kernels (plain walk for
+    # some boxes, general for others) give the CPU kernel's bits (general walk) and torchvision's.
+    x = _map(20, (2, 3, 6, 9), dtype)
+    boxes = _plain_edge_boxes(2, 3, dtype)
+    plain = _plain_walk_fits(boxes, 2, 3, ratio, aligned, 6, 9)
+    assert {-1: plain.any() and not plain.all(), 14: plain.all(), 15: not plain.any()}[ratio]
+    args = (1.0, 2, 3, ratio, aligned)
+    out = impl.call("roi_align", x, boxes, *args)
+    cpu = torch.ops.mlkernels.roi_align(x, boxes, *args)
+    torch.testing.assert_close(out, cpu, rtol=0, atol=0, equal_nan=True)  # to the bit
+    # torchvision: finite boxes, but not a zero height past the limit (the general walk
+    # collapses its equal positions into one sample of weight 15: for_each_sample's runs)
+    same = boxes.isfinite().all(dim=1) & (plain | (boxes[:, 4] != boxes[:, 2]))
+    expected = torchvision.ops.roi_align(x, boxes[same], (2, 3), 1.0, ratio, aligned)
+    assert torch.equal(out[same], expected)
+    # The atomic input gradient: with one bin and one RoI a call, each pixel of a channel gets its
+    # terms from one thread, in the CPU kernel's order (the emulator runs threads in reverse).
+    boxes = _plain_edge_boxes(1, 1, dtype)
+    plain = _plain_walk_fits(boxes, 1, 1, ratio, aligned, 6, 9)
+    assert {-1: plain.any() and not plain.all(), 14: plain.all(), 15: not plain.any()}[ratio]
+    args = (1.0, 1, 1, ratio, aligned)
+    grad = _map(21, (1, 3, 1, 1), dtype)
+    with deterministic_algorithms(False):
+        for box in boxes:
+            cpu = torch.ops.mlkernels.roi_align_backward(grad, x, box[None], *args)
+            for mask in ([True, False], [True, True]):  # the atomic kernels; the fused pass
+                got = impl.call("roi_align_backward", grad, x, box[None], *args, mask)
+                assert torch.equal(got[0], cpu[0])
+
+
+@pytest.mark.parametrize("impl", impl_params("emulated"))
+@pytest.mark.parametrize(
+    ("channels", "oh", "ow"),
+    [(130, 3, 3), (1400, 7, 7)],  # 5 chunks of 256 outputs a RoI; 268 (more than 256 threads)
+)
+def test_backward_paths_agree(impl, channels, oh, ow):
+    # Each output mask takes its own kernels (input only: the atomic kernels; box only: the plain
+    # chunks and BoxGradBlock; both: the fused pass; deterministic: the row kernel and the box
+    # kernels). The box gradient is the same tree sums in all of them: the same bits. (float64:
+    # 68,600 terms a RoI summed in another order than the CPU's can differ by more than float32's
+    # default tolerance)
+    x = _map(30, (2, channels, 7, 6), torch.float64)
+    rois = torch.cat(
+        [_rois(30, 6, 2, 7, 6, "outside", torch.float64), _plain_edge_boxes(oh, ow, torch.float64)]
+    )
+    grad = _map(31, (rois.shape[0], channels, oh, ow), torch.float64)
+    args = (grad, x, rois, 1.0, oh, ow, -1, False)
+    with deterministic_algorithms(False):
+        input_only = impl.call("roi_align_backward", *args, [True, False])
+        boxes_only = impl.call("roi_align_backward", *args, [False, True])
+        both = impl.call("roi_align_backward", *args, [True, True])
+    with deterministic_algorithms(True):
+        ordered = impl.call("roi_align_backward", *args, [True, True])
+    cpu = torch.ops.mlkernels.roi_align_backward(*args)
+    for got in (input_only[0], both[0], ordered[0]):
+        torch.testing.assert_close(got, cpu[0])
+    for got in (both[1], ordered[1]):
+        torch.testing.assert_close(got, boxes_only[1], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(boxes_only[1], cpu[1], equal_nan=True)
+    assert boxes_only[1].isnan().any() and boxes_only[1].nan_to_num().abs().sum() > 0
 
 
 # ---- CUDA (skipped without a GPU) ----

@@ -3,11 +3,15 @@
 // grid emulator. Kernels<Runner> and register_roi_align below are the family's one registration.
 // All arithmetic is in float32 for float16/bfloat16 (at::opmath_type).
 //
-//  forward:         one thread per output element;
-//  input gradient:  atomics (one thread per grad element), or, when
+//  forward:         one thread per output element for the RoIs of ordinary size (PlainWalk), then
+//                   one block per RoI for the others (huge grids; see forward_plain_thread);
+//  input gradient:  atomics, laid out as the forward, or, when
 //                   torch.are_deterministic_algorithms_enabled(), one thread per (image, channel,
 //                   map row) adding the corners in its row of its image's RoIs, in index order;
-//  box gradient:    one block per RoI, a tree sum of per-thread moments in shared memory.
+//  box gradient:    blocks over chunks of the plain RoIs' outputs (PlainChunkBlock; with the
+//                   atomic input gradient in the same pass when both are asked for), then one
+//                   block per RoI (BoxGradBlock) adding up its chunks' moments, or walking a RoI
+//                   the chunks left; tree sums in shared memory, no atomics: deterministic.
 #pragma once
 
 #include <ATen/Context.h>
@@ -27,6 +31,7 @@ struct CpuParallelRunner;  // csrc/common/cpu_runner.h
 namespace roi_align {
 
 constexpr int64_t kBoxGradThreads = 256;  // a power of two: block_sum_phase halves it
+constexpr int64_t kGeneralRoiThreads = 256;
 
 // Whether a grid-stride loop over [0, total) under `config` can count in int32_t (BinIndex): its
 // last step, the largest index plus the grid's size, must not overflow.
@@ -34,24 +39,71 @@ inline bool fits_int32(int64_t total, const LaunchConfig& config) {
   return total + config.grid.x * config.block.x <= std::numeric_limits<int32_t>::max();
 }
 
-// The box-gradient block function; a functor rather than a lambda because its Block type
-// differs between runners (emulate::Block, DeviceBlock).
+// The launch of the *_general_roi_thread functions: one block per RoI.
+inline LaunchConfig general_roi_config(int64_t num_rois) {
+  LaunchConfig config;
+  config.grid.x = num_rois;
+  config.block.x = kGeneralRoiThreads;
+  return config;
+}
+
+// The chunks of plain_chunk_phase: kBoxGradThreads outputs each.
+inline int64_t chunks_per_roi(int64_t channels, int64_t bins) {
+  return (channels * bins + kBoxGradThreads - 1) / kBoxGradThreads;
+}
+
+// The tree sum of a block's moments in shared memory, one halving a phase.
+template <typename Block, typename T>
+MLK_HOST_DEVICE void block_sum(Block& block, T* shared) {
+  for (int64_t stride = kBoxGradThreads / 2; stride > 0; stride /= 2) {
+    block.phase([&](const ThreadIndex& t) { block_sum_phase(t, stride, shared); });
+  }
+}
+
+// The block functions of the box gradient; functors rather than lambdas because their Block type
+// differs between runners (emulate::Block, DeviceBlock). PlainChunkBlock: chunks of the plain
+// RoIs' outputs (and their input gradient, kInput), moments into partial.
+template <bool kInput, typename S, typename T>
+struct PlainChunkBlock {
+  const S* grad;
+  const S* input;
+  const S* rois;
+  Params<T> p;
+  int32_t chunks;
+  T* grad_input;
+  T* partial;
+
+  template <typename Block>
+  MLK_HOST_DEVICE void operator()(Block& block) const {
+    T* shared = block.template shared<T>();
+    block.phase([&](const ThreadIndex& t) {
+      plain_chunk_phase<kInput>(t, chunks, grad, input, rois, p, grad_input, shared);
+    });
+    block_sum(block, shared);
+    block.phase([&](const ThreadIndex& t) { plain_chunk_write_phase(t, shared, partial); });
+  }
+};
+
+// One block per RoI: the RoI's gradient row, from its chunks' moments (partial) or its own walk
+// (see box_grad_partial_phase).
 template <typename S, typename T>
 struct BoxGradBlock {
   const S* grad;
   const S* input;
   const S* rois;
   Params<T> p;
+  const T* partial;
+  int64_t chunks;
+  T* grad_input;
   T* grad_rois;
 
   template <typename Block>
   MLK_HOST_DEVICE void operator()(Block& block) const {
     T* shared = block.template shared<T>();
-    block.phase(
-        [&](const ThreadIndex& t) { box_grad_partial_phase(t, grad, input, rois, p, shared); });
-    for (int64_t stride = kBoxGradThreads / 2; stride > 0; stride /= 2) {
-      block.phase([&](const ThreadIndex& t) { block_sum_phase(t, stride, shared); });
-    }
+    block.phase([&](const ThreadIndex& t) {
+      box_grad_partial_phase(t, grad, input, rois, p, partial, chunks, grad_input, shared);
+    });
+    block_sum(block, shared);
     block.phase([&](const ThreadIndex& t) { box_grad_write_phase(t, rois, p, shared, grad_rois); });
   }
 };
@@ -84,16 +136,16 @@ at::Tensor roi_align_forward_kernel(const Runner& run, const at::Tensor& input,
     scalar_t* out_p = out.data_ptr<scalar_t>();
     const int64_t total = out.numel();
     const LaunchConfig config = launch_config_1d(total);
-    if (fits_int32(total, config)) {
+    const bool plain = fits_int32(total, config) && plain_walk_map_fits(p);
+    if (plain) {
       const int32_t total32 = static_cast<int32_t>(total);
       run.threads(config, [=] MLK_LAMBDA(const ThreadIndex& t) {
-        forward_thread(t, total32, in_p, rois_p, p, out_p);
-      });
-    } else {
-      run.threads(config, [=] MLK_LAMBDA(const ThreadIndex& t) {
-        forward_thread(t, total, in_p, rois_p, p, out_p);
+        forward_plain_thread(t, total32, in_p, rois_p, p, out_p);
       });
     }
+    run.threads(general_roi_config(boxes.size(0)), [=] MLK_LAMBDA(const ThreadIndex& t) {
+      forward_general_roi_thread(t, !plain, in_p, rois_p, p, out_p);
+    });
   });
   return out;
 }
@@ -127,35 +179,54 @@ std::tuple<at::Tensor, at::Tensor> roi_align_backward_kernel(const Runner& run,
           const scalar_t* rois_p = rois.data_ptr<scalar_t>();
           const scalar_t* g_p = g.data_ptr<scalar_t>();
           const int64_t num_rois = rois.size(0);
-          if (mask.input) {
-            T* gi_p = grad_input.data_ptr<T>();
-            if (deterministic) {
-              const int64_t rows = input.size(0) * input.size(1) * input.size(2);
-              run.threads(launch_config_1d(rows, 128), [=] MLK_LAMBDA(const ThreadIndex& t) {
-                backward_input_row_thread(t, rows, num_rois, g_p, rois_p, p, gi_p);
+          const int64_t total = g.numel();
+          const LaunchConfig config = launch_config_1d(total);
+          const bool plain = fits_int32(total, config) && plain_walk_map_fits(p);
+          // Both gradients of the plain RoIs in one pass (PlainChunkBlock<true>), the others'
+          // in BoxGradBlock, unless the input gradient must be deterministic.
+          const bool fused = mask.input && mask.boxes && plain && !deterministic;
+          T* gi_p = mask.input ? grad_input.data_ptr<T>() : nullptr;
+          if (mask.input && deterministic) {
+            const int64_t rows = input.size(0) * input.size(1) * input.size(2);
+            run.threads(launch_config_1d(rows, 128), [=] MLK_LAMBDA(const ThreadIndex& t) {
+              backward_input_row_thread(t, rows, num_rois, g_p, rois_p, p, gi_p);
+            });
+          } else if (mask.input && !fused) {
+            if (plain) {
+              const int32_t total32 = static_cast<int32_t>(total);
+              run.threads(config, [=] MLK_LAMBDA(const ThreadIndex& t) {
+                backward_input_plain_thread(t, total32, g_p, rois_p, p, gi_p);
               });
-            } else {
-              const int64_t total = g.numel();
-              const LaunchConfig config = launch_config_1d(total);
-              if (fits_int32(total, config)) {
-                const int32_t total32 = static_cast<int32_t>(total);
-                run.threads(config, [=] MLK_LAMBDA(const ThreadIndex& t) {
-                  backward_input_atomic_thread(t, total32, g_p, rois_p, p, gi_p);
-                });
-              } else {
-                run.threads(config, [=] MLK_LAMBDA(const ThreadIndex& t) {
-                  backward_input_atomic_thread(t, total, g_p, rois_p, p, gi_p);
-                });
-              }
             }
+            run.threads(general_roi_config(num_rois), [=] MLK_LAMBDA(const ThreadIndex& t) {
+              backward_input_general_roi_thread(t, !plain, g_p, rois_p, p, gi_p);
+            });
           }
           if (mask.boxes) {
-            LaunchConfig config;
-            config.grid.x = num_rois;
-            config.block.x = kBoxGradThreads;
-            config.shared_bytes = static_cast<int64_t>(4 * kBoxGradThreads * sizeof(T));
-            run.blocks(config,
-                       BoxGradBlock<scalar_t, T>{g_p, in_p, rois_p, p, grad_rois.data_ptr<T>()});
+            const int64_t chunks = chunks_per_roi(p.channels, p.pooled_height * p.pooled_width);
+            LaunchConfig block_config;
+            block_config.block.x = kBoxGradThreads;
+            block_config.shared_bytes = static_cast<int64_t>(4 * kBoxGradThreads * sizeof(T));
+            at::Tensor partial;
+            if (plain) {
+              partial = at::empty({num_rois * chunks * 4}, acc_options);
+              block_config.grid.x = num_rois * chunks;
+              const int32_t chunks32 = static_cast<int32_t>(chunks);
+              T* partial_p = partial.data_ptr<T>();
+              if (fused) {
+                run.blocks(block_config, PlainChunkBlock<true, scalar_t, T>{
+                                             g_p, in_p, rois_p, p, chunks32, gi_p, partial_p});
+              } else {
+                run.blocks(block_config, PlainChunkBlock<false, scalar_t, T>{
+                                             g_p, in_p, rois_p, p, chunks32, nullptr, partial_p});
+              }
+            }
+            block_config.grid.x = num_rois;
+            run.blocks(block_config,
+                       BoxGradBlock<scalar_t, T>{g_p, in_p, rois_p, p,
+                                                 plain ? partial.data_ptr<T>() : nullptr, chunks,
+                                                 fused ? gi_p : nullptr,
+                                                 grad_rois.data_ptr<T>()});
           }
         });
   }
