@@ -51,6 +51,7 @@ PAIRS = [
         ),
         r"^roi_align::roi_align_backward_kernel \[float\]",
     ),
+    ("roi_align box gradient (fused pass)", None, r"^roi_align::PlainChunkBlock<\w+, float"),
     ("roi_align box gradient", None, r"^roi_align::BoxGradBlock<float"),
     (
         "nms mask",
