@@ -523,6 +523,18 @@ def test_decoder_errors():
             ops.beam_search(step, good, **(args | extra))
     with pytest.raises(TypeError, match="beam_search: step_fn must be callable"):
         ops.beam_search(None, good, **args)
+
+    def shrinking(last, state):  # returns one state row too few
+        log_probs, state = step(last, state)
+        return log_probs, {**state, "c": state["c"][1:]}
+
+    for search in (ops.beam_search, reference.beam_search):
+        with pytest.raises(
+            ValueError,
+            match=r"beam_search: the state tensors step_fn returns must have leading dimension "
+            r"B \* K = 2, got Tensor\[1, 16\]",
+        ):
+            search(shrinking, good, **args)
     with pytest.raises(ValueError, match="LabelBeamSearch: beam_size must be >= 1, got 0"):
         nn.LabelBeamSearch(0)
     with pytest.raises(ValueError, match=r"LabelBeamSearch: threshold must be a probability"):
