@@ -15,10 +15,12 @@
 #   racecheck  the same with racecheck (--light workload: float32 and float16)
 #   synccheck  the same with synccheck
 #   bench      benchmarks/run.py --device cuda (full shapes)
+#   kernels    benchmarks/kernel_times.py --device cuda: every roi_align and proposals case, ours
+#              and the anchor, under torch.profiler: the device time of each kernel they launch
 #   report     benchmarks/cuda_report.py for the GPU's arch (registers, spills, shared memory,
 #              occupancy per kernel; the step fails on a spill)
 #
-# Writes into "$OUT" (default ./gpu-check-out), eight files:
+# Writes into "$OUT" (default ./gpu-check-out), ten files:
 #   summary.txt       versions, then one line per step: name, exit code, seconds, limit;
 #                     pytest's result line and the sanitizers' summaries
 #   build.log  tests.log  sanitizer.log  bench.log      each step's output (long logs keep
@@ -26,6 +28,7 @@
 #   bench.md          the benchmark table (markdown)
 #   latest-cuda.json  the benchmark results
 #   cuda-report.md    the resource report (as docs/cuda-report.md, for this GPU's arch)
+#   kernels.md        the kernel times (kernels.log: the step's output)
 #
 # Time: every step has a cap, and the whole run a budget (GPU_CHECK_BUDGET, default 520 s): a
 # step never takes time that the steps after it need for their minimum, so the worst case (every
@@ -146,39 +149,39 @@ print("torchvision", torchvision.__version__)'
 }
 
 # Minimum seconds kept for each later step (each includes timeout's 5 s kill grace).
-FLOOR_IMPORT=20 FLOOR_TESTS=65 FLOOR_SANITIZER=50 FLOOR_BENCH=95 FLOOR_REPORT=45
+FLOOR_IMPORT=20 FLOOR_TESTS=65 FLOOR_SANITIZER=50 FLOOR_BENCH=95 FLOOR_KERNELS=35 FLOOR_REPORT=45
 
 # (a) versions: into the summary itself, above the step lines.
-run_step info 60 $((FLOOR_IMPORT + FLOOR_TESTS + 3 * FLOOR_SANITIZER + FLOOR_BENCH + FLOOR_REPORT)) "$SCRATCH/info.log" \
+run_step info 60 $((FLOOR_IMPORT + FLOOR_TESTS + 3 * FLOOR_SANITIZER + FLOOR_BENCH + FLOOR_KERNELS + FLOOR_REPORT)) "$SCRATCH/info.log" \
   bash -c "$(declare -f info); info"
 cat "$SCRATCH/info.out" >>"$SUMMARY" 2>/dev/null
 echo >>"$SUMMARY"
 
 # (b) build
-run_step build 240 $((FLOOR_IMPORT + FLOOR_TESTS + 3 * FLOOR_SANITIZER + FLOOR_BENCH + FLOOR_REPORT)) \
+run_step build 240 $((FLOOR_IMPORT + FLOOR_TESTS + 3 * FLOOR_SANITIZER + FLOOR_BENCH + FLOOR_KERNELS + FLOOR_REPORT)) \
   "$OUT/build.log" \
   env MLKERNELS_CUDA=1 MLKERNELS_EMULATOR=1 TORCH_CUDA_ARCH_LIST="$GPU_ARCH" MAX_JOBS="$(nproc)" \
   "$PY" setup.py build_ext --inplace
 summarize build 'error:|Error|ccache:|CUDA_HOME|TORCH_CUDA_ARCH_LIST'
-run_step import 60 $((FLOOR_TESTS + 3 * FLOOR_SANITIZER + FLOOR_BENCH + FLOOR_REPORT)) "$OUT/build.log" \
+run_step import 60 $((FLOOR_TESTS + 3 * FLOOR_SANITIZER + FLOOR_BENCH + FLOOR_KERNELS + FLOOR_REPORT)) "$OUT/build.log" \
   "$PY" -c 'import json, mlkernels; print(json.dumps(mlkernels.build_info()))'
 summarize import 'cuda_compiled|Error'
 
 # (c) tests on the GPU
-run_step tests 240 $((3 * FLOOR_SANITIZER + FLOOR_BENCH + FLOOR_REPORT)) "$OUT/tests.log" \
+run_step tests 240 $((3 * FLOOR_SANITIZER + FLOOR_BENCH + FLOOR_KERNELS + FLOOR_REPORT)) "$OUT/tests.log" \
   "$PY" -m pytest -q -m cuda -rfE -p no:cacheprovider --durations=10 tests
 summarize tests '^(FAILED|ERROR) |[0-9]+ (passed|failed|skipped|error)'
 
 # (d) compute-sanitizer on the workload. memcheck without torch's caching allocator, so that an
 # access past a tensor is past a cudaMalloc'ed block and not inside a cached one.
-run_step memcheck 120 $((2 * FLOOR_SANITIZER + FLOOR_BENCH + FLOOR_REPORT)) "$OUT/sanitizer.log" \
+run_step memcheck 120 $((2 * FLOOR_SANITIZER + FLOOR_BENCH + FLOOR_KERNELS + FLOOR_REPORT)) "$OUT/sanitizer.log" \
   env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
   "$SANITIZER" --tool memcheck --error-exitcode 1 "$PY" benchmarks/cuda_workload.py
 summarize memcheck 'ERROR SUMMARY|workload (ok|FAILED)'
-run_step racecheck 120 $((FLOOR_SANITIZER + FLOOR_BENCH + FLOOR_REPORT)) "$OUT/sanitizer.log" \
+run_step racecheck 120 $((FLOOR_SANITIZER + FLOOR_BENCH + FLOOR_KERNELS + FLOOR_REPORT)) "$OUT/sanitizer.log" \
   "$SANITIZER" --tool racecheck --error-exitcode 1 "$PY" benchmarks/cuda_workload.py --light
 summarize racecheck 'ERROR SUMMARY|RACECHECK SUMMARY|workload (ok|FAILED)'
-run_step synccheck 120 $((FLOOR_BENCH + FLOOR_REPORT)) "$OUT/sanitizer.log" \
+run_step synccheck 120 $((FLOOR_BENCH + FLOOR_KERNELS + FLOOR_REPORT)) "$OUT/sanitizer.log" \
   "$SANITIZER" --tool synccheck --error-exitcode 1 "$PY" benchmarks/cuda_workload.py
 summarize synccheck 'ERROR SUMMARY|workload (ok|FAILED)'
 
@@ -187,12 +190,17 @@ MIN_RUN_TIME=0.5
 if [ $((START + BUDGET - $(date +%s))) -lt 150 ]; then
   MIN_RUN_TIME=0.2
 fi
-run_step bench 180 "$FLOOR_REPORT" "$OUT/bench.log" \
+run_step bench 180 $((FLOOR_KERNELS + FLOOR_REPORT)) "$OUT/bench.log" \
   "$PY" benchmarks/run.py --device cuda --min-run-time "$MIN_RUN_TIME" --out "$OUT" \
   --markdown "$OUT/bench.md"
 summarize bench '^FAILED'
 
-# (f) the resource report for this GPU's arch (nvcc -cubin -Xptxas -v of every *_cuda.cu)
+# (f) where the GPU time goes, kernel by kernel (roi_align and proposals, ours and torchvision's)
+run_step kernels 90 "$FLOOR_REPORT" "$OUT/kernels.log" \
+  "$PY" benchmarks/kernel_times.py --device cuda --runs 3 --out "$OUT/kernels.md"
+summarize kernels '^kernel_times: .*needs|Traceback|Error'
+
+# (g) the resource report for this GPU's arch (nvcc -cubin -Xptxas -v of every *_cuda.cu)
 run_step report 120 0 "$OUT/build.log" \
   "$PY" benchmarks/cuda_report.py --archs "$GPU_ARCH" --out "$OUT/cuda-report.md"
 summarize report '^cuda_report:'
