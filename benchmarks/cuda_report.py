@@ -77,8 +77,9 @@ class Launch:
 # Launch shapes, matched (first match wins) against the demangled kernel name. They mirror the
 # launch sites in csrc/*/*_kernels.h; a kernel that matches none is reported with "?".
 LAUNCHES: list[tuple[str, Launch]] = [
-    # roi_align: the deterministic input gradient runs 128-thread blocks (one thread per map row).
-    (r"roi_align_backward_kernel.*\{lambda\(mlk::ThreadIndex const&\)#1\}", Launch(128)),
+    # roi_align: the deterministic input gradient's two kernels (plain rows, then the rows the
+    # general walk redoes) run 128-thread blocks (one thread per map row).
+    (r"roi_align_backward_kernel.*\{lambda\(mlk::ThreadIndex const&\)#[12]\}", Launch(128)),
     # roi_align's box gradient: 256-thread blocks, 4 moments a thread in shared memory.
     (r"(BoxGradBlock<|PlainChunkBlock<\w+, )[^,]+, float>", Launch(256, 4 * 256 * 4)),
     (r"(BoxGradBlock<|PlainChunkBlock<\w+, )[^,]+, double>", Launch(256, 4 * 256 * 8)),

@@ -209,23 +209,27 @@ class Workload:
         assert x.grad.dtype == dtype and rois.grad.dtype == torch.float32
 
     def _roi_align_deterministic(self) -> None:
-        x = self.to(randn(2, 3, 7, 8)).requires_grad_()
-        rois = self.to(torch.tensor([[0, 0.0, 0.0, 6.0, 5.0], [1, 1.0, 2.0, 8.0, 9.0]] * 3))
-        rois.requires_grad_()
-        out = ops.roi_align(x, rois, 3, 1.0, 2)
-        grad = self.to(randn(*out.shape))
-        previous = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(True)
-        try:
-            first = torch.autograd.grad(out, (x, rois), grad, retain_graph=True)
-            second = torch.autograd.grad(out, (x, rois), grad)
-        finally:
-            torch.use_deterministic_algorithms(previous)
-        for a, b in zip(first, second, strict=True):
-            assert torch.equal(a, b), "deterministic backward differs run to run"
-        atomic = torch.autograd.grad(ops.roi_align(x, rois, 3, 1.0, 2), (x, rois), grad)
-        for a, b in zip(first, atomic, strict=True):
-            torch.testing.assert_close(a, b)
+        x = self.to(randn(3, 3, 7, 8)).requires_grad_()
+        boxes = [[0, 0.0, 0.0, 6.0, 5.0], [1, 1.0, 2.0, 8.0, 9.0]] * 3
+        # Adaptive sampling (ratio 0): a box 30 times the map takes the general walk, so image 2's
+        # rows are redone by the general row kernel; images 0 and 1 stay the plain kernel's.
+        boxes.append([2, -100.0, -100.0, 140.0, 120.0])
+        rois = self.to(torch.tensor(boxes)).requires_grad_()
+        for ratio in (2, 0):
+            out = ops.roi_align(x, rois, 3, 1.0, ratio)
+            grad = self.to(randn(*out.shape))
+            previous = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(True)
+            try:
+                first = torch.autograd.grad(out, (x, rois), grad, retain_graph=True)
+                second = torch.autograd.grad(out, (x, rois), grad)
+            finally:
+                torch.use_deterministic_algorithms(previous)
+            for a, b in zip(first, second, strict=True):
+                assert torch.equal(a, b), "deterministic backward differs run to run"
+            atomic = torch.autograd.grad(ops.roi_align(x, rois, 3, 1.0, ratio), (x, rois), grad)
+            for a, b in zip(first, atomic, strict=True):
+                torch.testing.assert_close(a, b)
 
     # ---- nms, batched_nms ----
 

@@ -832,6 +832,31 @@ def test_plain_and_general_walks_give_the_cpus_bits(impl, dtype, aligned, ratio)
 
 
 @pytest.mark.parametrize("impl", impl_params("emulated"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ratio", [-1, 2])
+def test_deterministic_rows_of_plain_and_general_images_are_the_cpus(impl, dtype, ratio):
+    # The deterministic input gradient's two launches: the plain row kernel does the images whose
+    # RoIs all fit the plain walk, and marks the others, whose rows the general kernel redoes from
+    # zero. Images 0 and 1 get the edge boxes (ratio -1: some general), image 2 only plain ones;
+    # every row is the CPU kernel's to the bit either way.
+    x = _map(22, (3, 4, 6, 9), dtype)
+    edge = _plain_edge_boxes(2, 3, dtype)
+    plain_only = edge[_plain_walk_fits(edge, 2, 3, ratio, False, 6, 9)].clone()
+    plain_only[:, 0] = 2
+    boxes = torch.cat([edge, plain_only])
+    assert (boxes[:, 0] == 2).any()
+    if ratio == -1:
+        assert not _plain_walk_fits(edge, 2, 3, ratio, False, 6, 9).all()
+    grad = _map(23, (len(boxes), 4, 2, 3), dtype)
+    args = (grad, x, boxes, 1.0, 2, 3, ratio, False)
+    with deterministic_algorithms(True):
+        ordered = impl.call("roi_align_backward", *args)
+    cpu = torch.ops.mlkernels.roi_align_backward(*args)
+    torch.testing.assert_close(ordered[0], cpu[0], rtol=0, atol=0, equal_nan=True)  # to the bit
+    assert ordered[0][2].abs().sum() > 0  # image 2's rows: the plain kernel's
+
+
+@pytest.mark.parametrize("impl", impl_params("emulated"))
 @pytest.mark.parametrize(
     ("channels", "oh", "ow"),
     [(130, 3, 3), (1400, 7, 7)],  # 5 chunks of 256 outputs a RoI; 268 (more than 256 threads)

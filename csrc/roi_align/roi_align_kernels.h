@@ -7,7 +7,8 @@
 //                   one block per RoI for the others (huge grids; see forward_plain_thread);
 //  input gradient:  atomics, laid out as the forward, or, when
 //                   torch.are_deterministic_algorithms_enabled(), one thread per (image, channel,
-//                   map row) adding the corners in its row of its image's RoIs, in index order;
+//                   map row) adding the corners in its row of its image's RoIs, in index order
+//                   (PlainWalk; then the general walk redoes the images with a huge RoI);
 //  box gradient:    blocks over chunks of the plain RoIs' outputs (PlainChunkBlock; with the
 //                   atomic input gradient in the same pass when both are asked for), then one
 //                   block per RoI (BoxGradBlock) adding up its chunks' moments, or walking a RoI
@@ -187,9 +188,23 @@ std::tuple<at::Tensor, at::Tensor> roi_align_backward_kernel(const Runner& run,
           const bool fused = mask.input && mask.boxes && plain && !deterministic;
           T* gi_p = mask.input ? grad_input.data_ptr<T>() : nullptr;
           if (mask.input && deterministic) {
+            // The plain rows, then the rows of the images with a RoI the plain walk does not fit
+            // (every row where the map is too large for it), redone (backward_input_row_thread).
             const int64_t rows = input.size(0) * input.size(1) * input.size(2);
-            run.threads(launch_config_1d(rows, 128), [=] MLK_LAMBDA(const ThreadIndex& t) {
-              backward_input_row_thread(t, rows, num_rois, g_p, rois_p, p, gi_p);
+            const LaunchConfig row_config = launch_config_1d(rows, 128);
+            at::Tensor general_images;
+            int32_t* general_p = nullptr;
+            if (plain_walk_map_fits(p)) {
+              general_images = at::zeros({input.size(0)}, input.options().dtype(at::kInt));
+              general_p = general_images.data_ptr<int32_t>();
+              run.threads(row_config, [=] MLK_LAMBDA(const ThreadIndex& t) {
+                backward_input_row_thread<PlainWalk>(t, rows, num_rois, g_p, rois_p, p, gi_p,
+                                                     general_p);
+              });
+            }
+            run.threads(row_config, [=] MLK_LAMBDA(const ThreadIndex& t) {
+              backward_input_row_thread<GeneralWalk>(t, rows, num_rois, g_p, rois_p, p, gi_p,
+                                                     general_p);
             });
           } else if (mask.input && !fused) {
             if (plain) {

@@ -559,27 +559,46 @@ MLK_HOST_DEVICE void backward_input_general_roi_thread(const ThreadIndex& t, boo
 // so without fused multiply-adds (the emulator, the CPU) the sums are the CPU's to the bit. A
 // sample touches at most two rows (y_low, y_high), so each is evaluated by at most two threads:
 // about twice the bilinear work of the atomic kernel, spread over N*C*H threads.
-template <typename S, typename T>
+// Two launches, as the other kernels (a kernel gets the registers of its heaviest path):
+// Walk = PlainWalk does every row of every image whose RoIs the plain walk fits; at the first RoI
+// it does not fit, it marks the image in general_images and leaves the row (it will be redone).
+// Walk = GeneralWalk then redoes, from zero, the rows of the marked images (of every image when
+// general_images is null: a map the plain walk cannot index) with the general walk, which gives
+// the plain walk's bits on the RoIs both fit: each row is the CPU's either way.
+template <typename Walk, typename S, typename T>
 MLK_HOST_DEVICE void backward_input_row_thread(const ThreadIndex& t, int64_t rows, int64_t num_rois,
                                                const S* grad, const S* rois, Params<T> p,
-                                               T* grad_input) {
-  const int64_t ow = p.pooled_width, oh = p.pooled_height, width = p.width;
+                                               T* grad_input, int32_t* general_images) {
+  using I = typename Walk::Index;
+  const int64_t ow = p.pooled_width, oh = p.pooled_height;
+  const I height = static_cast<I>(p.height), width = static_cast<I>(p.width);
   for (int64_t row_index = t.global_x(); row_index < rows; row_index += t.grid_stride_x()) {
-    const int64_t r = row_index % p.height, plane_index = row_index / p.height;
+    const I r = static_cast<I>(row_index % p.height);
+    const int64_t plane_index = row_index / p.height;
     const int64_t n = plane_index / p.channels, c = plane_index % p.channels;
-    T* plane = grad_input + plane_index * p.height * width;
-    const int64_t row_begin = r * width, row_end = row_begin + width;
+    T* plane = grad_input + plane_index * p.height * p.width;
+    const I row_begin = r * width, row_end = row_begin + width;
+    if constexpr (!Walk::kPlain) {
+      if (general_images != nullptr && general_images[n] == 0) continue;
+      for (I x = row_begin; x < row_end; ++x) plane[x] = T(0);  // the plain launch's partial row
+    }
     // Whether a sample at height y has a corner in row r (clamped as bilinear_sample clamps).
     const auto touches_row = [&](T y) {
-      int64_t low, high;
+      I low, high;
       T frac;
       bool moves;
-      clamp_axis(y, p.height, low, high, frac, moves);
+      clamp_axis(y, height, low, high, frac, moves);
       return low == r || high == r;
     };
     for (int64_t k = 0; k < num_rois; ++k) {
       const RoiGeometry<T> g = roi_geometry(rois + 5 * k, p);
       if (g.batch != n) continue;
+      if constexpr (Walk::kPlain) {
+        if (!plain_walk_fits(g, p)) {
+          general_images[n] = 1;  // every row of image n is redone by the general launch
+          break;
+        }
+      }
       const S* gk = grad + (k * p.channels + c) * oh * ow;
       for (int64_t ph = 0; ph < oh; ++ph) {
         // The bin row's samples lie in [base, base + bin_h] (up to rounding, which the slack
@@ -593,9 +612,9 @@ MLK_HOST_DEVICE void backward_input_row_thread(const ThreadIndex& t, int64_t row
         }
         for (int64_t pw = 0; pw < ow; ++pw) {
           const T gv = static_cast<T>(gk[ph * ow + pw]) / g.count;
-          for_each_sample(
-              g, p, ph, pw,
-              [&](const Sample<T>& s) {
+          for_each_sample<Walk>(
+              g, p, static_cast<I>(ph), static_cast<I>(pw),
+              [&](const auto& s) {
                 for (int q = 0; q < 4; ++q) {
                   if (s.pixel[q] >= row_begin && s.pixel[q] < row_end) {
                     plane[s.pixel[q]] += gv * s.w[q];
