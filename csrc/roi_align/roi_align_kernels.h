@@ -40,6 +40,12 @@ inline bool fits_int32(int64_t total, const LaunchConfig& config) {
   return total + config.grid.x * config.block.x <= std::numeric_limits<int32_t>::max();
 }
 
+// Whether the plain launches run: their indices (outputs, pixels of a map plane) fit in int32_t.
+template <typename T>
+bool plain_launch_fits(int64_t total, const LaunchConfig& config, const Params<T>& p) {
+  return fits_int32(total, config) && plain_walk_map_fits(p);
+}
+
 // The launch of the *_general_roi_thread functions: one block per RoI.
 inline LaunchConfig general_roi_config(int64_t num_rois) {
   LaunchConfig config;
@@ -137,7 +143,7 @@ at::Tensor roi_align_forward_kernel(const Runner& run, const at::Tensor& input,
     scalar_t* out_p = out.data_ptr<scalar_t>();
     const int64_t total = out.numel();
     const LaunchConfig config = launch_config_1d(total);
-    const bool plain = fits_int32(total, config) && plain_walk_map_fits(p);
+    const bool plain = plain_launch_fits(total, config, p);
     if (plain) {
       const int32_t total32 = static_cast<int32_t>(total);
       run.threads(config, [=] MLK_LAMBDA(const ThreadIndex& t) {
@@ -182,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> roi_align_backward_kernel(const Runner& run,
           const int64_t num_rois = rois.size(0);
           const int64_t total = g.numel();
           const LaunchConfig config = launch_config_1d(total);
-          const bool plain = fits_int32(total, config) && plain_walk_map_fits(p);
+          const bool plain = plain_launch_fits(total, config, p);
           // Both gradients of the plain RoIs in one pass (PlainChunkBlock<true>), the others'
           // in BoxGradBlock, unless the input gradient must be deterministic.
           const bool fused = mask.input && mask.boxes && plain && !deterministic;

@@ -579,8 +579,10 @@ MLK_HOST_DEVICE void backward_input_row_thread(const ThreadIndex& t, int64_t row
     T* plane = grad_input + plane_index * p.height * p.width;
     const I row_begin = r * width, row_end = row_begin + width;
     if constexpr (!Walk::kPlain) {
-      if (general_images != nullptr && general_images[n] == 0) continue;
-      for (I x = row_begin; x < row_end; ++x) plane[x] = T(0);  // the plain launch's partial row
+      if (general_images != nullptr) {  // after the plain launch: its marked images only
+        if (general_images[n] == 0) continue;
+        for (I x = row_begin; x < row_end; ++x) plane[x] = T(0);  // its partial row
+      }
     }
     // Whether a sample at height y has a corner in row r (clamped as bilinear_sample clamps).
     const auto touches_row = [&](T y) {
