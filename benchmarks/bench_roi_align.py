@@ -15,6 +15,7 @@ import mlkernels
 from mlkernels.reference import roi_align_grid_sample
 
 OUT, SCALE, RATIO = 7, 1 / 16, 2
+ATOMICS_MEASURE = "input-gradient atomics, ours / torchvision's (emulator count)"
 
 
 def _inputs(images: int, rois_per_image: int, generator: torch.Generator):
@@ -46,6 +47,37 @@ def _forward_backward(fn, feat, boxes, grad, box_grad: bool):
         return (out, *grads)
 
     return run
+
+
+def _atomic_adds(feat, boxes, grad) -> dict[str, float]:
+    """The input gradient's atomic additions on a GPU over torchvision's: ours counted by running
+    our CUDA kernels on the grid emulator (which counts every atomic_add; a count, not a timing,
+    so the same on any machine), torchvision's four a valid sample of a bin and a channel (its
+    CUDA backward adds each corner of each sample in [-1, H] x [-1, W]). Nothing without the
+    emulator (a build without MLKERNELS_EMULATOR=1)."""
+    try:
+        emulated_adds = torch.ops.mlkernels_emulated.atomic_adds
+    except (AttributeError, RuntimeError):
+        return {}
+    feat, boxes, grad = feat.cpu(), boxes.cpu(), grad.cpu()
+    before = emulated_adds()
+    torch.ops.mlkernels_emulated.roi_align_backward(
+        grad, feat, boxes, SCALE, OUT, OUT, RATIO, False, [True, False]
+    )
+    ours = emulated_adds() - before
+    _, channels, height, width = feat.shape
+
+    def valid_per_bin(low, high, extent):  # [K, OUT] valid samples of each bin along one axis
+        start = low * SCALE
+        bin_size = ((high * SCALE - start).clamp(min=1) / OUT).view(-1, 1, 1)
+        p, i = torch.arange(OUT).view(1, OUT, 1), torch.arange(RATIO).view(1, 1, RATIO)
+        at = start.view(-1, 1, 1) + p * bin_size + (i + 0.5) * bin_size / RATIO
+        return ((at >= -1) & (at <= extent)).sum(dim=2)
+
+    rows = valid_per_bin(boxes[:, 2], boxes[:, 4], height)
+    cols = valid_per_bin(boxes[:, 1], boxes[:, 3], width)
+    torchvision_adds = 4 * channels * int((rows[:, :, None] * cols[:, None, :]).sum())
+    return {ATOMICS_MEASURE: ours / torchvision_adds}
 
 
 def cases(quick: bool, device: str = "cpu") -> list[Case]:
@@ -108,6 +140,11 @@ def cases(quick: bool, device: str = "cpu") -> list[Case]:
                     anchor_name,
                     _close,
                     target_ratio=target,
+                    measures=(
+                        (lambda _row, f=feat, b=boxes, g=grad: _atomic_adds(f, b, g))
+                        if rlsd and name == "fwd+bwd, no box grads"
+                        else None
+                    ),
                 )
             )
     return out

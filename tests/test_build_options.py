@@ -14,7 +14,9 @@ import mlkernels
 PROBE = """
 import json, torch, mlkernels
 names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("mlkernels_emulated::")]
-cpu = [n for n in names if torch._C._dispatch_has_kernel_for_dispatch_key(n, "CPU")]
+has = torch._C._dispatch_has_kernel_for_dispatch_key
+# A CPU kernel, or for atomic_adds (no tensor argument to dispatch on) a composite one
+cpu = [n for n in names if has(n, "CPU") or has(n, "CompositeExplicitAutograd")]
 print(json.dumps({"names": sorted(names), "cpu": sorted(cpu), "info": mlkernels.build_info()}))
 """
 

@@ -817,18 +817,83 @@ def test_plain_and_general_walks_give_the_cpus_bits(impl, dtype, aligned, ratio)
     expected = torchvision.ops.roi_align(x, boxes[same], (2, 3), 1.0, ratio, aligned)
     assert torch.equal(out[same], expected)
     # The atomic input gradient: with one bin and one RoI a call, each pixel of a channel gets its
-    # terms from one thread, in the CPU kernel's order (the emulator runs threads in reverse).
+    # terms from one thread. The general walk adds them in the CPU kernel's order (the emulator
+    # runs threads in reverse): the CPU's bits. The plain walk adds one term a pixel, the product
+    # of the bin's two axis sums (add_bin_input_grad), which rounds otherwise: the CPU's values.
     boxes = _plain_edge_boxes(1, 1, dtype)
     plain = _plain_walk_fits(boxes, 1, 1, ratio, aligned, 6, 9)
     assert {-1: plain.any() and not plain.all(), 14: plain.all(), 15: not plain.any()}[ratio]
     args = (1.0, 1, 1, ratio, aligned)
     grad = _map(21, (1, 3, 1, 1), dtype)
     with deterministic_algorithms(False):
-        for box in boxes:
+        for box, box_is_plain in zip(boxes, plain.tolist(), strict=True):
             cpu = torch.ops.mlkernels.roi_align_backward(grad, x, box[None], *args)
             for mask in ([True, False], [True, True]):  # the atomic kernels; the fused pass
                 got = impl.call("roi_align_backward", grad, x, box[None], *args, mask)
-                assert torch.equal(got[0], cpu[0])
+                if box_is_plain:
+                    torch.testing.assert_close(got[0], cpu[0], equal_nan=True)
+                else:
+                    assert torch.equal(got[0], cpu[0])
+
+
+def _axis_corners(start: float, size: float, bins: int, grid: int, extent: int):
+    """For each bin along one axis: its valid samples, and the map pixels their corners fall on
+    (positions as torchvision computes them, here in float64; clamped as its kernels clamp)."""
+    valid, pixels = [], []
+    for b in range(bins):
+        base, bin_size = start + b * size / bins, size / bins
+        at = [base + (i + 0.5) * bin_size / grid for i in range(grid)]
+        on_map = [v for v in at if -1 <= v <= extent]
+        corners = set()
+        for v in on_map:
+            low = int(max(v, 0.0))
+            corners |= {extent - 1} if low >= extent - 1 else {low, low + 1}
+        valid.append(len(on_map))
+        pixels.append(len(corners))
+    return valid, pixels
+
+
+@pytest.mark.parametrize("impl", impl_params("emulated"))
+@pytest.mark.parametrize(("ratio", "aligned"), [(2, False), (-1, False), (3, True)])
+def test_atomic_input_gradient_adds_once_a_pixel_a_bin(impl, ratio, aligned):
+    # The plain atomic kernels (input gradient alone, and the fused pass) make one atomic addition
+    # for each pixel a bin's samples' corners fall on (add_bin_input_grad), where torchvision
+    # makes one for each corner of each valid sample; counted by the emulator, which counts every
+    # atomic_add, against a count from the sample positions here. The gradient is the CPU's.
+    channels, oh, ow, height, width = 2, 2, 3, 6, 9
+    x = _map(24, (1, channels, height, width))
+    boxes = torch.tensor(
+        [
+            [0, 2.0, 1.0, 4.0, 2.0],  # bins under a pixel: their samples share corners
+            [0, 0.3, 0.2, 5.7, 5.1],
+            [0, -2.5, 3.1, 3.2, 8.0],  # partly outside the map: clamped and invalid samples
+            [0, 7.2, -1.8, 12.0, 1.4],
+            [0, 1.0, 1.0, 8.9, 5.9],  # bins over a pixel: few shared corners
+        ],
+        dtype=torch.float64,
+    )
+    offset = 0.5 if aligned else 0.0
+    corner_adds = pixel_adds = 0
+    for _, x1, y1, x2, y2 in boxes.tolist():
+        axes = []
+        for lo, hi, bins, extent in ((y1, y2, oh, height), (x1, x2, ow, width)):
+            size = hi - lo if aligned else max(hi - lo, 1.0)
+            grid = ratio if ratio > 0 else math.ceil(size / bins)
+            axes.append(_axis_corners(lo - offset, size, bins, grid, extent))
+        (valid_y, pixels_y), (valid_x, pixels_x) = axes
+        corner_adds += sum(4 * a * b for a in valid_y for b in valid_x)
+        pixel_adds += sum(a * b for a in pixels_y for b in pixels_x)
+    assert 0 < pixel_adds < corner_adds
+    adds = torch.ops.mlkernels_emulated.atomic_adds
+    grad = _map(25, (len(boxes), channels, oh, ow))
+    args = (grad, x, boxes, 1.0, oh, ow, ratio, aligned)
+    cpu = torch.ops.mlkernels.roi_align_backward(*args)
+    with deterministic_algorithms(False):
+        for mask in ([True, False], [True, True]):
+            before = adds()
+            got = impl.call("roi_align_backward", *args, mask)
+            assert adds() - before == channels * pixel_adds
+            torch.testing.assert_close(got[0], cpu[0])
 
 
 @pytest.mark.parametrize("impl", impl_params("emulated"))

@@ -26,3 +26,11 @@
 #else
 #define MLK_LAMBDA
 #endif
+
+// Keeps a loop rolled on the device (#pragma unroll 1), where unrolling would copy a large body
+// called from inside it; g++ has no such pragma and needs none.
+#if defined(__CUDACC__)
+#define MLK_NO_UNROLL _Pragma("unroll 1")
+#else
+#define MLK_NO_UNROLL
+#endif
