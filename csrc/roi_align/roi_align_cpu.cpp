@@ -6,7 +6,9 @@
 // Forward: tasks are RoIs (split into channel ranges only when there are few RoIs); each output
 // element is computed by one task with the same operations, whatever the split.
 // Backward: tasks own (image, channel block) slices of the input gradient, so no two tasks
-// write one address and no atomics are needed; each task adds its image's RoIs in index order.
+// write one address and no atomics are needed; each task adds its image's RoIs in index order,
+// one term a pixel of a bin (for_each_bin_pixel, as the CUDA kernels: the deterministic one
+// gives these bits).
 // The box gradient is summed in the same pass, per channel block, and the blocks' partial sums
 // are added in block order. Block sizes depend on C only, never on the thread count, so results
 // are bitwise identical run to run and at any thread count.
@@ -44,16 +46,11 @@ inline void add_sample(T* __restrict__ acc, const T* img, int64_t stride, const 
   for (int64_t c = 0; c < n; ++c) acc[c] += corner_sum(s.w, r0[c], r1[c], r2[c], r3[c]);
 }
 
-// The input gradient of one sample over n channels: gs (grad / count) into its four corners.
+// A bin's input gradient at one pixel over n channels: gs (grad / count) times its two axis
+// weights (for_each_bin_pixel), in the order every kernel evaluates it.
 template <typename T>
-inline void scatter_sample(T* grad_img, int64_t stride, const Sample<T>& s,
-                           const T* __restrict__ gs, int64_t n) {
-  // One loop per corner: two corners are the same pixel on the map's last row or column.
-  for (int q = 0; q < 4; ++q) {
-    T* __restrict__ gi = grad_img + s.pixel[q] * stride;
-    const T w = s.w[q];
-    for (int64_t c = 0; c < n; ++c) gi[c] += w * gs[c];
-  }
+inline void scatter_pixel(T* __restrict__ gi, T wy, T wx, const T* __restrict__ gs, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) gi[c] += gs[c] * wy * wx;
 }
 
 // The sample's share of the box-gradient moments (roi_align_math.h) in per-channel sums ax..by,
@@ -102,13 +99,12 @@ MLK_CHANNEL_LOOP void channel_forward(double* acc, const double* img, int64_t st
                                       const Sample<double>& s, int64_t n) {
   add_sample(acc, img, stride, s, n);
 }
-MLK_CHANNEL_LOOP void channel_scatter(float* grad_img, int64_t stride, const Sample<float>& s,
-                                      const float* gs, int64_t n) {
-  scatter_sample(grad_img, stride, s, gs, n);
+MLK_CHANNEL_LOOP void channel_scatter(float* gi, float wy, float wx, const float* gs, int64_t n) {
+  scatter_pixel(gi, wy, wx, gs, n);
 }
-MLK_CHANNEL_LOOP void channel_scatter(double* grad_img, int64_t stride, const Sample<double>& s,
-                                      const double* gs, int64_t n) {
-  scatter_sample(grad_img, stride, s, gs, n);
+MLK_CHANNEL_LOOP void channel_scatter(double* gi, double wy, double wx, const double* gs,
+                                      int64_t n) {
+  scatter_pixel(gi, wy, wx, gs, n);
 }
 MLK_CHANNEL_LOOP void channel_moments(const float* img, int64_t stride, const Sample<float>& s,
                                       const float* gs, float* ax, float* bx, float* ay, float* by,
@@ -237,10 +233,16 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& map, const at::Tens
             // cache across its bins, so a strided read here beats transposing all of grad.
             const T* gk = grad_p + (k * channels + c0) * bins + ph * ow + pw;
             for (int64_t c = 0; c < m; ++c) gs[c] = gk[c * bins] / g.count;
-            for_each_sample(g, p, ph, pw, [&](const Sample<T>& s) {
-              if (mask.input) channel_scatter(grad_img, channels, s, gs, m);
-              if (mask.boxes) channel_moments(img, channels, s, gs, ax, bx, ay, by, m);
-            });
+            if (mask.input) {
+              for_each_bin_pixel<GeneralWalk>(g, p, ph, pw, [&](int64_t y, T wy, int64_t x, T wx) {
+                channel_scatter(grad_img + (y * p.width + x) * channels, wy, wx, gs, m);
+              });
+            }
+            if (mask.boxes) {
+              for_each_sample(g, p, ph, pw, [&](const Sample<T>& s) {
+                channel_moments(img, channels, s, gs, ax, bx, ay, by, m);
+              });
+            }
           }
         }
         Moments<T> mo = {{T(0), T(0), T(0), T(0)}};

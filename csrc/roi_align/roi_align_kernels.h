@@ -101,14 +101,13 @@ struct BoxGradBlock {
   Params<T> p;
   const T* partial;
   int64_t chunks;
-  T* grad_input;
   T* grad_rois;
 
   template <typename Block>
   MLK_HOST_DEVICE void operator()(Block& block) const {
     T* shared = block.template shared<T>();
     block.phase([&](const ThreadIndex& t) {
-      box_grad_partial_phase(t, grad, input, rois, p, partial, chunks, grad_input, shared);
+      box_grad_partial_phase(t, grad, input, rois, p, partial, chunks, shared);
     });
     block_sum(block, shared);
     block.phase([&](const ThreadIndex& t) { box_grad_write_phase(t, rois, p, shared, grad_rois); });
@@ -189,8 +188,9 @@ std::tuple<at::Tensor, at::Tensor> roi_align_backward_kernel(const Runner& run,
           const int64_t total = g.numel();
           const LaunchConfig config = launch_config_1d(total);
           const bool plain = plain_launch_fits(total, config, p);
-          // Both gradients of the plain RoIs in one pass (PlainChunkBlock<true>), the others'
-          // in BoxGradBlock, unless the input gradient must be deterministic.
+          // Both gradients of the plain RoIs in one pass (PlainChunkBlock<true>), unless the
+          // input gradient must be deterministic; the others' input gradient in the general
+          // atomic kernel, their box gradient in BoxGradBlock.
           const bool fused = mask.input && mask.boxes && plain && !deterministic;
           T* gi_p = mask.input ? grad_input.data_ptr<T>() : nullptr;
           if (mask.input && deterministic) {
@@ -212,8 +212,8 @@ std::tuple<at::Tensor, at::Tensor> roi_align_backward_kernel(const Runner& run,
               backward_input_row_thread<GeneralWalk>(t, rows, num_rois, g_p, rois_p, p, gi_p,
                                                      general_p);
             });
-          } else if (mask.input && !fused) {
-            if (plain) {
+          } else if (mask.input) {
+            if (plain && !fused) {
               const int32_t total32 = static_cast<int32_t>(total);
               run.threads(config, [=] MLK_LAMBDA(const ThreadIndex& t) {
                 backward_input_plain_thread(t, total32, g_p, rois_p, p, gi_p);
@@ -246,7 +246,6 @@ std::tuple<at::Tensor, at::Tensor> roi_align_backward_kernel(const Runner& run,
             run.blocks(block_config,
                        BoxGradBlock<scalar_t, T>{g_p, in_p, rois_p, p,
                                                  plain ? partial.data_ptr<T>() : nullptr, chunks,
-                                                 fused ? gi_p : nullptr,
                                                  grad_rois.data_ptr<T>()});
           }
         });

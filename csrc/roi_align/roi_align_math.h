@@ -386,27 +386,41 @@ MLK_HOST_DEVICE void for_each_sample(const RoiGeometry<T>& g, const Params<T>& p
 
 // The pixels of one axis of a bin that its valid samples' corners fall on, each with the sum of
 // those corners' weights along the axis (1 - frac for a sample's low corner, frac for its high
-// one, clamped as bilinear_sample clamps): fn(pixel, weight), in the corners' order, once per
+// one, clamped as bilinear_sample clamps; times the run's length where Walk collapses a run of
+// equal positions, as for_each_sample does): fn(pixel, weight), in the corners' order, once per
 // pixel for the samples of an ordinary box (positions in increasing order; a pixel the samples
-// come back to, on a box of negative width, is reported again: one more call, the same sum).
+// come back to, on a box of negative width, is reported again, with the weights since).
 // A sample is valid when its position on each axis is in [-1, size]: the valid samples of a bin
 // are the product of its valid rows and valid columns, and a sample's corner weight is the
 // product of its two axes' (Sample::w), so the bin's samples put gv * Wy(Y) * Wx(X) on pixel
-// (Y, X) in all: add_bin_input_grad. Samples are visited one by one, as PlainWalk does.
-template <typename T, typename I, typename Fn>
-MLK_HOST_DEVICE void for_each_axis_pixel(const SamplePosition<T, I>& pos, I size, Fn&& fn) {
+// (Y, X) in all: for_each_bin_pixel. The samples visited are for_each_sample's (Walk as there).
+template <typename Walk, typename T, typename Fn>
+MLK_HOST_DEVICE void for_each_axis_pixel(const SamplePosition<T, typename Walk::Index>& pos,
+                                         typename Walk::Index size, Fn&& fn) {
+  using I = typename Walk::Index;
   if (size <= 0) return;
+  I lo = 0, hi = pos.grid > 0 ? pos.grid : 0;
+  bool runs = false;
+  if constexpr (!Walk::kPlain) {
+    sample_range(pos.base, pos.bin, pos.grid, size, lo, hi);
+    runs = hi - lo > size + kRunSlack;
+  }
   // The last two pixels seen, -1 before there are any, and their weights: a sample's corners are
   // a pixel and the next, and the next sample's low corner is one of those two or past them.
   // Past the last sample, two non-pixels (-2, -3) push the pending ones out; fn is called from
   // one place, so a GPU kernel holds one copy of what it does.
   I pixel0 = -1, pixel1 = -1;
   T weight0 = T(0), weight1 = T(0);
-  for (I i = 0; i <= pos.grid; ++i) {
+  for (I i = lo; i <= hi; ++i) {
     I low = -2, high = -3;
-    T frac = T(0);
-    if (i < pos.grid) {
+    T frac = T(0), count = T(1);
+    if (i < hi) {
       const T v = pos(i);
+      if constexpr (!Walk::kPlain) {
+        const I first = i;
+        if (runs) i = run_end(i, hi, v, pos);
+        count = static_cast<T>(i - first + 1);
+      }
       if (!(v >= T(-1) && v <= static_cast<T>(size))) continue;  // NaN too
       bool moves;
       clamp_axis(v, size, low, high, frac, moves);
@@ -414,7 +428,8 @@ MLK_HOST_DEVICE void for_each_axis_pixel(const SamplePosition<T, I>& pos, I size
     MLK_NO_UNROLL
     for (int corner = 0; corner < 2; ++corner) {
       const I pixel = corner == 0 ? low : high;
-      const T weight = corner == 0 ? T(1) - frac : frac;
+      T weight = corner == 0 ? T(1) - frac : frac;
+      if constexpr (!Walk::kPlain) weight *= count;  // 1 but in a run: exact
       if (pixel == pixel0) {
         weight0 += weight;
       } else if (pixel == pixel1) {
@@ -428,6 +443,24 @@ MLK_HOST_DEVICE void for_each_axis_pixel(const SamplePosition<T, I>& pos, I size
       }
     }
   }
+}
+
+// fn(y, wy, x, wx) for each pixel (y, x) of the map that the valid samples of bin (ph, pw) have a
+// corner on, with its two axis weights (for_each_axis_pixel), rows y that pass keep_row(y) only;
+// the bin's input gradient there is gv * wy * wx, evaluated in that order by every kernel (the
+// CPU's, the atomic and the deterministic CUDA ones), so that where they add the same terms in
+// the same order they give the same bits. Walk as for_each_sample.
+template <typename Walk, typename T, typename Fn, typename RowFilter = EveryRow>
+MLK_HOST_DEVICE void for_each_bin_pixel(const RoiGeometry<T>& g, const Params<T>& p,
+                                        typename Walk::Index ph, typename Walk::Index pw, Fn&& fn,
+                                        RowFilter keep_row = RowFilter()) {
+  using I = typename Walk::Index;
+  const I height = static_cast<I>(p.height), width = static_cast<I>(p.width);
+  const SamplePosition<T, I> pos_x = column_positions<I>(g, pw);
+  for_each_axis_pixel<Walk>(row_positions<I>(g, ph), height, [&](I y, T wy) {
+    if (!keep_row(y)) return;
+    for_each_axis_pixel<Walk>(pos_x, width, [&](I x, T wx) { fn(y, wy, x, wx); });
+  });
 }
 
 // Moments of one RoI's gradient (see the header comment): a[0..1] = (A_x, B_x), a[2..3] = (A_y,
@@ -479,11 +512,17 @@ MLK_HOST_DEVICE BinIndex<I> bin_index(I i, const Params<T>& p) {
   return {plane / channels, plane % channels, bin_row % oh, i % ow};
 }
 
+// The start of the map plane of image `batch`, channel c, in an NCHW tensor.
+template <typename T, typename P>
+MLK_HOST_DEVICE P* map_plane(P* map, const Params<T>& p, int64_t batch, int64_t c) {
+  return map + (batch * p.channels + c) * (p.height * p.width);
+}
+
 // The forward's output (k, c, ph, pw) of RoI k of geometry g, NCHW input; Walk as for_each_sample.
 template <typename Walk, typename S, typename T>
 MLK_HOST_DEVICE S forward_value(const RoiGeometry<T>& g, const S* input, const Params<T>& p,
                                 int64_t c, typename Walk::Index ph, typename Walk::Index pw) {
-  const S* plane = input + (g.batch * p.channels + c) * (p.height * p.width);
+  const S* plane = map_plane(input, p, g.batch, c);
   T acc = T(0);
   for_each_sample<Walk>(g, p, ph, pw, [&](const auto& s) {
     acc += corner_sum(s.w, plane[s.pixel[0]], plane[s.pixel[1]], plane[s.pixel[2]],
@@ -492,45 +531,35 @@ MLK_HOST_DEVICE S forward_value(const RoiGeometry<T>& g, const S* input, const P
   return static_cast<S>(acc / g.count);
 }
 
-// The backward of output (k, c, ph, pw) of RoI k of geometry g, whose grad value over the bin's
-// count is gv, one walk over its samples for both gradients: with kInput, atomics of gv * w into
-// the sample's corners in grad_input (NCHW, accumulation type T); with kBoxes, the sample's
-// moments (see the header comment) into mo, from its corners in the map. Walk as for_each_sample.
-template <typename Walk, bool kInput, bool kBoxes, typename S, typename T>
-MLK_HOST_DEVICE void backward_element(const RoiGeometry<T>& g, T gv, const S* input,
-                                      const Params<T>& p, int64_t c, typename Walk::Index ph,
-                                      typename Walk::Index pw, T* grad_input, Moments<T>& mo) {
-  const int64_t plane = (g.batch * p.channels + c) * (p.height * p.width);
+// The box-gradient moments (see the header comment) of output (k, c, ph, pw) of RoI k of geometry
+// g, whose grad value over the bin's count is gv, into mo, from its samples' corners in the map
+// (NCHW). Walk as for_each_sample.
+template <typename Walk, typename S, typename T>
+MLK_HOST_DEVICE void add_output_moments(const RoiGeometry<T>& g, T gv, const S* input,
+                                        const Params<T>& p, int64_t c, typename Walk::Index ph,
+                                        typename Walk::Index pw, Moments<T>& mo) {
+  const S* plane = map_plane(input, p, g.batch, c);
   for_each_sample<Walk>(g, p, ph, pw, [&](const auto& s) {
-    if constexpr (kInput) {
-      for (int q = 0; q < 4; ++q) atomic_add(grad_input + plane + s.pixel[q], gv * s.w[q]);
-    }
-    if constexpr (kBoxes) {
-      const S v0 = input[plane + s.pixel[0]], v1 = input[plane + s.pixel[1]];
-      const S v2 = input[plane + s.pixel[2]], v3 = input[plane + s.pixel[3]];
-      // A clamped coordinate passes nothing, not 0 * value (NaN for an infinite map value).
-      add_moments(mo, s, s.moves_x ? gv * corner_sum(s.dx, v0, v1, v2, v3) : T(0),
-                  s.moves_y ? gv * corner_sum(s.dy, v0, v1, v2, v3) : T(0));
-    }
+    const S v0 = plane[s.pixel[0]], v1 = plane[s.pixel[1]];
+    const S v2 = plane[s.pixel[2]], v3 = plane[s.pixel[3]];
+    // A clamped coordinate passes nothing, not 0 * value (NaN for an infinite map value).
+    add_moments(mo, s, s.moves_x ? gv * corner_sum(s.dx, v0, v1, v2, v3) : T(0),
+                s.moves_y ? gv * corner_sum(s.dy, v0, v1, v2, v3) : T(0));
   });
 }
 
-// The atomic input gradient of bin (ph, pw) of a RoI PlainWalk fits, whose grad value over the
+// The atomic input gradient of bin (ph, pw) of a RoI of geometry g, whose grad value over the
 // bin's count is gv, into the map plane grad_plane: one atomic a pixel its samples' corners fall
-// on, gv * Wy(Y) * Wx(X) (see for_each_axis_pixel), where torchvision and backward_element make
-// one a corner of every sample (16 a bin at 2x2 samples). At the bench's boxes (bins of 0.3-3.9
-// pixels) that is about half the atomics, the backward's bound on a GPU. The sum is the same; its
-// rounding is not the per-sample order of the CPU kernel (atomics have no order on a GPU anyway),
-// and a product with an infinite or NaN grad value reaches the same pixels as torchvision's.
-template <typename T>
-MLK_HOST_DEVICE void add_bin_input_grad(const RoiGeometry<T>& g, const Params<T>& p, int32_t ph,
-                                        int32_t pw, T gv, T* grad_plane) {
-  const int32_t height = static_cast<int32_t>(p.height), width = static_cast<int32_t>(p.width);
-  const SamplePosition<T, int32_t> pos_x = column_positions<int32_t>(g, pw);
-  for_each_axis_pixel(row_positions<int32_t>(g, ph), height, [&](int32_t y, T wy) {
-    const T gy = gv * wy;
-    T* row = grad_plane + y * width;
-    for_each_axis_pixel(pos_x, width, [&](int32_t x, T wx) { atomic_add(row + x, gy * wx); });
+// on (for_each_bin_pixel), where torchvision makes one a corner of every sample (16 a bin at 2x2
+// samples). At the bench's boxes (bins of 0.3-3.9 pixels) that is about half the atomics, the
+// backward's bound on a GPU. Walk as for_each_sample.
+template <typename Walk, typename T>
+MLK_HOST_DEVICE void add_bin_input_grad(const RoiGeometry<T>& g, const Params<T>& p,
+                                        typename Walk::Index ph, typename Walk::Index pw, T gv,
+                                        T* grad_plane) {
+  const typename Walk::Index width = static_cast<typename Walk::Index>(p.width);
+  for_each_bin_pixel<Walk>(g, p, ph, pw, [&](auto y, T wy, auto x, T wx) {
+    atomic_add(grad_plane + (y * width + x), gv * wy * wx);
   });
 }
 
@@ -594,8 +623,8 @@ MLK_HOST_DEVICE void backward_input_plain_thread(const ThreadIndex& t, int32_t t
                                                  T* grad_input) {
   for_each_plain_output(t, total, rois, p, [&](const RoiGeometry<T>& g, int32_t i, int32_t c,
                                                int32_t ph, int32_t pw) {
-    add_bin_input_grad(g, p, ph, pw, static_cast<T>(grad[i]) / g.count,
-                       grad_input + (g.batch * p.channels + c) * (p.height * p.width));
+    add_bin_input_grad<PlainWalk>(g, p, ph, pw, static_cast<T>(grad[i]) / g.count,
+                                  map_plane(grad_input, p, g.batch, c));
   });
 }
 
@@ -606,20 +635,18 @@ MLK_HOST_DEVICE void backward_input_general_roi_thread(const ThreadIndex& t, boo
   const S* roi_grad = grad + t.block.x * p.channels * p.pooled_height * p.pooled_width;
   for_each_general_output(t, every_roi, rois, p, [&](const RoiGeometry<T>& g, int64_t e,
                                                      int64_t c, int64_t ph, int64_t pw) {
-    Moments<T> unused;
-    backward_element<GeneralWalk, true, false>(g, static_cast<T>(roi_grad[e]) / g.count,
-                                               static_cast<const S*>(nullptr), p, c, ph, pw,
-                                               grad_input, unused);
+    add_bin_input_grad<GeneralWalk>(g, p, ph, pw, static_cast<T>(roi_grad[e]) / g.count,
+                                    map_plane(grad_input, p, g.batch, c));
   });
 }
 
 // Input gradient, deterministic form: one row (image n, channel c, map row r) of grad_input per
-// loop step, owned by one thread, which adds the corners in row r of every sample of image n's
-// RoIs, RoIs by index, then bins and samples in torchvision's order. No atomics; each pixel gets
-// its terms in the order of the CPU kernel (RoIs of an image by index, bins, samples, corners),
-// so without fused multiply-adds (the emulator, the CPU) the sums are the CPU's to the bit. A
-// sample touches at most two rows (y_low, y_high), so each is evaluated by at most two threads:
-// about twice the bilinear work of the atomic kernel, spread over N*C*H threads.
+// loop step, owned by one thread, which adds the terms in row r of every bin of image n's RoIs
+// (for_each_bin_pixel with a filter on the row), RoIs by index, then bins in order. No atomics;
+// each pixel gets its terms in the order of the CPU kernel (RoIs of an image by index, bins, the
+// bin's pixels), so without fused multiply-adds (the emulator, the CPU) the sums are the CPU's
+// to the bit. A bin's row weights are walked by every thread of a row it touches (one axis's
+// samples, a few flops each); its columns by the threads of the rows it has a weight on.
 // Two launches, as the other kernels (a kernel gets the registers of its heaviest path):
 // Walk = PlainWalk does every row of every image whose RoIs the plain walk fits; at the first RoI
 // it does not fit, it marks the image in general_images and leaves the row (it will be redone).
@@ -632,7 +659,7 @@ MLK_HOST_DEVICE void backward_input_row_thread(const ThreadIndex& t, int64_t row
                                                T* grad_input, int32_t* general_images) {
   using I = typename Walk::Index;
   const int64_t ow = p.pooled_width, oh = p.pooled_height;
-  const I height = static_cast<I>(p.height), width = static_cast<I>(p.width);
+  const I width = static_cast<I>(p.width);
   for (int64_t row_index = t.global_x(); row_index < rows; row_index += t.grid_stride_x()) {
     const I r = static_cast<I>(row_index % p.height);
     const int64_t plane_index = row_index / p.height;
@@ -645,14 +672,8 @@ MLK_HOST_DEVICE void backward_input_row_thread(const ThreadIndex& t, int64_t row
         for (I x = row_begin; x < row_end; ++x) plane[x] = T(0);  // its partial row
       }
     }
-    // Whether a sample at height y has a corner in row r (clamped as bilinear_sample clamps).
-    const auto touches_row = [&](T y) {
-      I low, high;
-      T frac;
-      bool moves;
-      clamp_axis(y, height, low, high, frac, moves);
-      return low == r || high == r;
-    };
+    T* row_r = plane + row_begin;
+    const auto in_row_r = [&](I y) { return y == r; };
     for (int64_t k = 0; k < num_rois; ++k) {
       const RoiGeometry<T> g = roi_geometry(rois + 5 * k, p);
       if (g.batch != n) continue;
@@ -675,16 +696,9 @@ MLK_HOST_DEVICE void backward_input_row_thread(const ThreadIndex& t, int64_t row
         }
         for (int64_t pw = 0; pw < ow; ++pw) {
           const T gv = static_cast<T>(gk[ph * ow + pw]) / g.count;
-          for_each_sample<Walk>(
+          for_each_bin_pixel<Walk>(
               g, p, static_cast<I>(ph), static_cast<I>(pw),
-              [&](const auto& s) {
-                for (int q = 0; q < 4; ++q) {
-                  if (s.pixel[q] >= row_begin && s.pixel[q] < row_end) {
-                    plane[s.pixel[q]] += gv * s.w[q];
-                  }
-                }
-              },
-              touches_row);
+              [&](I, T wy, I x, T wx) { row_r[x] += gv * wy * wx; }, in_row_r);
         }
       }
     }
@@ -718,10 +732,9 @@ MLK_HOST_DEVICE void plain_chunk_phase(const ThreadIndex& t, int32_t chunks, con
       const int32_t bin = e % bins;
       const T gv = static_cast<T>(grad[k * outputs + e]) / g.count;
       const int32_t c = e / bins, ph = bin / ow, pw = bin % ow;
-      backward_element<PlainWalk, false, true>(g, gv, input, p, c, ph, pw, grad_input, mo);
+      add_output_moments<PlainWalk>(g, gv, input, p, c, ph, pw, mo);
       if constexpr (kInput) {
-        add_bin_input_grad(g, p, ph, pw, gv,
-                           grad_input + (g.batch * p.channels + c) * (p.height * p.width));
+        add_bin_input_grad<PlainWalk>(g, p, ph, pw, gv, map_plane(grad_input, p, g.batch, c));
       }
     }
   }
@@ -739,12 +752,11 @@ MLK_HOST_DEVICE void plain_chunk_write_phase(const ThreadIndex& t, const T* shar
 // Phase 1: each thread's moments into shared[4 * rank ...]. For a RoI whose plain chunks ran
 // (partial non-null, `chunks` of them a RoI), a strided share of those chunks' moments; for the
 // others (every RoI where partial is null), a strided share of the RoI's (channel, bin)
-// outputs, walked by the general walk, with their input gradient too where grad_input is not
-// null (the fused backward, whose chunks took only the plain RoIs).
+// outputs, walked by the general walk.
 template <typename S, typename T>
 MLK_HOST_DEVICE void box_grad_partial_phase(const ThreadIndex& t, const S* grad, const S* input,
                                             const S* rois, Params<T> p, const T* partial,
-                                            int64_t chunks, T* grad_input, T* shared) {
+                                            int64_t chunks, T* shared) {
   const int64_t k = t.block.x, rank = t.thread_rank(), threads = t.block_dim.count();
   const int64_t bins = p.pooled_height * p.pooled_width;
   const RoiGeometry<T> g = roi_geometry(rois + 5 * k, p);
@@ -758,11 +770,7 @@ MLK_HOST_DEVICE void box_grad_partial_phase(const ThreadIndex& t, const S* grad,
       const int64_t c = e / bins, bin = e % bins, ph = bin / p.pooled_width;
       const int64_t pw = bin % p.pooled_width;
       const T gv = static_cast<T>(grad[k * p.channels * bins + e]) / g.count;
-      if (grad_input != nullptr) {
-        backward_element<GeneralWalk, true, true>(g, gv, input, p, c, ph, pw, grad_input, mo);
-      } else {
-        backward_element<GeneralWalk, false, true>(g, gv, input, p, c, ph, pw, grad_input, mo);
-      }
+      add_output_moments<GeneralWalk>(g, gv, input, p, c, ph, pw, mo);
     }
   }
   for (int q = 0; q < 4; ++q) shared[4 * rank + q] = mo.m[q];

@@ -497,6 +497,14 @@ def _beam_search_advance_fake(
             t.dim() >= 1 and t.shape[0] == B * K,
             f"{op}: state[{i}] must have leading dimension B * K = {B * K}, got {C.shape_str(t)}",
         )
+        # A state tensor may live on another device than log_probs, but one meta tensor sends the
+        # whole call here, where nothing is computed: the real tensors' results would be garbage.
+        C.check(
+            t.is_meta == log_probs.is_meta,
+            f"{op}: state[{i}] must be on the meta device exactly when log_probs is (a meta "
+            f"tensor has no values to reorder), got state[{i}] on {t.device} and log_probs on "
+            f"{log_probs.device}",
+        )
     return (
         C.allocate_output(op, scores, (B, K)),
         C.allocate_output(op, scores, (B * K,), dtype=torch.int64),
