@@ -968,6 +968,20 @@ def test_advance_state_must_have_a_row_per_beam(mode):
             assert_raises(fn, (*args, state), RuntimeError, message, mode)
 
 
+def test_advance_meta_state_beside_real_log_probs():
+    # One meta tensor sends the call to the fake kernel, which computes nothing: it must refuse,
+    # not return uninitialized scores and rows for the real tensors (the bad-input sweep found it).
+    args, _ = _bad()
+    state = [torch.zeros(6, 4), torch.empty(6, device="meta")]
+    message = (
+        r"beam_search_advance: state\[1\] must be on the meta device exactly when log_probs is "
+        r".*got state\[1\] on meta and log_probs on cpu"
+    )
+    for fn in (ops.beam_search_advance, torch.ops.mlkernels.beam_search_advance):
+        with pytest.raises(RuntimeError, match=message):
+            fn(*args, state, log_threshold=-INF, max_length=3)
+
+
 def test_advance_wrapper_argument_types():
     args, _ = _bad()
     with pytest.raises(TypeError, match="beam_search_advance: state must be a list of tensors"):
