@@ -892,6 +892,29 @@ def test_atomic_input_gradient_adds_once_a_pixel_a_bin(impl, ratio, aligned):
             torch.testing.assert_close(got[0], cpu[0])
 
 
+@ALL_IMPLS
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("ratio", [-1, 2, 15])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_input_gradient_is_the_forwards_adjoint(impl, aligned, ratio, deterministic):
+    # roi_align is linear in the map, so its input gradient is the forward's adjoint:
+    # <roi_align(x), g> = <x, grad_input(g)>. The forward walks samples, the input gradient a
+    # bin's pixels with summed axis weights (for_each_bin_pixel), both walks, runs of equal
+    # positions collapsed on either side (a zero-height box at ratio 15, a box of 10^9): this ties
+    # the two together on every path (atomic, fused, deterministic rows) and device.
+    x = _map(26, (2, 3, 6, 9)).to(impl.device)
+    edge = _plain_edge_boxes(2, 3, torch.float64)
+    huge = torch.tensor([[0, -1e9, -1e9, 1e9, 1e9], [1, 2.0, 3.5, 2.0, 3.5]], dtype=torch.float64)
+    boxes = torch.cat([edge[edge[:, 1:].isnan().any(dim=1).logical_not()], huge]).to(impl.device)
+    args = (1.0, 2, 3, ratio, aligned)
+    out = impl.call("roi_align", x, boxes, *args)
+    grad = _map(27, tuple(out.shape)).to(impl.device)
+    with deterministic_algorithms(deterministic):
+        for mask in ([True, False], [True, True]):
+            gi = impl.call("roi_align_backward", grad, x, boxes, *args, mask)[0]
+            torch.testing.assert_close((x * gi).sum(), (out * grad).sum(), rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("impl", impl_params("emulated"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("ratio", [-1, 2])
