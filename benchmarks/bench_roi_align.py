@@ -13,6 +13,7 @@ from harness import Case
 
 import mlkernels
 from mlkernels.reference import roi_align_grid_sample
+from mlkernels.reference.roi_align import sample_positions
 
 OUT, SCALE, RATIO = 7, 1 / 16, 2
 ATOMICS_MEASURE = "input-gradient atomics, ours / torchvision's (emulator count)"
@@ -69,10 +70,10 @@ def _atomic_adds(feat, boxes, grad) -> dict[str, float]:
 
     def valid_per_bin(low, high, extent):  # [K, OUT] valid samples of each bin along one axis
         start = low * SCALE
-        bin_size = ((high * SCALE - start).clamp(min=1) / OUT).view(-1, 1, 1)
-        p, i = torch.arange(OUT).view(1, OUT, 1), torch.arange(RATIO).view(1, 1, RATIO)
-        at = start.view(-1, 1, 1) + p * bin_size + (i + 0.5) * bin_size / RATIO
-        return ((at >= -1) & (at <= extent)).sum(dim=2)
+        bin_size = (high * SCALE - start).clamp(min=1) / OUT
+        grid = torch.full_like(start, RATIO, dtype=torch.int64)
+        _, valid = sample_positions(start, bin_size, grid, OUT, RATIO, extent)
+        return valid.sum(dim=2)
 
     rows = valid_per_bin(boxes[:, 2], boxes[:, 4], height)
     cols = valid_per_bin(boxes[:, 1], boxes[:, 3], width)

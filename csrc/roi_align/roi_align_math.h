@@ -279,7 +279,7 @@ MLK_HOST_DEVICE SamplePosition<T, I> column_positions(const RoiGeometry<T>& g, I
   return {g.start_x + static_cast<T>(pw) * g.bin_w, g.bin_w, static_cast<I>(g.grid_w)};
 }
 
-// A row filter of for_each_sample that keeps every row of samples.
+// A row filter of for_each_bin_pixel that keeps every row.
 struct EveryRow {
   template <typename T>
   MLK_HOST_DEVICE bool operator()(T) const {
@@ -319,32 +319,41 @@ MLK_HOST_DEVICE bool plain_walk_map_fits(const Params<T>& p) {
   return p.height * p.width <= INT32_MAX - kRunSlack;
 }
 
-// Calls fn(sample) for every valid sample of bin (ph, pw), in torchvision's order (iy, then ix),
-// whose row position y passes keep_row(y) (default: all of them); Walk as above.
+// The samples [lo, hi) of one axis of a bin that Walk visits, and whether it collapses runs of
+// equal positions in them (runs): the whole grid for PlainWalk; sample_range's window for
+// GeneralWalk, with runs where the window holds more than the map's side + kRunSlack samples.
+template <typename Walk, typename T>
+MLK_HOST_DEVICE void sample_window(const SamplePosition<T, typename Walk::Index>& pos, int64_t size,
+                                   typename Walk::Index& lo, typename Walk::Index& hi, bool& runs) {
+  lo = 0;
+  hi = pos.grid > 0 ? pos.grid : 0;
+  runs = false;
+  if constexpr (!Walk::kPlain) {
+    sample_range(pos.base, pos.bin, pos.grid, size, lo, hi);
+    runs = hi - lo > size + kRunSlack;
+  }
+}
+
+// Calls fn(sample) for every valid sample of bin (ph, pw), in torchvision's order (iy, then ix);
+// Walk as above.
 // Where a window holds more samples than the map has pixels (step < 1 pixel, or a huge box whose
 // computed positions round to a few values), samples whose computed positions are equal are
 // visited once, with their weights and derivatives multiplied by their count and their mean
 // position in the box: the work is bounded by the distinct positions, and a run of one (every
 // sample of an ordinary box) is computed exactly as torchvision does.
-template <typename Walk = GeneralWalk, typename T, typename Fn, typename RowFilter = EveryRow>
+template <typename Walk = GeneralWalk, typename T, typename Fn>
 MLK_HOST_DEVICE void for_each_sample(const RoiGeometry<T>& g, const Params<T>& p,
-                                     typename Walk::Index ph, typename Walk::Index pw, Fn&& fn,
-                                     RowFilter keep_row = RowFilter()) {
+                                     typename Walk::Index ph, typename Walk::Index pw, Fn&& fn) {
   using I = typename Walk::Index;
   const I height = static_cast<I>(p.height), width = static_cast<I>(p.width);
   Sample<T, I> s;
   const T inv_y = T(1) / (static_cast<T>(g.grid_h) * static_cast<T>(p.pooled_height));
   const T inv_x = T(1) / (static_cast<T>(g.grid_w) * static_cast<T>(p.pooled_width));
   const SamplePosition<T, I> pos_y = row_positions<I>(g, ph), pos_x = column_positions<I>(g, pw);
-  I iy_lo = 0, iy_hi = pos_y.grid > 0 ? pos_y.grid : 0;
-  I ix_lo = 0, ix_hi = pos_x.grid > 0 ? pos_x.grid : 0;
-  bool runs_y = false, runs_x = false;
-  if constexpr (!Walk::kPlain) {
-    sample_range(pos_y.base, g.bin_h, g.grid_h, p.height, iy_lo, iy_hi);
-    sample_range(pos_x.base, g.bin_w, g.grid_w, p.width, ix_lo, ix_hi);
-    runs_y = iy_hi - iy_lo > p.height + kRunSlack;
-    runs_x = ix_hi - ix_lo > p.width + kRunSlack;
-  }
+  I iy_lo, iy_hi, ix_lo, ix_hi;
+  bool runs_y, runs_x;
+  sample_window<Walk>(pos_y, p.height, iy_lo, iy_hi, runs_y);
+  sample_window<Walk>(pos_x, p.width, ix_lo, ix_hi, runs_x);
   for (I iy = iy_lo; iy < iy_hi; ++iy) {
     const T y = pos_y(iy);
     const I iy_first = iy;
@@ -353,7 +362,6 @@ MLK_HOST_DEVICE void for_each_sample(const RoiGeometry<T>& g, const Params<T>& p
     }
     // rows outside [-1, H] hold no valid sample: skip them before the loop over columns
     if (!(y >= T(-1) && y <= static_cast<T>(height))) continue;
-    if (!keep_row(y)) continue;
     // (ph + (iy + 0.5) / grid_h) / pooled_height, with the division hoisted out of the loops
     s.frac_y = (static_cast<T>(ph) * static_cast<T>(g.grid_h) +
                 (static_cast<T>(iy_first) + static_cast<T>(iy - iy_first) * T(0.5)) + T(0.5)) *
@@ -399,12 +407,9 @@ MLK_HOST_DEVICE void for_each_axis_pixel(const SamplePosition<T, typename Walk::
                                          typename Walk::Index size, Fn&& fn) {
   using I = typename Walk::Index;
   if (size <= 0) return;
-  I lo = 0, hi = pos.grid > 0 ? pos.grid : 0;
-  bool runs = false;
-  if constexpr (!Walk::kPlain) {
-    sample_range(pos.base, pos.bin, pos.grid, size, lo, hi);
-    runs = hi - lo > size + kRunSlack;
-  }
+  I lo, hi;
+  bool runs;
+  sample_window<Walk>(pos, size, lo, hi, runs);
   // The last two pixels seen, -1 before there are any, and their weights: a sample's corners are
   // a pixel and the next, and the next sample's low corner is one of those two or past them.
   // Past the last sample, two non-pixels (-2, -3) push the pending ones out; fn is called from

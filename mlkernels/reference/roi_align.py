@@ -16,9 +16,10 @@ from torch import Tensor
 from ..ops.roi_align import checked_rois, output_pair
 
 
-def _axis(start, bin_size, grid, bins: int, max_grid: int, size: int):
-    """Sample positions along one axis, clamped as torchvision does: for every RoI, bin and
-    sample, the low/high pixel, their weights (zero for masked or out-of-map samples)."""
+def sample_positions(start, bin_size, grid, bins: int, max_grid: int, size: int):
+    """Sample positions along one axis as torchvision computes them, [K, bins, max_grid] for K
+    RoIs (bin starts at start + b * bin_size, grid[k] samples a bin), and which are valid: inside
+    the RoI's grid and in [-1, size]."""
     k = start.shape[0]
     dtype = start.dtype
     p = torch.arange(bins, dtype=dtype, device=start.device).view(1, bins, 1)
@@ -28,6 +29,14 @@ def _axis(start, bin_size, grid, bins: int, max_grid: int, size: int):
         start.view(k, 1, 1) + p * bin_size.view(k, 1, 1) + (i + 0.5) * bin_size.view(k, 1, 1) / g
     )
     valid = (i < grid.view(k, 1, 1)) & (coord >= -1) & (coord <= size)
+    return coord, valid
+
+
+def _axis(start, bin_size, grid, bins: int, max_grid: int, size: int):
+    """Sample positions along one axis, clamped as torchvision does: for every RoI, bin and
+    sample, the low/high pixel, their weights (zero for masked or out-of-map samples)."""
+    coord, valid = sample_positions(start, bin_size, grid, bins, max_grid, size)
+    dtype = start.dtype
     coord = coord.clamp(min=0)
     low = coord.detach().floor().long()
     edge = low >= size - 1
