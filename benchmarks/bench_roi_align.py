@@ -17,6 +17,7 @@ from mlkernels.reference.roi_align import sample_positions
 
 OUT, SCALE, RATIO = 7, 1 / 16, 2
 ATOMICS_MEASURE = "input-gradient atomics, ours / torchvision's (emulator count)"
+WALKS_MEASURE = "input-gradient axis walks, ours deterministic / ours atomic (emulator count)"
 
 
 def _inputs(images: int, rois_per_image: int, generator: torch.Generator):
@@ -50,22 +51,36 @@ def _forward_backward(fn, feat, boxes, grad, box_grad: bool):
     return run
 
 
-def _atomic_adds(feat, boxes, grad) -> dict[str, float]:
-    """The input gradient's atomic additions on a GPU over torchvision's: ours counted by running
-    our CUDA kernels on the grid emulator (which counts every atomic_add; a count, not a timing,
-    so the same on any machine), torchvision's four a valid sample of a bin and a channel (its
-    CUDA backward adds each corner of each sample in [-1, H] x [-1, W]). Nothing without the
-    emulator (a build without MLKERNELS_EMULATOR=1)."""
+def _emulated_counts(feat, boxes, grad) -> dict[str, float]:
+    """Two counts of the input gradient's work on a GPU, from running our CUDA kernels on the grid
+    emulator (a count, not a timing, so the same on any machine; nothing without the emulator, a
+    build without MLKERNELS_EMULATOR=1):
+    - its atomic additions over torchvision's: torchvision's four a valid sample of a bin and a
+      channel (its CUDA backward adds each corner of each sample in [-1, H] x [-1, W]);
+    - the deterministic kernel's walks of a bin's samples along one axis over the atomic kernel's
+      (roi_align_axis_walks, rows plus columns), a thread's walks summed over the threads. The
+      deterministic kernel's threads of a warp are 32 channels of one row and walk alike, so its
+      warps make 1/32 of its count; the atomic kernel's threads of a warp walk as many rows but
+      not always as many columns, so its warps make at least 1/32 of its count."""
     try:
         emulated_adds = torch.ops.mlkernels_emulated.atomic_adds
+        emulated_walks = torch.ops.mlkernels_emulated.roi_align_axis_walks
     except (AttributeError, RuntimeError):
         return {}
     feat, boxes, grad = feat.cpu(), boxes.cpu(), grad.cpu()
-    before = emulated_adds()
-    torch.ops.mlkernels_emulated.roi_align_backward(
-        grad, feat, boxes, SCALE, OUT, OUT, RATIO, False, [True, False]
-    )
-    ours = emulated_adds() - before
+    adds, walks = {}, {}
+    for deterministic in (False, True):
+        was = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            adds_before, walks_before = emulated_adds(), sum(emulated_walks())
+            torch.ops.mlkernels_emulated.roi_align_backward(
+                grad, feat, boxes, SCALE, OUT, OUT, RATIO, False, [True, False]
+            )
+            adds[deterministic] = emulated_adds() - adds_before
+            walks[deterministic] = sum(emulated_walks()) - walks_before
+        finally:
+            torch.use_deterministic_algorithms(was)
     _, channels, height, width = feat.shape
 
     def valid_per_bin(low, high, extent):  # [K, OUT] valid samples of each bin along one axis
@@ -78,7 +93,10 @@ def _atomic_adds(feat, boxes, grad) -> dict[str, float]:
     rows = valid_per_bin(boxes[:, 2], boxes[:, 4], height)
     cols = valid_per_bin(boxes[:, 1], boxes[:, 3], width)
     torchvision_adds = 4 * channels * int((rows[:, :, None] * cols[:, None, :]).sum())
-    return {ATOMICS_MEASURE: ours / torchvision_adds}
+    return {
+        ATOMICS_MEASURE: adds[False] / torchvision_adds,
+        WALKS_MEASURE: walks[True] / walks[False],
+    }
 
 
 def cases(quick: bool, device: str = "cpu") -> list[Case]:
@@ -142,7 +160,7 @@ def cases(quick: bool, device: str = "cpu") -> list[Case]:
                     _close,
                     target_ratio=target,
                     measures=(
-                        (lambda _row, f=feat, b=boxes, g=grad: _atomic_adds(f, b, g))
+                        (lambda _row, f=feat, b=boxes, g=grad: _emulated_counts(f, b, g))
                         if rlsd and name == "fwd+bwd, no box grads"
                         else None
                     ),

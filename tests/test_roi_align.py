@@ -832,10 +832,14 @@ def test_plain_and_general_walks_give_the_cpus_bits(impl, dtype, aligned, ratio)
                 assert torch.equal(got[0], cpu[0])
 
 
-def _axis_corners(start: float, size: float, bins: int, grid: int, extent: int):
-    """For each bin along one axis: its valid samples, and the map pixels their corners fall on
-    (positions as torchvision computes them, here in float64; clamped as its kernels clamp)."""
-    valid, pixels = [], []
+def _box_axis(lo: float, hi: float, bins: int, extent: int, ratio: int, aligned: bool):
+    """For each bin along one axis of a box from lo to hi: its bounds, its valid samples, and the
+    map pixels their corners fall on (positions as torchvision computes them, here in float64;
+    sizes, grids and clamps as its kernels take them)."""
+    size = hi - lo if aligned else max(hi - lo, 1.0)
+    grid = ratio if ratio > 0 else math.ceil(size / bins)
+    start = lo - (0.5 if aligned else 0.0)
+    bounds, valid, pixels = [], [], []
     for b in range(bins):
         base, bin_size = start + b * size / bins, size / bins
         at = [base + (i + 0.5) * bin_size / grid for i in range(grid)]
@@ -844,9 +848,23 @@ def _axis_corners(start: float, size: float, bins: int, grid: int, extent: int):
         for v in on_map:
             low = int(max(v, 0.0))
             corners |= {extent - 1} if low >= extent - 1 else {low, low + 1}
+        bounds.append((base, base + bin_size))
         valid.append(len(on_map))
         pixels.append(len(corners))
-    return valid, pixels
+    return bounds, valid, pixels
+
+
+# Boxes for the emulator's counts of the input gradient's work, on a 6 x 9 map.
+_COUNT_BOXES = torch.tensor(
+    [
+        [0, 2.0, 1.0, 4.0, 2.0],  # bins under a pixel: their samples share corners
+        [0, 0.3, 0.2, 5.7, 5.1],
+        [0, -2.5, 3.1, 3.2, 8.0],  # partly outside the map: clamped and invalid samples
+        [0, 7.2, -1.8, 12.0, 1.4],
+        [0, 1.0, 1.0, 8.9, 5.9],  # bins over a pixel: few shared corners
+    ],
+    dtype=torch.float64,
+)
 
 
 @pytest.mark.parametrize("impl", impl_params("emulated"))
@@ -858,25 +876,11 @@ def test_atomic_input_gradient_adds_once_a_pixel_a_bin(impl, ratio, aligned):
     # atomic_add, against a count from the sample positions here. The gradient is the CPU's.
     channels, oh, ow, height, width = 2, 2, 3, 6, 9
     x = _map(24, (1, channels, height, width))
-    boxes = torch.tensor(
-        [
-            [0, 2.0, 1.0, 4.0, 2.0],  # bins under a pixel: their samples share corners
-            [0, 0.3, 0.2, 5.7, 5.1],
-            [0, -2.5, 3.1, 3.2, 8.0],  # partly outside the map: clamped and invalid samples
-            [0, 7.2, -1.8, 12.0, 1.4],
-            [0, 1.0, 1.0, 8.9, 5.9],  # bins over a pixel: few shared corners
-        ],
-        dtype=torch.float64,
-    )
-    offset = 0.5 if aligned else 0.0
+    boxes = _COUNT_BOXES
     corner_adds = pixel_adds = 0
     for _, x1, y1, x2, y2 in boxes.tolist():
-        axes = []
-        for lo, hi, bins, extent in ((y1, y2, oh, height), (x1, x2, ow, width)):
-            size = hi - lo if aligned else max(hi - lo, 1.0)
-            grid = ratio if ratio > 0 else math.ceil(size / bins)
-            axes.append(_axis_corners(lo - offset, size, bins, grid, extent))
-        (valid_y, pixels_y), (valid_x, pixels_x) = axes
+        _, valid_y, pixels_y = _box_axis(y1, y2, oh, height, ratio, aligned)
+        _, valid_x, pixels_x = _box_axis(x1, x2, ow, width, ratio, aligned)
         corner_adds += sum(4 * a * b for a in valid_y for b in valid_x)
         pixel_adds += sum(a * b for a in pixels_y for b in pixels_x)
     assert 0 < pixel_adds < corner_adds
@@ -890,6 +894,39 @@ def test_atomic_input_gradient_adds_once_a_pixel_a_bin(impl, ratio, aligned):
             got = impl.call("roi_align_backward", *args, mask)
             assert adds() - before == channels * pixel_adds
             torch.testing.assert_close(got[0], cpu[0])
+
+
+@pytest.mark.parametrize("impl", impl_params("emulated"))
+@pytest.mark.parametrize(("ratio", "aligned"), [(2, False), (-1, False), (3, True)])
+def test_deterministic_rows_walk_only_the_bins_on_their_row(impl, ratio, aligned):
+    # The deterministic kernel's thread of row r walks a bin's columns only where the bin has a
+    # corner on r: as many column walks as the atomic kernel, which walks a bin's columns once for
+    # each row it touches. It walks a bin row's y axis once for each row within two of the bin row
+    # (more would be every row of the map for every bin). Counted by the emulator
+    # (roi_align_axis_walks: [row walks, column walks]) against counts from the sample positions.
+    channels, oh, ow, height, width = 3, 2, 3, 6, 9
+    x = _map(28, (1, channels, height, width))
+    boxes = _COUNT_BOXES
+    bins = column_walks = near_rows = 0
+    for _, _, y1, _, y2 in boxes.tolist():
+        bounds_y, _, pixels_y = _box_axis(y1, y2, oh, height, ratio, aligned)
+        bins += oh * ow
+        column_walks += ow * sum(pixels_y)
+        for low, high in bounds_y:
+            near_rows += sum(low - 2.001 <= r <= high + 2.001 for r in range(height))
+    walks = torch.ops.mlkernels_emulated.roi_align_axis_walks
+    grad = _map(29, (len(boxes), channels, oh, ow))
+    args = (grad, x, boxes, 1.0, oh, ow, ratio, aligned, [True, False])
+    counts = {}
+    for deterministic in (False, True):
+        with deterministic_algorithms(deterministic):
+            before = walks()
+            impl.call("roi_align_backward", *args)
+            counts[deterministic] = [b - a for a, b in zip(before, walks(), strict=True)]
+    assert counts[False] == [channels * bins, channels * column_walks]
+    rows, columns = counts[True]
+    assert columns == channels * column_walks
+    assert rows <= channels * near_rows < channels * bins * height
 
 
 @ALL_IMPLS

@@ -557,15 +557,21 @@ MLK_HOST_DEVICE void add_output_moments(const RoiGeometry<T>& g, T gv, const S* 
 // bin's count is gv, into the map plane grad_plane: one atomic a pixel its samples' corners fall
 // on (for_each_bin_pixel), where torchvision makes one a corner of every sample (16 a bin at 2x2
 // samples). At the bench's boxes (bins of 0.3-3.9 pixels) that is about half the atomics, the
-// backward's bound on a GPU. Walk as for_each_sample.
+// backward's bound on a GPU. Walk as for_each_sample. The emulator counts its axis walks.
 template <typename Walk, typename T>
 MLK_HOST_DEVICE void add_bin_input_grad(const RoiGeometry<T>& g, const Params<T>& p,
                                         typename Walk::Index ph, typename Walk::Index pw, T gv,
                                         T* grad_plane) {
   const typename Walk::Index width = static_cast<typename Walk::Index>(p.width);
-  for_each_bin_pixel<Walk>(g, p, ph, pw, [&](auto y, T wy, auto x, T wx) {
-    atomic_add(grad_plane + (y * width + x), gv * wy * wx);
-  });
+  count_emulated(EmulatorCount::kRowWalks);
+  const auto walk_columns = [](auto) {
+    count_emulated(EmulatorCount::kColumnWalks);
+    return true;
+  };
+  for_each_bin_pixel<Walk>(
+      g, p, ph, pw,
+      [&](auto y, T wy, auto x, T wx) { atomic_add(grad_plane + (y * width + x), gv * wy * wx); },
+      walk_columns);
 }
 
 // The forward and the atomic input gradient run as two launches. The first, one output element
@@ -645,13 +651,21 @@ MLK_HOST_DEVICE void backward_input_general_roi_thread(const ThreadIndex& t, boo
   });
 }
 
-// Input gradient, deterministic form: one row (image n, channel c, map row r) of grad_input per
-// loop step, owned by one thread, which adds the terms in row r of every bin of image n's RoIs
-// (for_each_bin_pixel with a filter on the row), RoIs by index, then bins in order. No atomics;
-// each pixel gets its terms in the order of the CPU kernel (RoIs of an image by index, bins, the
-// bin's pixels), so without fused multiply-adds (the emulator, the CPU) the sums are the CPU's
-// to the bit. A bin's row weights are walked by every thread of a row it touches (one axis's
-// samples, a few flops each); its columns by the threads of the rows it has a weight on.
+// Input gradient, deterministic form: one row (image n, map row r, channel c) of grad_input per
+// loop step, owned by one thread, which adds the terms in row r of every bin of image n's RoIs,
+// RoIs by index, then bins in order. No atomics; each pixel gets its terms in the order of the
+// CPU kernel (RoIs of an image by index, bins, the bin's pixels), so without fused multiply-adds
+// (the emulator, the CPU) the sums are the CPU's to the bit.
+// Channels are the fastest index: the 32 threads of a warp hold 32 channels of one row (where
+// C is a multiple of 32), so they take the same RoIs, bin rows and pixels in lockstep, each with
+// its own channel's grad values. (With rows the fastest index, a warp's threads held 32 rows,
+// each of which needed other bin rows, and the warp ran all of them for every thread.)
+// A bin row is skipped at once when it lies two rows or more from r; otherwise its y axis is
+// walked once for the bin row (for_each_axis_pixel, for_each_bin_pixel's y walk, which is the
+// same for each bin of the row) to find its weight on row r, and only a bin row with a corner
+// on r walks its bins' columns, with for_each_bin_pixel's terms gv * wy * wx in its order. The y
+// walk reports r once on an ordinary box; on a box of negative height (aligned) it may report it
+// again, and each report takes a column walk of its own, its weight found by walking y again.
 // Two launches, as the other kernels (a kernel gets the registers of its heaviest path):
 // Walk = PlainWalk does every row of every image whose RoIs the plain walk fits; at the first RoI
 // it does not fit, it marks the image in general_images and leaves the row (it will be redone).
@@ -664,24 +678,26 @@ MLK_HOST_DEVICE void backward_input_row_thread(const ThreadIndex& t, int64_t row
                                                T* grad_input, int32_t* general_images) {
   using I = typename Walk::Index;
   const int64_t ow = p.pooled_width, oh = p.pooled_height;
-  const I width = static_cast<I>(p.width);
+  const I width = static_cast<I>(p.width), height = static_cast<I>(p.height);
   for (int64_t row_index = t.global_x(); row_index < rows; row_index += t.grid_stride_x()) {
-    const I r = static_cast<I>(row_index % p.height);
-    const int64_t plane_index = row_index / p.height;
-    const int64_t n = plane_index / p.channels, c = plane_index % p.channels;
-    T* plane = grad_input + plane_index * p.height * p.width;
-    const I row_begin = r * width, row_end = row_begin + width;
+    const int64_t c = row_index % p.channels, image_row = row_index / p.channels;
+    const I r = static_cast<I>(image_row % p.height);
+    const int64_t n = image_row / p.height;
+    T* row_r = grad_input + ((n * p.channels + c) * p.height + r) * p.width;
     if constexpr (!Walk::kPlain) {
       if (general_images != nullptr) {  // after the plain launch: its marked images only
         if (general_images[n] == 0) continue;
-        for (I x = row_begin; x < row_end; ++x) plane[x] = T(0);  // its partial row
+        for (I x = 0; x < width; ++x) row_r[x] = T(0);  // its partial row
       }
     }
-    T* row_r = plane + row_begin;
-    const auto in_row_r = [&](I y) { return y == r; };
     for (int64_t k = 0; k < num_rois; ++k) {
+      // The batch index first: of the K RoIs, only image n's need their geometry (1/N of them).
+      bool valid_batch;
+      if (checked_batch_index(static_cast<T>(rois[5 * k]), p.images, valid_batch) != n ||
+          !valid_batch) {
+        continue;
+      }
       const RoiGeometry<T> g = roi_geometry(rois + 5 * k, p);
-      if (g.batch != n) continue;
       if constexpr (Walk::kPlain) {
         if (!plain_walk_fits(g, p)) {
           general_images[n] = 1;  // every row of image n is redone by the general launch
@@ -699,11 +715,30 @@ MLK_HOST_DEVICE void backward_input_row_thread(const ThreadIndex& t, int64_t row
         if (row + slack < (base < end ? base : end) || row - slack > (base < end ? end : base)) {
           continue;
         }
-        for (int64_t pw = 0; pw < ow; ++pw) {
+        const SamplePosition<T, I> pos_y = row_positions<I>(g, static_cast<I>(ph));
+        int reports = 0;
+        T wy_r = T(0);
+        count_emulated(EmulatorCount::kRowWalks);
+        for_each_axis_pixel<Walk>(pos_y, height, [&](I y, T wy) {
+          if (y != r) return;
+          ++reports;
+          wy_r = wy;
+        });
+        for (int64_t pw = 0; pw < ow && reports > 0; ++pw) {
           const T gv = static_cast<T>(gk[ph * ow + pw]) / g.count;
-          for_each_bin_pixel<Walk>(
-              g, p, static_cast<I>(ph), static_cast<I>(pw),
-              [&](I, T wy, I x, T wx) { row_r[x] += gv * wy * wx; }, in_row_r);
+          const SamplePosition<T, I> pos_x = column_positions<I>(g, static_cast<I>(pw));
+          for (int report = 0; report < reports; ++report) {
+            T wy = wy_r;  // the one report of an ordinary box
+            if (reports > 1) {  // report number `report` of row r, walked again
+              int seen = 0;
+              count_emulated(EmulatorCount::kRowWalks);
+              for_each_axis_pixel<Walk>(pos_y, height, [&](I y, T w) {
+                if (y == r && seen++ == report) wy = w;
+              });
+            }
+            count_emulated(EmulatorCount::kColumnWalks);
+            for_each_axis_pixel<Walk>(pos_x, width, [&](I x, T wx) { row_r[x] += gv * wy * wx; });
+          }
         }
       }
     }
