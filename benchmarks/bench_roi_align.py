@@ -7,9 +7,11 @@ gives only the map's; the grid_sample path gives both (boxes inside the image, s
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torchvision
-from harness import Case
+from harness import Case, is_cuda
 
 import mlkernels
 from mlkernels.reference import roi_align_grid_sample
@@ -51,6 +53,27 @@ def _forward_backward(fn, feat, boxes, grad, box_grad: bool):
     return run
 
 
+@contextlib.contextmanager
+def _deterministic_algorithms(enabled: bool):
+    """torch.use_deterministic_algorithms(enabled) inside the block, the previous setting after."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _deterministic(run):
+    """run, with torch.use_deterministic_algorithms(True) around each call."""
+
+    def wrapped():
+        with _deterministic_algorithms(True):
+            return run()
+
+    return wrapped
+
+
 def _emulated_counts(feat, boxes, grad) -> dict[str, float]:
     """Two counts of the input gradient's work on a GPU, from running our CUDA kernels on the grid
     emulator (a count, not a timing, so the same on any machine; nothing without the emulator, a
@@ -70,17 +93,13 @@ def _emulated_counts(feat, boxes, grad) -> dict[str, float]:
     feat, boxes, grad = feat.cpu(), boxes.cpu(), grad.cpu()
     adds, walks = {}, {}
     for deterministic in (False, True):
-        was = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(deterministic)
-        try:
+        with _deterministic_algorithms(deterministic):
             adds_before, walks_before = emulated_adds(), sum(emulated_walks())
             torch.ops.mlkernels_emulated.roi_align_backward(
                 grad, feat, boxes, SCALE, OUT, OUT, RATIO, False, [True, False]
             )
             adds[deterministic] = emulated_adds() - adds_before
             walks[deterministic] = sum(emulated_walks()) - walks_before
-        finally:
-            torch.use_deterministic_algorithms(was)
     _, channels, height, width = feat.shape
 
     def valid_per_bin(low, high, extent):  # [K, OUT] valid samples of each bin along one axis
@@ -99,9 +118,25 @@ def _emulated_counts(feat, boxes, grad) -> dict[str, float]:
     }
 
 
+def deterministic_case(feat, boxes, grad, shape: str) -> Case:
+    """Our forward+backward (no box gradients) with the deterministic input-gradient kernel
+    against ours with the default, atomic one; the issue asks for at most 2x its time (a ratio of
+    at least 0.5). A CUDA case: on the CPU both run the same deterministic kernel."""
+    return Case(
+        "roi_align",
+        "fwd+bwd, deterministic input grads",
+        shape,
+        _deterministic(_forward_backward(mlkernels.ops.roi_align, feat, boxes, grad, False)),
+        _forward_backward(mlkernels.ops.roi_align, feat, boxes, grad, False),
+        "ours, atomic input grads (the default)",
+        _close,
+        target_ratio=0.5,
+    )
+
+
 def cases(quick: bool, device: str = "cpu") -> list[Case]:
     """Every case runs on CUDA too: torchvision's roi_align and the affine_grid + grid_sample path
-    have CUDA kernels."""
+    have CUDA kernels. CUDA adds our deterministic backward against our default one."""
     g = torch.Generator().manual_seed(0)
     shapes = [(1, 256)] if quick else [(1, 256), (8, 256)]
     out = []
@@ -166,4 +201,6 @@ def cases(quick: bool, device: str = "cpu") -> list[Case]:
                     ),
                 )
             )
+        if is_cuda(device):
+            out.append(deterministic_case(feat, boxes, grad, shape))
     return out
