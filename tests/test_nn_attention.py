@@ -383,6 +383,31 @@ def test_gradients_match_torch(case):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mask_kind", ["float", "bool"])
+@pytest.mark.parametrize("average", [True, False])
+def test_float64_weights_pass_gradcheck(mask_kind, average):
+    # The weights of a float64 module have float64's precision (the op's log-sum-exp is float32,
+    # so the module takes it again from the scores): fp64 gradcheck of both outputs, with respect
+    # to query, key, value and a learnable float mask. With the float32 log-sum-exp it failed.
+    torch.manual_seed(0)
+    module = nn.MultiheadAttention(8, 2, batch_first=True).double()
+    q = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    if mask_kind == "float":
+        inputs = (q, k, v, torch.randn(3, 5, dtype=torch.float64, requires_grad=True))
+    else:  # key 2 masked for every query, and every key of query 1: a row of zero weights
+        mask = torch.ones(3, 5, dtype=torch.bool)
+        mask[:, 2] = False
+        mask[1] = False
+        inputs = (q, k, v, mask)
+
+    def both(q, k, v, mask):
+        return module(q, k, v, attn_mask=mask, need_weights=True, average_attn_weights=average)
+
+    assert torch.autograd.gradcheck(both, inputs)
+
+
 # ---- state dicts and construction --------------------------------------------------------------
 
 

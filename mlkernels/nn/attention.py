@@ -30,7 +30,10 @@ class _ProbsFromLse(torch.autograd.Function):
     def forward(ctx, scores: Tensor, lse: Tensor) -> Tensor:  # type: ignore[override]
         lse = lse.to(scores.dtype)
         lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-        probs = torch.exp(scores - lse.unsqueeze(-1))
+        # In place: scores is the caller's own buffer of [N, H, L, S], as large as the weights;
+        # a new one per step would cost an allocation and its page faults each.
+        ctx.mark_dirty(scores)
+        probs = scores.sub_(lse.unsqueeze(-1)).exp_()
         ctx.save_for_backward(probs)
         return probs
 
@@ -86,10 +89,11 @@ class MultiheadAttention(nn.MultiheadAttention):
     i masked) runs and ``attn_mask`` is not read; otherwise ``attn_mask`` is used.
 
     Attention weights: ``exp(scale * q @ k^T + mask - lse)`` from the op's float32 log-sum-exp
-    (softmax's gradient flows through them), so they are float32-accurate even for float64
-    inputs. Differences from torch: a row whose keys are all masked gives zero weights and a zero
-    output row (torch gives NaN); in training with ``dropout > 0`` the weights returned are the
-    probabilities before dropout (torch returns them after its dropout). torch's inference fast
+    (softmax's gradient flows through them); for float64 inputs ``lse`` is taken again from the
+    scores in float64, so that the weights have float64's precision. Differences from torch: a
+    row whose keys are all masked gives zero weights and a zero output row (torch gives NaN); in
+    training with ``dropout > 0`` the weights returned are the probabilities before dropout
+    (torch returns them after its dropout). torch's inference fast
     path (``torch._native_multi_head_attention``) is never taken.
     """
 
@@ -396,10 +400,17 @@ class MultiheadAttention(nn.MultiheadAttention):
     ) -> Tensor:
         """Per-head attention probabilities [N, H, L, S'] from the op's log-sum-exp."""
         compute = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
-        scores = scale * (q.to(compute) @ k.to(compute).transpose(-2, -1))
+        # One buffer of [N, H, L, S] for the scores and then the weights, changed in place (the
+        # same operations, so the same bits, as out-of-place ones); the product's backward needs
+        # its inputs, not its output.
+        scores = (q.to(compute) @ k.to(compute).transpose(-2, -1)).mul_(scale)
         if mask is not None:
             if mask.dtype == torch.bool:
-                scores = scores.masked_fill(~mask, float("-inf"))
+                scores = scores.masked_fill_(~mask, float("-inf"))
             else:
-                scores = scores + mask.to(compute)
+                scores = scores.add_(mask.to(compute))
+        if compute == torch.float64:
+            # The op's log-sum-exp is float32 (its contract): float64 weights take one more
+            # reduction over the scores for theirs, or they would be float32-accurate only.
+            lse = torch.logsumexp(scores.detach(), dim=-1)
         return _ProbsFromLse.apply(scores, lse).to(q.dtype)
