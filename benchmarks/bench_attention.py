@@ -10,6 +10,11 @@ the label-correlation bias), 196 and 1024 (label queries to the spatial position
   the peak extra memory of one call of each side (CPU: from torch.profiler's allocation events,
   see harness.cpu_peak_extra_mb; CUDA: torch.cuda.max_memory_allocated).
 
+- nn.MultiheadAttention vs torch.nn.MultiheadAttention with the same weights (embed 512 = 8 heads
+  of 64), a forward without gradients, with need_weights True (torch's default; ours computes
+  the weights as a second product of q and k) and False: the whole module, its projections
+  included, as a user who swaps the layer sees it.
+
 The peak memory counts what a call returns: for forward+backward the output and the four
 gradients, (2*B*H*Lq*E + 2*B*H*Lk*E + Lq*Lk) floats, shown as "results MB". One float32
 [B, H, Lq, Lk] buffer of scores is 3.1 MiB at Lk=80, 7.7 MiB at 196 and 40 MiB at 1024: a peak
@@ -61,6 +66,44 @@ def _gradients_close(ours, anchor):
     # The bias gradient sums B*H = 128 products per entry, the key/value ones Lq = 80: the
     # float32 rounding of different summation orders is above the forward's 1e-5.
     _assert_close(ours, anchor, rtol=1e-4, atol=1e-5)
+
+
+def _modules_close(ours, anchor):
+    """The module's output and its weights (or None for both)."""
+    for a, b in zip(ours, anchor, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _module_cases(batch: int, lk: int, device: str) -> list[Case]:
+    """nn.MultiheadAttention against torch's, the same weights, need_weights True and False. Its
+    own generators, so that the op cases' inputs are what they were."""
+    g = torch.Generator().manual_seed(lk)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        theirs = torch.nn.MultiheadAttention(H * E, H, batch_first=True).to(device).eval()
+    ours = mlkernels.nn.MultiheadAttention(H * E, H, batch_first=True).to(device).eval()
+    ours.load_state_dict(theirs.state_dict())
+    query = torch.randn(batch, LQ, H * E, generator=g).to(device)
+    memory = torch.randn(batch, lk, H * E, generator=g).to(device)
+
+    def call(module, need_weights):
+        with torch.no_grad():
+            return module(query, memory, memory, need_weights=need_weights)
+
+    return [
+        Case(
+            "attention",
+            f"nn.MultiheadAttention, need_weights={need_weights}",
+            f"{batch}x{LQ}x{H * E}, {H} heads, Lk={lk}",
+            functools.partial(call, ours, need_weights),
+            functools.partial(call, theirs, need_weights),
+            "torch.nn.MultiheadAttention",
+            _modules_close,
+        )
+        for need_weights in (True, False)
+    ]
 
 
 def _math_expression(q, k, v, bias, scale):
@@ -176,4 +219,5 @@ def cases(quick: bool, device: str = "cpu") -> list[Case]:
                     else {"share of matmul speed 2x needs": "<= 1 (else 2x is out of reach)"},
                 )
             )
+        out += _module_cases(batch, lk, device)
     return out
