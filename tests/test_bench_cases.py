@@ -1,6 +1,7 @@
-"""benchmarks/bench_roi_align.py's CUDA-only case, the deterministic backward against the default
-one (make gpu-check times it), built and run here on the CPU: its two sides agree, and the
-deterministic flag is on only inside its side's calls."""
+"""Benchmark cases that make bench's own runs do not exercise, built and run here on the CPU:
+bench_roi_align.py's CUDA-only case, the deterministic backward against the default one (make
+gpu-check times it; its two sides agree, and the deterministic flag is on only inside its side's
+calls), and bench_attention.py's module cases at a small size."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import bench_attention  # noqa: E402
 import bench_roi_align  # noqa: E402
 
 
@@ -40,3 +42,15 @@ def test_deterministic_case_is_cuda_only():
     names = [c.name for c in bench_roi_align.cases(True, "cpu")]
     assert "fwd+bwd, deterministic input grads" not in names
     assert "fwd+bwd, no box grads" in names
+
+
+def test_module_cases_agree_and_return_weights_as_asked():
+    cases = bench_attention._module_cases(2, 8, "cpu")
+    assert [c.name for c in cases] == [
+        "nn.MultiheadAttention, need_weights=True",
+        "nn.MultiheadAttention, need_weights=False",
+    ]
+    for case, need_weights in zip(cases, (True, False), strict=True):
+        ours, theirs = case.ours(), case.anchor()
+        case.check(ours, theirs)
+        assert (ours[1] is not None) == need_weights
