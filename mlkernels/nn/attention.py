@@ -31,7 +31,7 @@ class _ProbsFromLse(torch.autograd.Function):
         lse = lse.to(scores.dtype)
         lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
         # In place: scores is the caller's own buffer of [N, H, L, S], as large as the weights;
-        # a new one per step would cost an allocation and its page faults each.
+        # a new one would cost an allocation of that size, and its page faults.
         ctx.mark_dirty(scores)
         probs = scores.sub_(lse.unsqueeze(-1)).exp_()
         ctx.save_for_backward(probs)
