@@ -91,15 +91,17 @@ def _emulated_counts(feat, boxes, grad) -> dict[str, float]:
     except (AttributeError, RuntimeError):
         return {}
     feat, boxes, grad = feat.cpu(), boxes.cpu(), grad.cpu()
-    adds, walks = {}, {}
-    for deterministic in (False, True):
+
+    def counts(deterministic: bool) -> tuple[int, int]:  # one backward's atomics and walks
         with _deterministic_algorithms(deterministic):
             adds_before, walks_before = emulated_adds(), sum(emulated_walks())
             torch.ops.mlkernels_emulated.roi_align_backward(
                 grad, feat, boxes, SCALE, OUT, OUT, RATIO, False, [True, False]
             )
-            adds[deterministic] = emulated_adds() - adds_before
-            walks[deterministic] = sum(emulated_walks()) - walks_before
+            return emulated_adds() - adds_before, sum(emulated_walks()) - walks_before
+
+    atomic_adds, atomic_walks = counts(False)
+    _, deterministic_walks = counts(True)
     _, channels, height, width = feat.shape
 
     def valid_per_bin(low, high, extent):  # [K, OUT] valid samples of each bin along one axis
@@ -113,8 +115,8 @@ def _emulated_counts(feat, boxes, grad) -> dict[str, float]:
     cols = valid_per_bin(boxes[:, 1], boxes[:, 3], width)
     torchvision_adds = 4 * channels * int((rows[:, :, None] * cols[:, None, :]).sum())
     return {
-        ATOMICS_MEASURE: adds[False] / torchvision_adds,
-        WALKS_MEASURE: walks[True] / walks[False],
+        ATOMICS_MEASURE: atomic_adds / torchvision_adds,
+        WALKS_MEASURE: deterministic_walks / atomic_walks,
     }
 
 

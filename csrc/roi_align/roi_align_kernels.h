@@ -6,9 +6,9 @@
 //  forward:         one thread per output element for the RoIs of ordinary size (PlainWalk), then
 //                   one block per RoI for the others (huge grids; see forward_plain_thread);
 //  input gradient:  atomics, laid out as the forward, or, when
-//                   torch.are_deterministic_algorithms_enabled(), one thread per (image, channel,
-//                   map row) adding the corners in its row of its image's RoIs, in index order
-//                   (PlainWalk; then the general walk redoes the images with a huge RoI);
+//                   torch.are_deterministic_algorithms_enabled(), one thread per (image, map
+//                   row, channel) adding the terms in its row of its image's RoIs' bins, in index
+//                   order (PlainWalk; then the general walk redoes the images with a huge RoI);
 //  box gradient:    blocks over chunks of the plain RoIs' outputs (PlainChunkBlock; with the
 //                   atomic input gradient in the same pass when both are asked for), then one
 //                   block per RoI (BoxGradBlock) adding up its chunks' moments, or walking a RoI

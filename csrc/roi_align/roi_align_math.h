@@ -709,13 +709,13 @@ MLK_HOST_DEVICE void backward_input_row_thread(const ThreadIndex& t, int64_t row
         // The bin row's samples lie in [base, base + bin_h] (up to rounding, which the slack
         // covers as sample_range's does) and touch the rows of their floor and the one after:
         // a bin row two rows or more away from r has nothing for it. NaN bounds skip nothing.
-        const T base = g.start_y + static_cast<T>(ph) * g.bin_h, end = base + g.bin_h;
-        const T slack = T(2) + T(4e-7) * (std::fabs(base) + std::fabs(g.bin_h));
+        const SamplePosition<T, I> pos_y = row_positions<I>(g, static_cast<I>(ph));
+        const T base = pos_y.base, end = base + pos_y.bin;
+        const T slack = T(2) + T(4e-7) * (std::fabs(base) + std::fabs(pos_y.bin));
         const T row = static_cast<T>(r);
         if (row + slack < (base < end ? base : end) || row - slack > (base < end ? end : base)) {
           continue;
         }
-        const SamplePosition<T, I> pos_y = row_positions<I>(g, static_cast<I>(ph));
         int reports = 0;
         T wy_r = T(0);
         count_emulated(EmulatorCount::kRowWalks);
